@@ -1,0 +1,256 @@
+"""The ``vlsparse`` command line (typer). Thin: parse arguments, call the library, print.
+
+User errors (bad names, paths, files, values) print one line ``error: ...`` to stderr and exit
+with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Find lottery tickets in vision-and-language transformers and ship them as sparse models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+ticket_app = typer.Typer(help="Inspect and convert tickets.", no_args_is_help=True)
+app.add_typer(ticket_app, name="ticket")
+
+_MODEL = typer.Option(..., "--model", help="preset name, save_pretrained directory, or official UNITER .pt file")
+_TASK = typer.Option("easy-vqa", "--task", help="task name")
+
+
+class _Progress:
+    """One tqdm bar per training run: progress(description, done, total)."""
+
+    def __init__(self):
+        self.bar, self.desc = None, None
+
+    def __call__(self, desc: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if desc != self.desc:
+            self.close()
+            self.bar, self.desc = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=True), desc
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.desc = None
+
+
+def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
+    import torch
+
+    from .data import collate, load_task
+    from .models import load_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    data = load_task(task, load_tokenizer(model), data_dir=data_dir)
+    net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=len(data.answers), seed=seed)
+    return net, data, collate
+
+
+def _train_config(steps, batch_size, lr, head_lr, warmup, seed, device):
+    from .training.loop import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=min(warmup, steps),
+                       seed=seed, device=device)
+
+
+def _parse_levels(levels: Optional[str], sparsity: float, rate: Optional[float]) -> list[float]:
+    from .pruning.imp import schedule
+
+    if levels is None:
+        return schedule(sparsity, rate=rate)
+    try:
+        out = [float(x) for x in levels.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated fractions like 0.5,0.7, got {levels!r}") from None
+    if not out or abs(out[-1] - sparsity) > 1e-9:
+        raise ValueError(f"--levels must end at --sparsity {sparsity}, got {levels!r}")
+    return out
+
+
+@app.command()
+def scope(model: str = _MODEL):
+    """Print the prune scope of a model: every prunable weight with its shape and count."""
+    from .models import load_model
+
+    net, _ = load_model(model)
+    params = dict(net.named_parameters())
+    names = net.prune_scope()
+    total = sum(p.numel() for p in params.values())
+    for n in names:
+        typer.echo(f"{n}\t{tuple(params[n].shape)}\t{params[n].numel():,}")
+    prunable = sum(params[n].numel() for n in names)
+    typer.echo(f"prunable weights: {prunable:,} in {len(names)} tensors; all parameters: {total:,} "
+               f"({prunable / total:.1%} prunable)")
+
+
+@app.command("find-ticket")
+def find_ticket(model: str = _MODEL, task: str = _TASK,
+                sparsity: float = typer.Option(..., help="target global sparsity, a fraction in [0, 1)"),
+                out: Path = typer.Option(..., help="run directory (re-running resumes)"),
+                rate: Optional[float] = typer.Option(None, help="prune this fraction of remaining weights per round"),
+                levels: Optional[str] = typer.Option(None, help="explicit sparsity levels, e.g. 0.5,0.6,0.7"),
+                steps: int = typer.Option(500, help="training steps per IMP round"),
+                batch_size: int = typer.Option(32), lr: float = typer.Option(1e-4),
+                head_lr: float = typer.Option(1e-3, help="lr of image embeddings and head"),
+                warmup: int = typer.Option(100), seed: int = typer.Option(0),
+                device: str = typer.Option("cpu", help="cpu | cuda"),
+                rewind_step: int = typer.Option(0, help="rewind to θ_i after i steps instead of θ0"),
+                data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
+    """Run IMP (Gan et al. 2022, Algorithm 1) and write a ticket at every sparsity level."""
+    from .pruning.imp import IMPConfig, run_imp
+
+    cfg = IMPConfig(model=model, task=task, levels=_parse_levels(levels, sparsity, rate),
+                    train=_train_config(steps, batch_size, lr, head_lr, warmup, seed, device), rewind_step=rewind_step)
+    net, data, collate = _setup(model, task, seed, data_dir)
+    bar = _Progress()
+    results = run_imp(out, net, data, collate, cfg, bar)
+    bar.close()
+    for m in results:
+        typer.echo(f"level {m['level']:2d}  sparsity {m['sparsity']:.1%}  val {m['val']['vqa_score']:.2%}  "
+                   f"test {m['test']['vqa_score']:.2%}")
+    typer.echo(f"summary: {Path(out) / 'summary.csv'}")
+
+
+@app.command("train-ticket")
+def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), model: str = _MODEL, task: str = _TASK,
+                 out: Path = typer.Option(..., help="output directory for metrics.json and weights.safetensors"),
+                 init: str = typer.Option("pretrained", help="pretrained | shuffled | random"),
+                 theta0: Optional[Path] = typer.Option(None, help="θ0 weights; default: theta0.safetensors of the "
+                                                                   "ticket's run directory if there is one"),
+                 steps: int = typer.Option(500), batch_size: int = typer.Option(32), lr: float = typer.Option(1e-4),
+                 head_lr: float = typer.Option(1e-3), warmup: int = typer.Option(100), seed: int = typer.Option(0),
+                 device: str = typer.Option("cpu"), data_dir: Optional[Path] = typer.Option(None)):
+    """Reset to θ0, train the ticket's subnetwork and write its test metrics and trained weights."""
+    from .pruning.reinit import INITS
+    from .pruning.ticket import Ticket
+    from .training.retrain import retrain_ticket
+
+    if init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    t = Ticket.load(ticket)
+    if theta0 is None and (ticket.parent.parent / "theta0.safetensors").is_file():
+        theta0 = ticket.parent.parent / "theta0.safetensors"
+    cfg = _train_config(steps, batch_size, lr, head_lr, warmup, seed, device)
+    net, data, collate = _setup(model, task, seed, data_dir)
+    bar = _Progress()
+    m = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
+                       progress=lambda s: bar("train", s, steps))
+    bar.close()
+    typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {m['val']['vqa_score']:.2%}  "
+               f"test {m['test']['vqa_score']:.2%}  -> {out}")
+
+
+@app.command("random-ticket")
+def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help="global sparsity in [0, 1)"),
+                  out: Path = typer.Option(..., help="ticket file to write"), seed: int = typer.Option(0)):
+    """Random pruning baseline: a ticket with uniformly random pruned weights at global ``sparsity``."""
+    from .models import load_model
+    from .pruning.magnitude import random_prune
+    from .pruning.mask import ones_mask
+    from .pruning.ticket import Ticket
+
+    net, _ = load_model(model)
+    mask = random_prune(ones_mask(net, net.prune_scope()), sparsity, seed=seed)
+    t = Ticket(mask, {"model": model, "method": "random", "seed": str(seed), "target_sparsity": f"{sparsity:.6f}"})
+    t.save(out)
+    typer.echo(f"random ticket, sparsity {t.sparsity:.2%} -> {out}")
+
+
+@ticket_app.command("info")
+def ticket_info(path: Path):
+    """Print a ticket's metadata, global and per-layer sparsity."""
+    from .pruning.mask import layer_sparsity
+    from .pruning.ticket import Ticket
+
+    t = Ticket.load(path)
+    for k, v in sorted(t.meta.items()):
+        typer.echo(f"{k}: {v}")
+    typer.echo(f"global sparsity: {t.sparsity:.2%} over {sum(m.numel() for m in t.mask.values()):,} weights")
+    for n, s in layer_sparsity(t.mask).items():
+        typer.echo(f"  {n}\t{tuple(t.mask[n].shape)}\t{s:.2%}")
+
+
+@ticket_app.command("compare")
+def ticket_compare(a: Path, b: Path):
+    """Mask overlap |A∩B|/|A∪B| over pruned weights (Gan et al. 2022's mask similarity)."""
+    from .pruning.mask import overlap
+    from .pruning.ticket import Ticket
+
+    ta, tb = Ticket.load(a), Ticket.load(b)
+    typer.echo(f"sparsity A {ta.sparsity:.2%}, B {tb.sparsity:.2%}; overlap of pruned weights "
+               f"{overlap(ta.mask, tb.mask):.2%}")
+
+
+@ticket_app.command("to-prune")
+def ticket_to_prune(path: Path, out: Path = typer.Option(..., help="safetensors file to write")):
+    """Write the masks under torch.nn.utils.prune's names (``<module>.weight_mask``, float 0/1)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_write
+    from .pruning.mask import to_torch_prune_names
+    from .pruning.ticket import Ticket
+
+    if out.exists():
+        raise ValueError(f"{out}: exists; refusing to overwrite")
+    masks = to_torch_prune_names(Ticket.load(path).mask)
+    atomic_write(out, lambda tmp: save_file(masks, tmp))
+    typer.echo(f"{len(masks)} masks -> {out}")
+
+
+@app.command("main-job")
+def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
+             model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,
+             levels: str = typer.Option("0.5,0.6,0.7,0.8", help="IMP sparsity levels after the dense level"),
+             compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
+             steps: int = typer.Option(500), batch_size: int = typer.Option(32), seed: int = typer.Option(0),
+             device: str = typer.Option("cpu"), threads: Optional[int] = typer.Option(None)):
+    """The README's main job: dense model, IMP tickets, random pruning at three levels, one table."""
+    import time
+
+    import torch
+
+    from .experiment import format_table
+    from .experiment import main_job as run_main_job
+    from .pruning.imp import IMPConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    lv = _parse_levels(levels, float(levels.split(",")[-1]), None)
+    cmp = _parse_levels(compare, float(compare.split(",")[-1]), None)
+    missing = [c for c in cmp if not any(abs(c - x) < 1e-9 for x in lv)]
+    if missing:
+        raise ValueError(f"--compare levels {missing} are not among --levels {lv}")
+    cfg = IMPConfig(model=model, task=task, levels=lv,
+                    train=_train_config(steps, batch_size, 1e-4, 1e-3, 100, seed, device))
+    net, data, collate = _setup(model, task, seed)
+    bar = _Progress()
+    rows = run_main_job(out, net, data, collate, cfg, [1 + lv.index(next(x for x in lv if abs(x - c) < 1e-9))
+                                                       for c in cmp], bar)
+    bar.close()
+    typer.echo(format_table([r for r in rows if r.random is not None]))
+    typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
+               f"took {time.time() - t0:.0f} s")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning user errors into one line on stderr, exit 2."""
+    from .models.checkpoints import CheckpointError
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        typer.echo(f"error: {msg}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

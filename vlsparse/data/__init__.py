@@ -1,0 +1,44 @@
+"""Data: region features, VQA-style datasets and the task registry.
+
+``load_task(name, tokenizer, ...)`` returns a :class:`TaskData`.  To add a task, write a
+loader ``fn(tokenizer, data_dir=None, cache_dir=None, **kw) -> TaskData`` and add it to
+:data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from .vqa import TaskData, VQADataset, VQAExample, collate, vqa_score
+
+__all__ = ["TASKS", "load_task", "TaskData", "VQADataset", "VQAExample", "collate", "vqa_score"]
+
+
+def _easy_vqa(tokenizer: Any, data_dir: str | os.PathLike | None = None, cache_dir=None, **kw) -> TaskData:
+    # easy-VQA ships its data in the `easy_vqa` package: data_dir is not used.
+    from .easy_vqa import load_easy_vqa
+
+    return load_easy_vqa(tokenizer, cache_dir=cache_dir, **kw)
+
+
+#: task name -> loader(tokenizer, data_dir=None, cache_dir=None, **kw) -> TaskData
+TASKS: dict[str, Callable[..., TaskData]] = {
+    "easy-vqa": _easy_vqa,
+}
+
+
+def load_task(
+    name: str,
+    tokenizer: Any,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kw: Any,
+) -> TaskData:
+    """Load a registered task; ``kw`` goes to its loader (e.g. ``val_fraction``, ``seed``,
+    ``max_text_len``).  Unknown name -> ValueError listing the known tasks."""
+    try:
+        loader = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+    return loader(tokenizer, data_dir=data_dir, cache_dir=cache_dir, **kw)

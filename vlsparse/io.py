@@ -1,0 +1,40 @@
+"""Atomic file writes: write to a temporary file in the target's directory, then ``os.replace``.
+
+An interrupted write never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` atomically; returns ``path``.
+
+    The temporary file is removed if ``write`` raises. Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Atomically write ``obj`` as indented JSON to ``path``."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,141 @@
+"""Model registry: presets, local ``save_pretrained`` directories and official checkpoint files.
+
+Every model returned here is an ``nn.Module`` whose ``forward(**batch)`` returns task logits and
+whose ``prune_scope()`` lists the prunable weight names (its backbone's own definition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast
+
+from .checkpoints import (CheckpointError, config_from_official, load_minilm_state, map_official_uniter, minilm_dir,
+                          read_torch_state)
+from .uniter import UniterConfig, UniterForVQA
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model configuration. ``init`` is "random" or "minilm" (pre-trained text weights)."""
+
+    config: dict
+    init: str
+    description: str
+
+
+_MINILM = dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
+               max_position_embeddings=512, pooling="mean")
+PRESETS: dict[str, Preset] = {
+    "uniter-tiny": Preset(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                               vocab_size=30522, max_position_embeddings=64, pooling="cls"),
+                          "random", "2 layers, hidden 64, random init (tests)"),
+    "uniter-minilm": Preset(dict(_MINILM, num_hidden_layers=6), "minilm",
+                            "6 layers, hidden 384, text embeddings + encoder from MiniLM-L6-H384, mean pooling"),
+    "uniter-minilm-l2": Preset(dict(_MINILM, num_hidden_layers=2), "minilm",
+                               "first 2 MiniLM layers, mean pooling (the 2-core main job)"),
+    "uniter-base": Preset(dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                               vocab_size=30522, max_position_embeddings=512, pooling="cls"),
+                          "random", "UNITER-base shape (12 x 768), random init; load real weights with --model PATH"),
+}
+
+
+def default_tokenizer() -> BertTokenizerFast:
+    """The bert-base-uncased WordPiece tokenizer (30,522 tokens) shipped with MiniLM."""
+    return BertTokenizerFast.from_pretrained(str(minilm_dir()))
+
+
+def load_tokenizer(name: str) -> BertTokenizerFast:
+    """The tokenizer of a model: the directory's own vocab.txt if it has one, else :func:`default_tokenizer`."""
+    path = Path(name)
+    if name not in PRESETS and path.is_dir() and (path / "vocab.txt").is_file():
+        return BertTokenizerFast.from_pretrained(str(path))
+    return default_tokenizer()
+
+
+def _check_task_fit(config: UniterConfig, img_dim: int | None, num_answers: int | None, source: str) -> None:
+    if img_dim is not None and config.img_dim != img_dim:
+        raise CheckpointError(f"{source}: model expects region features of size {config.img_dim}, "
+                              f"the task gives {img_dim}")
+    if num_answers is not None and config.num_answers != num_answers:
+        raise CheckpointError(f"{source}: VQA head has {config.num_answers} answers, the task has {num_answers}")
+
+
+def load_model(name: str, img_dim: int | None = None, num_answers: int | None = None,
+               seed: int = 0) -> tuple[UniterForVQA, BertTokenizerFast]:
+    """Build or load a model for a VQA-style task; return ``(model, tokenizer)``.
+
+    Args:
+        name: a preset name (see :data:`PRESETS`), a directory written by ``save_pretrained``, or an
+            official UNITER checkpoint file (``.pt``; keys ``uniter.*``).
+        img_dim: region feature size D of the task's data (None: the preset's or file's own).
+        num_answers: answer vocabulary size A of the task (None: the preset's or file's own).
+        seed: seed of the random init (the VQA head φ0, and the whole model for random presets).
+
+    Raises:
+        ValueError: unknown preset name / path that does not exist.
+        CheckpointError: a file that cannot be read or does not fit the task.
+    """
+    torch.manual_seed(seed)
+    if name in PRESETS:
+        preset = PRESETS[name]
+        dims = {k: v for k, v in dict(img_dim=img_dim, num_answers=num_answers).items() if v is not None}
+        config = UniterConfig(**dims, **preset.config)
+        model = UniterForVQA(config)
+        if preset.init == "minilm":
+            _load_state(model, load_minilm_state(config.num_hidden_layers), strict_prefix="uniter.encoder.")
+        return model.eval(), default_tokenizer()
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}) nor an existing path")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: expected a save_pretrained directory with config.json")
+        try:
+            model = UniterForVQA.from_pretrained(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load model ({type(exc).__name__}: {exc})") from exc
+        _check_task_fit(model.config, img_dim, num_answers, str(path))
+        return model.eval(), load_tokenizer(name)
+    state = map_official_uniter(read_torch_state(path))
+    fields = config_from_official(state)
+    if num_answers is not None and fields.get("num_answers", num_answers) != num_answers:
+        state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
+    if num_answers is not None:
+        fields["num_answers"] = num_answers
+    config = UniterConfig(pooling="cls", **fields)
+    _check_task_fit(config, img_dim, num_answers, str(path))
+    model = UniterForVQA(config)
+    _load_state(model, state, strict_prefix="uniter.encoder.")
+    tokenizer = default_tokenizer()
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"{path}: word embeddings have {config.vocab_size} rows but the default uncased "
+                              f"tokenizer has {len(tokenizer)} tokens; official UNITER uses bert-base-cased: save the "
+                              "model with save_pretrained together with its vocab.txt and load that directory")
+    return model.eval(), tokenizer
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_prefix: str) -> list[str]:
+    """Copy ``state`` into ``model``; every model key under ``strict_prefix`` must be present.
+
+    Returns the model keys that were not in ``state``. Raises CheckpointError on unexpected keys,
+    shape mismatches, or a missing key under ``strict_prefix``.
+    """
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has keys the model does not: {unexpected[:5]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+    missing = sorted(set(own) - set(state))
+    needed = [k for k in missing if k.startswith(strict_prefix)]
+    if needed:
+        raise CheckpointError(f"checkpoint lacks {len(needed)} weights, e.g. {needed[0]}")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+__all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForVQA", "CheckpointError", "load_model", "load_tokenizer", "default_tokenizer"]

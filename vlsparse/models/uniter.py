@@ -1,0 +1,168 @@
+"""UNITER (Chen et al., ECCV 2020) on transformers' BERT building blocks, with the VQA head.
+
+Follows the upstream implementation ChenRocks/UNITER, ``model/model.py`` and ``model/vqa.py``:
+text embeddings (word + position + token type 0, LayerNorm, dropout), image embeddings
+(region feature -> Linear -> LayerNorm, 7-d box -> Linear -> LayerNorm, plus the token-type-1
+embedding, LayerNorm, dropout), one single-stream BERT encoder over ``[text; regions]``, a pooler
+and the VQA head ``Linear(h, 2h) -> GELU -> LayerNorm -> Linear(2h, #answers)``. Parameter names
+match the official checkpoint (``uniter.*``, ``vqa_output.*``), so its state_dict loads after the
+LayerNorm ``gamma/beta`` rename (see :mod:`vlsparse.models.checkpoints`).
+
+The prune scope (Gan et al. 2022, sec. 3; seed 001: "excluding embedding and output layers") is
+the query/key/value/attention-output/intermediate/output Linear weights of every encoder layer;
+:meth:`UniterForVQA.prune_scope` lists them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, PreTrainedModel
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
+
+POOLINGS = ("cls", "mean")
+
+
+class UniterConfig(BertConfig):
+    """BERT configuration plus UNITER's image input and the pooling and head choices.
+
+    Args:
+        img_dim: size D of one region feature vector (2048 for bottom-up features).
+        pooling: ``"cls"`` (official UNITER: BertPooler on the [CLS] token) or ``"mean"`` (mean of
+            the last hidden states over valid text and region tokens, as MiniLM was trained).
+        num_answers: size A of the answer vocabulary of the VQA head.
+        **kwargs: every :class:`transformers.BertConfig` field (hidden_size, num_hidden_layers, ...).
+    """
+
+    model_type = "uniter"
+
+    def __init__(self, img_dim: int = 2048, pooling: str = "cls", num_answers: int = 3129, **kwargs):
+        super().__init__(**kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.img_dim = img_dim
+        self.pooling = pooling
+        self.num_answers = num_answers
+
+
+class UniterImageEmbeddings(nn.Module):
+    """Region features and boxes -> hidden vectors (upstream ``UniterImageEmbeddings``).
+
+    ``mask_embedding`` (2 x img_dim) is kept for masked-region modelling and checkpoint parity; it
+    is added only when ``img_masks`` is given.
+    """
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.img_linear = nn.Linear(config.img_dim, h)
+        self.img_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.pos_layer_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.pos_linear = nn.Linear(7, h)
+        self.mask_embedding = nn.Embedding(2, config.img_dim, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, img_feat: torch.Tensor, img_pos: torch.Tensor, type_embeddings: torch.Tensor,
+                img_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, img_dim) float32 features, (B, N, 7) float32 boxes, (B, N, h) type embeddings -> (B, N, h)."""
+        if img_masks is not None:
+            img_feat = img_feat + self.mask_embedding(img_masks.long())
+        emb = self.img_layer_norm(self.img_linear(img_feat)) + self.pos_layer_norm(self.pos_linear(img_pos))
+        return self.dropout(self.LayerNorm(emb + type_embeddings))
+
+
+class UniterModel(nn.Module):
+    """The UNITER backbone: embeddings, single-stream encoder and pooler."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.img_embeddings = UniterImageEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if config.pooling == "cls" else None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
+                img_pos: torch.Tensor, img_mask: torch.Tensor) -> torch.Tensor:
+        """Encode text and regions; return the pooled vector of shape (B, hidden) float32.
+
+        Args:
+            input_ids: (B, L) int64 token ids, [CLS] first.
+            attention_mask: (B, L) int64/bool, 1 for real text tokens.
+            img_feat: (B, N, img_dim) float32 region features.
+            img_pos: (B, N, 7) float32 boxes [x1, y1, x2, y2, w, h, w*h], normalised to [0, 1].
+            img_mask: (B, N) int64/bool, 1 for real regions.
+        """
+        txt = self.embeddings(input_ids=input_ids)
+        type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+        img = self.img_embeddings(img_feat, img_pos, self.embeddings.token_type_embeddings(type_ids))
+        hidden = torch.cat([txt, img], dim=1)
+        valid = torch.cat([attention_mask, img_mask], dim=1).to(hidden.dtype)  # (B, L+N)
+        additive = (1.0 - valid)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state
+        if self.pooler is not None:
+            return self.pooler(hidden)
+        return (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+
+
+class UniterForVQA(PreTrainedModel):
+    """UNITER with the VQA head (upstream ``UniterForVisualQuestionAnswering``).
+
+    ``forward`` returns answer logits of shape (B, num_answers) float32; train them with binary
+    cross-entropy against VQA soft scores. ``save_pretrained`` / ``from_pretrained`` move the
+    weights as a local directory (config.json + model.safetensors).
+    """
+
+    config_class = UniterConfig
+    base_model_prefix = "uniter"
+    #: parameters that are new for a task (not from text pre-training): trained with a larger lr
+    head_prefixes = ("uniter.img_embeddings.", "vqa_output.")
+    _supports_attention_backend = True
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.uniter = UniterModel(config)
+        self.vqa_output = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+                                        nn.Linear(2 * h, config.num_answers))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertEmbeddings):
+            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            module.token_type_ids.zero_()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.uniter.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.uniter.embeddings.word_embeddings = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
+                img_pos: torch.Tensor, img_mask: torch.Tensor, **unused) -> torch.Tensor:
+        """Answer logits (B, num_answers) float32; arguments as :meth:`UniterModel.forward`."""
+        return self.vqa_output(self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask))
+
+    def prune_scope(self) -> list[str]:
+        """Names (as in ``state_dict``) of the prunable weights: Q, K, V, attention-output,
+        intermediate and output Linear weights of every encoder layer (Gan et al. 2022, sec. 3)."""
+        names = []
+        for i in range(self.config.num_hidden_layers):
+            p = f"uniter.encoder.layer.{i}."
+            names += [p + s + ".weight" for s in ("attention.self.query", "attention.self.key",
+                                                  "attention.self.value", "attention.output.dense",
+                                                  "intermediate.dense", "output.dense")]
+        return names

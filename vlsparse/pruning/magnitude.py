@@ -1,0 +1,73 @@
+"""Global magnitude pruning and random pruning over a prune scope.
+
+Global magnitude pruning follows Han et al. (2015) as used by IMP in Gan et al. (2022, sec. 3,
+Algorithm 1) and open_lth's ``pruning/sparse_global.py``: rank the magnitudes of all *kept*
+weights in the scope together and remove the smallest until the target global sparsity is reached.
+Ties are broken by position (torch.topk on the flattened vector), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import Mask
+
+
+def _check_sparsity(target: float) -> None:
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {target}")
+
+
+def _n_to_prune(mask: Mask, target: float) -> int:
+    total = sum(m.numel() for m in mask.values())
+    pruned = total - sum(int(m.sum()) for m in mask.values())
+    want = round(target * total)
+    if want < pruned:
+        raise ValueError(f"target sparsity {target} is below the mask's current sparsity {pruned / total:.4f}")
+    return want - pruned
+
+
+def global_magnitude_prune(weights: dict[str, torch.Tensor], mask: Mask, target: float) -> Mask:
+    """Extend ``mask`` to global ``target`` sparsity by removing the smallest-magnitude kept weights.
+
+    Args:
+        weights: name -> trained weight tensor (any float dtype/device), the keys of ``mask``.
+        mask: current mask (name -> bool tensor, True = kept); already-pruned weights stay pruned.
+        target: global sparsity after pruning, a fraction in [0, 1).
+
+    Returns:
+        a new mask (CPU bool tensors) with exactly ``round(target * total)`` zeros.
+
+    Raises:
+        ValueError: target outside [0, 1) or below the current sparsity.
+    """
+    _check_sparsity(target)
+    n = _n_to_prune(mask, target)
+    names = list(mask)
+    scores = torch.cat([torch.where(mask[k], weights[k].detach().abs().float().cpu(), torch.inf).flatten()
+                        for k in names])
+    flat = torch.cat([mask[k].flatten() for k in names]).clone()
+    if n:
+        flat[torch.topk(scores, n, largest=False, sorted=False).indices] = False
+    return _unflatten(flat, mask)
+
+
+def random_prune(mask: Mask, target: float, seed: int = 0) -> Mask:
+    """Random pruning baseline (Gan et al. 2022, Table 1 row 5): remove uniformly random kept weights
+    over the whole scope until global ``target`` sparsity; same signature and errors as
+    :func:`global_magnitude_prune`, reproducible from ``seed``."""
+    _check_sparsity(target)
+    n = _n_to_prune(mask, target)
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.cat([mask[k].flatten() for k in mask]).clone()
+    kept = flat.nonzero().squeeze(1)
+    flat[kept[torch.randperm(kept.numel(), generator=gen)[:n]]] = False
+    return _unflatten(flat, mask)
+
+
+def _unflatten(flat: torch.Tensor, like: Mask) -> Mask:
+    out, i = {}, 0
+    for k, m in like.items():
+        out[k] = flat[i:i + m.numel()].view(m.shape).clone()
+        i += m.numel()
+    return out

@@ -1,0 +1,71 @@
+"""Re-training a ticket from θ0 (Gan et al. 2022, sec. 3 "Evaluation of Subnetworks").
+
+Reset to θ0 (or a re-initialisation of it, Table 1 rows 6-7), apply the ticket's mask, train the
+subnetwork fully and measure it on validation and test. Writes ``OUT/metrics.json`` and the trained
+subnetwork ``OUT/weights.safetensors`` (a state_dict with the pruned weights exactly zero), the
+input of ``vlsparse export``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..io import atomic_write, write_json
+from ..pruning.imp import load_weights
+from ..pruning.mask import check_mask_fits
+from ..pruning.reinit import reinitialize
+from ..pruning.ticket import Ticket, TicketError
+from .loop import TrainConfig, evaluate, train
+
+
+def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cfg: TrainConfig, out: str | Path,
+                   theta0: str | Path | None = None, init: str = "pretrained", ticket_path: str = "ticket",
+                   progress: Callable[[int], None] | None = None, overwrite: bool = False) -> dict:
+    """Train ``ticket``'s subnetwork of ``model`` and write metrics + weights into ``out``.
+
+    Args:
+        ticket: the mask to train.
+        model: the model holding θ0 (pre-trained weights + head φ0), or see ``theta0``.
+        task: a TaskData (train / val / test datasets).
+        cfg: training settings (the same step budget as the IMP rounds for a fair comparison).
+        out: output directory (created).
+        theta0: a safetensors state_dict loaded into ``model`` first (e.g. RUN/theta0.safetensors).
+        init: "pretrained" | "shuffled" | "random" (see :mod:`vlsparse.pruning.reinit`).
+        ticket_path: name of the ticket's source, used in error messages and metrics.
+        overwrite: replace an existing ``out/metrics.json``.
+
+    Returns:
+        the metrics dict: sparsity (fraction), init, val/test metrics (fractions), seconds.
+
+    Raises:
+        TicketError: the mask does not fit the model, or ``out`` already holds results.
+        RunError: ``theta0`` is missing or does not fit.
+    """
+    out = Path(out)
+    if (out / "metrics.json").exists() and not overwrite:
+        raise TicketError(f"{out}: already holds a trained ticket (metrics.json); choose another --out")
+    if theta0 is not None:
+        load_weights(theta0, model)
+    try:
+        check_mask_fits(ticket.mask, model, ticket_path)
+    except ValueError as exc:
+        raise TicketError(str(exc)) from exc
+    reinitialize(model, init, seed=cfg.seed)
+    t0 = time.time()
+    train(model, ticket.mask, task.train, collate, cfg, progress=progress)
+    t1 = time.time()
+    metrics = {"ticket": str(ticket_path), "sparsity": ticket.sparsity, "init": init, "steps": cfg.steps,
+               "seed": cfg.seed, "method": ticket.meta.get("method", ""),
+               "val": evaluate(model, task.val, collate, device=cfg.device),
+               "test": evaluate(model, task.test, collate, device=cfg.device),
+               "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / "weights.safetensors", lambda tmp: save_file(state, tmp, metadata={
+        "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init}))
+    write_json(out / "metrics.json", metrics)
+    return metrics
