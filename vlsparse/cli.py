@@ -247,8 +247,8 @@ def main() -> None:
     try:
         app()
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        typer.echo(f"error: {msg}", err=True)
+        msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        typer.echo(f"error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}", err=True)
         raise SystemExit(2) from None
 
 

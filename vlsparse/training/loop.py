@@ -6,8 +6,10 @@ Parameters that are new for the task (image embeddings, head: the model's ``head
 ``head_lr``, the pre-trained ones ``lr`` (MEASURED.md: 1e-4 / 1e-3 reached 98.9% on easy-VQA).
 
 Masked updates: pruned weights are zeroed before the first step and their gradients are masked by
-a hook, so AdamW's moments stay exactly zero for them and weight decay keeps zero at zero; the mask
-is re-applied after every step as well. Pruned weights are therefore exactly zero throughout.
+a hook, so AdamW's moments stay exactly zero for them, the update m / (sqrt(v) + eps) is zero, and
+decoupled weight decay keeps zero at zero: pruned weights are exactly zero after every step
+(tests/test_training.py checks this after each step). Unlike the LXMERT ticket code of seed 001,
+pruned weights cannot grow back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class TrainConfig:
 
     steps: optimizer steps; batch_size: questions per step; lr / head_lr: peak learning rates of
     pre-trained / new parameters; warmup: linear warm-up steps; weight_decay: AdamW decoupled decay;
-    seed: data order and dropout; device: "cpu" or "cuda".
+    seed: data order and dropout; device: "cpu" or "cuda"; compact_vocab: train only the word
+    embeddings of tokens the training questions use (see :class:`CompactVocab`).
     """
 
     steps: int = 500
@@ -40,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     device: str = "cpu"
+    compact_vocab: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -118,7 +122,6 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     """
     device = torch.device(cfg.device)
     model.to(device).train()
-    torch.manual_seed(cfg.seed)
     hooks = []
     if mask:
         apply_mask(model, mask)
@@ -127,8 +130,9 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             dm = m.to(device, params[name].dtype)
             hooks.append(params[name].register_hook(lambda g, dm=dm: g * dm))
     snapshot = None
-    used = torch.tensor(sorted({t for ids in getattr(dataset, "token_ids", []) for t in ids}), dtype=torch.long)
-    vocab = CompactVocab(model, used) if len(used) else None
+    used = sorted({0} | {t for ids in getattr(dataset, "token_ids", []) for t in ids})  # 0: [PAD]
+    vocab = CompactVocab(model, torch.tensor(used)) if len(used) > 1 and cfg.compact_vocab else None
+    torch.manual_seed(cfg.seed)  # after CompactVocab: dropout draws the same numbers either way
     try:
         head = tuple(getattr(model, "head_prefixes", ()))
         groups = [[], []]
@@ -150,8 +154,6 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             loss.backward()
             opt.step()
             sched.step()
-            if mask:
-                apply_mask(model, mask)
             if progress:
                 progress(step + 1)
             if snapshot_step is not None and step + 1 == snapshot_step:
