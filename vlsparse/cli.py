@@ -204,6 +204,45 @@ def ticket_to_prune(path: Path, out: Path = typer.Option(..., help="safetensors 
     typer.echo(f"{len(masks)} masks -> {out}")
 
 
+@app.command("export")
+def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask is applied)"),
+           weights: Path = typer.Option(..., help="safetensors state_dict: train-ticket's weights.safetensors or θ0"),
+           model: str = _MODEL, format: str = typer.Option("csr", "--format", help="csr | onnx"),
+           sparse: bool = typer.Option(False, "--sparse", help="onnx: pruned Linears as the vlsparse custom op"),
+           dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16"),
+           layout: str = typer.Option("auto", help="csr: csr | bitmask | auto (smaller per weight)"),
+           min_sparsity: float = typer.Option(0.5, help="onnx --sparse: convert weights with at least this sparsity"),
+           out: Path = typer.Option(..., help="output directory (must not exist)")):
+    """Export a masked model as a CSR-sparse PyTorch directory or as ONNX (dense or sparse custom op)."""
+    from safetensors.torch import load_file
+
+    from .export.model import ExportError, export_csr, export_onnx
+    from .models import dims_from_state, load_model
+    from .pruning.imp import load_weights
+    from .pruning.ticket import Ticket
+
+    if format not in ("csr", "onnx"):
+        raise ValueError(f"--format must be csr or onnx, got {format!r}")
+    if sparse and format != "onnx":
+        raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
+    if out.exists():
+        raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
+    t = Ticket.load(ticket)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found")
+    try:
+        img_dim, num_answers = dims_from_state(load_file(str(weights)))
+    except Exception as exc:
+        raise ExportError(f"{weights}: not a readable state_dict of a vlsparse model ({str(exc)[:120]})") from None
+    net, _ = load_model(model, img_dim=img_dim, num_answers=num_answers)
+    load_weights(weights, net)
+    if format == "csr":
+        export_csr(net, t.mask, out, dtype=dtype, layout=layout)
+    else:
+        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity)
+    typer.echo(f"{format}{' (sparse)' if sparse else ''} export of {ticket} (sparsity {t.sparsity:.1%}) -> {out}")
+
+
 @app.command("main-job")
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
              model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,

@@ -117,6 +117,36 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     return model.eval(), tokenizer
 
 
+#: config.json ``model_type`` -> model class (its ``config_class`` parses the config)
+MODEL_TYPES = {"uniter": UniterForVQA}
+
+
+def model_from_config(config: dict) -> UniterForVQA:
+    """A freshly initialised model for a config dict (as in config.json); weights are then loaded.
+
+    Raises:
+        CheckpointError: unknown ``model_type``.
+    """
+    kind = config.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(f"config.json: model_type {kind!r} is not one of {', '.join(MODEL_TYPES)}")
+    cls = MODEL_TYPES[kind]
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
+    return cls(cls.config_class(**fields)).eval()
+
+
+def dims_from_state(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(img_dim, num_answers) of a UNITER state_dict, read off the image embedding and head shapes.
+
+    Raises:
+        CheckpointError: the keys are missing (not a vlsparse UNITER state_dict).
+    """
+    try:
+        return (state["uniter.img_embeddings.img_linear.weight"].shape[1], state["vqa_output.3.weight"].shape[0])
+    except KeyError as exc:
+        raise CheckpointError(f"weights lack {exc.args[0]!r}: not a UNITER VQA state_dict") from None
+
+
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_prefix: str) -> list[str]:
     """Copy ``state`` into ``model``; every model key under ``strict_prefix`` must be present.
 
@@ -138,4 +168,5 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_p
     return missing
 
 
-__all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForVQA", "CheckpointError", "load_model", "load_tokenizer", "default_tokenizer"]
+__all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForVQA", "CheckpointError", "load_model", "load_tokenizer", "default_tokenizer",
+           "model_from_config", "dims_from_state", "MODEL_TYPES"]

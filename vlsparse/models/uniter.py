@@ -156,6 +156,20 @@ class UniterForVQA(PreTrainedModel):
         """Answer logits (B, num_answers) float32; arguments as :meth:`UniterModel.forward`."""
         return self.vqa_output(self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask))
 
+    #: model inputs in order, with their dynamic axes (ONNX export)
+    input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
+                  "img_feat": ("batch", "regions"), "img_pos": ("batch", "regions"),
+                  "img_mask": ("batch", "regions")}
+
+    def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
+        """Random but valid inputs of the given sizes (for export and benchmarks), as ``forward`` takes them."""
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, min(self.config.vocab_size, 1000), (batch, text_len), generator=g),
+                "attention_mask": torch.ones(batch, text_len, dtype=torch.long),
+                "img_feat": torch.randn(batch, regions, self.config.img_dim, generator=g),
+                "img_pos": torch.rand(batch, regions, 7, generator=g),
+                "img_mask": torch.ones(batch, regions, dtype=torch.long)}
+
     def prune_scope(self) -> list[str]:
         """Names (as in ``state_dict``) of the prunable weights: Q, K, V, attention-output,
         intermediate and output Linear weights of every encoder layer (Gan et al. 2022, sec. 3)."""

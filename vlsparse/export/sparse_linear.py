@@ -1,0 +1,262 @@
+"""SparseLinear: an nn.Linear whose pruned weight is stored and multiplied in CSR.
+
+    layer = SparseLinear.from_dense(linear, mask)          # mask: bool (out, in), True = kept
+    y = layer(x)                                           # == F.linear(x, weight * mask, bias)
+
+Backends (`backend=`):
+    "auto"          "cpu" for CPU inputs, "triton" for CUDA inputs (chosen per call)
+    "cpu"           our C++ kernel (vlsparse.kernels.cpu), compiled on first use
+    "triton"        vlsparse.kernels.triton_spmm.spmm_triton (CUDA; on CPU only under TRITON_INTERPRET=1)
+    "dense"         masked F.linear (the reference; densifies the weight once and caches it)
+    "torch-sparse"  torch.sparse_csr_tensor @ x (MKL sparse on CPU)
+    "torch_sparse"  torch_sparse.SparseTensor (the PyG package; only when installed)
+
+The CSR arrays are buffers (crow_indices, col_indices, values, bias), so .to(), state_dict and
+load_state_dict work; loading a state dict with another nonzero count resizes the buffers.
+The custom kernels ("cpu", "triton", "torch_sparse") have no backward: with autograd on and an
+input that requires grad, forward falls back to the differentiable "dense" path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .csr import CSRMatrix
+
+__all__ = ["SparseLinear", "BACKENDS", "sparsify_linears"]
+
+BACKENDS = ("auto", "cpu", "triton", "dense", "torch-sparse", "torch_sparse")
+_CUDA_BACKENDS = ("triton",)
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown SparseLinear backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in _CUDA_BACKENDS and not torch.cuda.is_available() and not _triton_interpret():
+        raise ValueError(f"backend {backend!r} needs a CUDA GPU and none is available "
+                         "(use backend='cpu', or set TRITON_INTERPRET=1 to run the Triton kernel "
+                         "in the interpreter for testing)")
+    if backend == "torch_sparse":
+        try:
+            import torch_sparse  # noqa: F401
+        except ImportError as e:
+            raise ImportError("backend 'torch_sparse' needs the torch_sparse package (PyG), which is not "
+                              f"installed ({e}); use backend='cpu' or 'torch-sparse' (MKL) instead") from e
+    return backend
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W (out_features, in_features) in CSR. Inference-oriented."""
+
+    def __init__(self, in_features: int, out_features: int, crow_indices: torch.Tensor,
+                 col_indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        CSRMatrix(crow_indices, col_indices, values, (self.out_features, self.in_features)).validate()
+        self.register_buffer("crow_indices", crow_indices.contiguous())
+        self.register_buffer("col_indices", col_indices.contiguous())
+        self.register_buffer("values", values.contiguous())
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.register_buffer("bias", bias.detach().clone().contiguous())
+        else:
+            self.bias = None
+        self.backend = _check_backend(backend)
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None, backend: str = "auto",
+                   index_dtype: torch.dtype | None = None) -> "SparseLinear":
+        """From an nn.Linear and its mask (bool (out, in), True = kept; None keeps the nonzeros).
+        index_dtype: None = int16 when in_features <= 32767, else int32."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        csr = CSRMatrix.from_dense(linear.weight.detach().float(), mask, torch.float32, index_dtype)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        layer = cls.from_csr(csr, bias, backend)
+        return layer.to(linear.weight.device)
+
+    @classmethod
+    def from_csr(cls, csr: CSRMatrix, bias: torch.Tensor | None = None, backend: str = "auto") -> "SparseLinear":
+        csr.validate()
+        return cls(csr.shape[1], csr.shape[0], csr.crow_indices, csr.col_indices,
+                   csr.values.float(), None if bias is None else bias.float(), backend)
+
+    def to_csr(self) -> CSRMatrix:
+        return CSRMatrix(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight (out, in)."""
+        return self.to_csr().to_dense(self.values.dtype if self.values.is_floating_point() else torch.float32)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def sparsity(self) -> float:
+        n = self.in_features * self.out_features
+        return 1.0 - self.nnz / n if n else 0.0
+
+    def set_backend(self, backend: str) -> "SparseLinear":
+        self.backend = _check_backend(backend)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, backend={self.backend!r}")
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint of another sparsity has another nnz: resize the buffers before the copy.
+        for name in ("crow_indices", "col_indices", "values", "bias"):
+            key = prefix + name
+            cur = self._buffers.get(name)
+            if key in state_dict and cur is not None:
+                inc = state_dict[key]
+                if inc.shape != cur.shape or inc.dtype != cur.dtype:
+                    self._buffers[name] = torch.empty(inc.shape, dtype=inc.dtype, device=cur.device)
+        self._cache.clear()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _cached(self, name: str, build):
+        """Derived tensors (dense weight, int32 columns, ...) rebuilt when the buffers change."""
+        key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr(),
+               self.values._version, self.col_indices._version, self.crow_indices._version,
+               self.values.device, self.values.dtype)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        val = build()
+        self._cache[name] = (key, val)
+        return val
+
+    # ------------------------------------------------------------------ forward
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if x.is_cuda:
+            return "triton"
+        return "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects (..., {self.in_features}) inputs, got {tuple(x.shape)}")
+        backend = self.resolve_backend(x)
+        if backend in ("cpu", "triton", "torch_sparse") and torch.is_grad_enabled() and x.requires_grad:
+            backend = "dense"  # custom kernels have no backward
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if backend == "dense":
+            y2 = self._forward_dense(x2)
+        elif backend == "cpu":
+            y2 = self._forward_cpu(x2)
+        elif backend == "triton":
+            y2 = self._forward_triton(x2)
+        elif backend == "torch-sparse":
+            y2 = self._forward_torch_sparse(x2)
+        elif backend == "torch_sparse":
+            y2 = self._forward_pyg(x2)
+        else:  # pragma: no cover - _check_backend guards
+            raise ValueError(f"unknown backend {backend!r}")
+        return y2.reshape(*lead, self.out_features)
+
+    def _bias_f32(self):
+        if self.bias is None:
+            return None
+        return self.bias if self.bias.dtype == torch.float32 else self.bias.float()
+
+    def _forward_dense(self, x2: torch.Tensor) -> torch.Tensor:
+        w = self._cached("dense", lambda: self.to_csr().to_dense(self.values.dtype))
+        bias = self.bias
+        if w.dtype != x2.dtype:
+            w = w.to(x2.dtype)
+        if bias is not None and bias.dtype != x2.dtype:
+            bias = bias.to(x2.dtype)
+        return F.linear(x2, w, bias)
+
+    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type != "cpu" or self.values.device.type != "cpu":
+            raise ValueError("SparseLinear backend 'cpu' needs CPU tensors (input on "
+                             f"{x2.device}, weights on {self.values.device}); use backend='triton' on CUDA")
+        from vlsparse.kernels.cpu import spmm_cpu
+
+        vals = self._cached("values_f32", lambda: self.values.float().contiguous())
+        y = spmm_cpu(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),
+                     out_features=self.out_features)
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+    def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
+        if not x2.is_cuda and not _triton_interpret():
+            raise ValueError(f"SparseLinear backend 'triton' needs CUDA tensors, got input on {x2.device}")
+        from vlsparse.kernels.triton_spmm import spmm_triton
+
+        vals = self._cached("values_f32", lambda: self.values.float().contiguous())
+        y = spmm_triton(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),
+                        self.out_features)
+        return y if y.dtype == x2.dtype else y.to(x2.dtype)
+
+    def _forward_torch_sparse(self, x2: torch.Tensor) -> torch.Tensor:
+        def build():
+            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int32),
+                                           self.values.to(x2.dtype), size=(self.out_features, self.in_features))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+            w = self._cached(f"torch_csr_{x2.dtype}", build)
+            y = (w @ x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _forward_pyg(self, x2: torch.Tensor) -> torch.Tensor:
+        from torch_sparse import SparseTensor
+
+        def build():
+            return SparseTensor(rowptr=self.crow_indices.long(), col=self.col_indices.long(),
+                                value=self.values.to(x2.dtype), sparse_sizes=(self.out_features, self.in_features))
+
+        w = self._cached(f"pyg_{x2.dtype}", build)
+        y = (w @ x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+def sparsify_linears(module: nn.Module, masks: dict[str, torch.Tensor] | None = None, backend: str = "auto",
+                     names=None) -> nn.Module:
+    """Replace nn.Linear submodules in place by SparseLinear.
+
+    masks: {"<module path>.weight" or "<module path>": bool mask}; a Linear with no mask entry is
+    kept dense unless `names` lists it (then its nonzeros are kept). names: iterable of module paths
+    to convert (default: the ones with a mask)."""
+    masks = dict(masks or {})
+    wanted = set(names) if names is not None else None
+    for path, sub in list(module.named_modules()):
+        if not isinstance(sub, nn.Linear):
+            continue
+        mask = masks.get(f"{path}.weight", masks.get(path))
+        if wanted is not None and path not in wanted:
+            continue
+        if wanted is None and mask is None:
+            continue
+        new = SparseLinear.from_dense(sub, mask, backend=backend)
+        parent_path, _, child = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, child, new)
+    return module

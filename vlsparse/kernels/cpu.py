@@ -1,0 +1,176 @@
+"""Our C++ CPU CSR SpMM kernel (csrc/spmm.h), compiled on first use.
+
+The extension is built with ``torch.utils.cpp_extension.load`` into a cache directory
+(``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``) named by a hash of the sources, the flags, the
+torch/python versions and the CPU's feature flags, so an edited source (or another machine
+sharing the cache) rebuilds instead of loading a stale library. It links torch's own OpenMP
+runtime, so ``torch.set_num_threads`` sets the kernel's thread count too.
+
+Public API:
+    spmm_cpu(x, crow_indices, col_indices, values, bias=None, out_features=...) -> (T, out)
+    spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=...) -> (out, T)
+    simd() -> "avx512" | "avx2" | "scalar"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "cache_dir", "CompilerNotFoundError"]
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("spmm_torch.cpp",)
+HEADERS = ("spmm.h",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized")
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+
+
+class CompilerNotFoundError(RuntimeError):
+    """No C++ compiler to build the vlsparse CPU kernel."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLSPARSE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "vlsparse"
+
+
+def _torch_lib() -> Path:
+    return Path(torch.__file__).resolve().parent / "lib"
+
+
+def _ldflags() -> list[str]:
+    """Link the OpenMP runtime torch itself uses (torch/lib/libgomp.so.1 in the pip wheels)."""
+    lib = _torch_lib()
+    gomp = sorted(lib.glob("libgomp*.so*"))
+    if gomp:
+        return [f"-L{lib}", f"-l:{gomp[0].name}", f"-Wl,-rpath,{lib}"]
+    return ["-fopenmp"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    for part in (*CFLAGS, *_ldflags(), torch.__version__, sys.version, platform.machine(), _cpu_flags()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _find_compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise CompilerNotFoundError(
+            f"vlsparse: no C++ compiler found ({cxx!r} is not on PATH); the CPU sparse kernel is "
+            "compiled on first use. Install g++ (e.g. `apt-get install g++`) or set CXX, or use "
+            "SparseLinear(backend='dense' or 'torch-sparse')."
+        )
+    return path
+
+
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Build (first call) or load the cached extension module."""
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        _find_compiler()
+        from torch.utils.cpp_extension import load
+
+        key = _build_key()
+        build_dir = cache_dir() / f"spmm_{key}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            _module = load(
+                name=f"vlsparse_spmm_{key}",
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_include_paths=[str(CSRC)],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=_ldflags(),
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+        except Exception as e:  # compiler errors, missing ninja, ...
+            raise RuntimeError(
+                f"vlsparse: building the CPU sparse kernel failed in {build_dir}: {e}"
+            ) from e
+        return _module
+
+
+def simd() -> str:
+    """Vector instruction set the kernel was compiled for: 'avx512', 'avx2' or 'scalar'."""
+    return load_extension().simd()
+
+
+def _csr_args(crow_indices, col_indices, values, bias):
+    crow = crow_indices.contiguous()
+    col = col_indices.contiguous()
+    if col.dtype not in (torch.int16, torch.int32):
+        col = col.to(torch.int32)
+    if crow.dtype != torch.int32:
+        crow = crow.to(torch.int32)
+    vals = values.contiguous()
+    if vals.dtype != torch.float32:
+        vals = vals.float()
+    b = None
+    if bias is not None:
+        b = bias.contiguous()
+        if b.dtype != torch.float32:
+            b = b.float()
+    return crow, col, vals, b
+
+
+def spmm_cpu(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+             values: torch.Tensor, bias: torch.Tensor | None = None, *,
+             out_features: int) -> torch.Tensor:
+    """Y (T, out) = x (T, in) @ W.T + bias with W (out, in) in CSR (crow int32, col int16/int32).
+
+    x must be float32 on the CPU; a non-contiguous x is copied. No autograd.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"spmm_cpu: x must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"spmm_cpu: x must be float32, got {x.dtype}")
+    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)
+    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features))
+
+
+def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                values: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_features: int) -> torch.Tensor:
+    """Feature-major: Y^T (out, T) = W @ xt + bias[:, None], xt of shape (in, T).
+
+    For chains of sparse layers that keep activations feature-major (no transposes).
+    """
+    if xt.dim() != 2:
+        raise ValueError(f"spmm_cpu_fm: xt must be 2-D (in_features, tokens), got shape {tuple(xt.shape)}")
+    if xt.dtype != torch.float32:
+        raise ValueError(f"spmm_cpu_fm: xt must be float32, got {xt.dtype}")
+    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)
+    return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features))

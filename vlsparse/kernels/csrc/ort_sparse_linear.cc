@@ -1,0 +1,543 @@
+// onnxruntime custom-op library: vlsparse.SparseLinear (CPU, fp32).
+//
+//   Y = X @ W^T + bias, with W (out_features x in_features) stored in CSR by output row.
+//
+// Inputs
+//   0  X             float  (..., in_features)   any rank >= 1; all leading dims are flattened into tokens
+//   1  crow_indices  int32  (out_features + 1,)  crow[0] == 0, crow[out] == nnz, non-decreasing
+//   2  col_indices   int16 or int32 (nnz,)       column of each nonzero, in [0, in_features)
+//   3  values        float  (nnz,)
+//   4  bias          float  (out_features,)      OPTIONAL (omit it, or pass the empty name "")
+// Output
+//   0  Y             float  (..., out_features)
+// Attributes (both optional, int): in_features, out_features. When present they are checked against
+// X's last dimension and len(crow_indices) - 1; the sizes themselves are always taken from the inputs.
+//
+// Two kernels share the op name, one for int16 and one for int32 col_indices (ORT overloads by type).
+// The compute is vlsparse::spmm_f32<ColT> from spmm.h (OpenMP inside). OpenMP's thread count is not
+// ORT's intra-op count: set it with the exported vlsparse_ort_set_num_threads(n) (process-wide) or
+// the VLSPARSE_NUM_THREADS environment variable; otherwise OpenMP's default (OMP_NUM_THREADS) holds.
+//
+// No onnxruntime header ships on PyPI or Debian, so the part of the ORT C ABI used here is declared
+// below. The OrtApi table is append-only and ABI-stable: entries are declared at their index in
+// onnxruntime_c_api.h and unused entries are padded with void*; static_asserts pin every offset.
+// OrtCustomOp is declared in its full current layout (25 function pointers after `version`); we set
+// version = 16 so ORT reads fields up to KernelComputeV2 (CreateKernelV2 / KernelComputeV2 are used,
+// so errors come back to ORT as OrtStatus instead of aborting the process) and ignores the rest.
+// Checked against onnxruntime's sources: OrtApi indices 0..99 as counted in onnxruntime_c_api.h of
+// API 13 (the table only ever grows at its end), the OrtCustomOp layout of API 30, and the gates in
+// onnxruntime/core/session/custom_ops.cc (>= 8 optional inputs, >= 13 GetInputMemoryType, >= 14
+// variadic, >= 16 CreateKernelV2/KernelComputeV2, >= 17 GetStartVersion/InferOutputShapeFn). An old
+// version-4-sized struct makes ORT call a NULL GetInputCharacteristic at session creation.
+// Runs with onnxruntime >= 1.16; tested with 1.31.1.
+
+#include <omp.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "spmm.h"
+
+#define VLS_EXPORT extern "C" __attribute__((visibility("default")))
+
+// ------------------------------------------------------------------------------------------------
+// ORT C ABI subset (names as in onnxruntime_c_api.h)
+// ------------------------------------------------------------------------------------------------
+extern "C" {
+
+struct OrtStatus;
+struct OrtValue;
+struct OrtSessionOptions;
+struct OrtCustomOpDomain;
+struct OrtTensorTypeAndShapeInfo;
+struct OrtKernelInfo;
+struct OrtKernelContext;
+struct OrtShapeInferContext;
+
+typedef enum ONNXTensorElementDataType {
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED = 0,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 = 5,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6,
+} ONNXTensorElementDataType;
+
+typedef enum OrtErrorCode {
+  ORT_OK = 0,
+  ORT_FAIL = 1,
+  ORT_INVALID_ARGUMENT = 2,
+  ORT_RUNTIME_EXCEPTION = 6,
+} OrtErrorCode;
+
+typedef enum OrtMemType {
+  OrtMemTypeCPUInput = -2,
+  OrtMemTypeCPUOutput = -1,
+  OrtMemTypeDefault = 0,
+} OrtMemType;
+
+typedef enum OrtCustomOpInputOutputCharacteristic {
+  INPUT_OUTPUT_REQUIRED = 0,
+  INPUT_OUTPUT_OPTIONAL = 1,
+  INPUT_OUTPUT_VARIADIC = 2,
+} OrtCustomOpInputOutputCharacteristic;
+
+struct OrtApi;
+
+struct OrtApiBase {
+  const OrtApi* (*GetApi)(uint32_t version) noexcept;
+  const char* (*GetVersionString)() noexcept;
+};
+
+// Index in the comment = position in OrtApi (0-based). Padding arrays cover the entries in between.
+struct OrtApi {
+  OrtStatus* (*CreateStatus)(OrtErrorCode code, const char* msg) noexcept;  // 0
+  OrtErrorCode (*GetErrorCode)(const OrtStatus* status) noexcept;           // 1
+  const char* (*GetErrorMessage)(const OrtStatus* status) noexcept;         // 2
+  void* unused_3_25[23];                                                    // 3 CreateEnv .. 25 SetInterOpNumThreads
+  OrtStatus* (*CreateCustomOpDomain)(const char* domain, OrtCustomOpDomain** out) noexcept;  // 26
+  OrtStatus* (*CustomOpDomain_Add)(OrtCustomOpDomain* domain, const struct OrtCustomOp* op) noexcept;  // 27
+  OrtStatus* (*AddCustomOpDomain)(OrtSessionOptions* options, OrtCustomOpDomain* domain) noexcept;  // 28
+  void* unused_29_50[22];  // 29 RegisterCustomOpsLibrary .. 50 IsTensor
+  OrtStatus* (*GetTensorMutableData)(OrtValue* value, void** out) noexcept;  // 51
+  void* unused_52_59[8];  // 52 FillStringTensor .. 59 SetDimensions
+  OrtStatus* (*GetTensorElementType)(const OrtTensorTypeAndShapeInfo* info,
+                                     ONNXTensorElementDataType* out) noexcept;  // 60
+  OrtStatus* (*GetDimensionsCount)(const OrtTensorTypeAndShapeInfo* info, size_t* out) noexcept;  // 61
+  OrtStatus* (*GetDimensions)(const OrtTensorTypeAndShapeInfo* info, int64_t* dim_values,
+                              size_t dim_values_length) noexcept;  // 62
+  void* unused_63_64[2];  // 63 GetSymbolicDimensions, 64 GetTensorShapeElementCount
+  OrtStatus* (*GetTensorTypeAndShape)(const OrtValue* value, OrtTensorTypeAndShapeInfo** out) noexcept;  // 65
+  void* unused_66_85[20];  // 66 GetTypeInfo .. 85 KernelInfoGetAttribute_float
+  OrtStatus* (*KernelInfoGetAttribute_int64)(const OrtKernelInfo* info, const char* name,
+                                             int64_t* out) noexcept;  // 86
+  void* unused_87[1];  // 87 KernelInfoGetAttribute_string
+  OrtStatus* (*KernelContext_GetInputCount)(const OrtKernelContext* context, size_t* out) noexcept;  // 88
+  OrtStatus* (*KernelContext_GetOutputCount)(const OrtKernelContext* context, size_t* out) noexcept;  // 89
+  OrtStatus* (*KernelContext_GetInput)(const OrtKernelContext* context, size_t index,
+                                       const OrtValue** out) noexcept;  // 90
+  OrtStatus* (*KernelContext_GetOutput)(OrtKernelContext* context, size_t index, const int64_t* dim_values,
+                                        size_t dim_count, OrtValue** out) noexcept;  // 91
+  void* unused_92[1];                                                    // 92 ReleaseEnv
+  void (*ReleaseStatus)(OrtStatus* input) noexcept;                      // 93
+  void* unused_94_98[5];  // 94 ReleaseMemoryInfo .. 98 ReleaseTypeInfo
+  void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* input) noexcept;  // 99
+};
+
+#define VLS_API_SLOT(field, index) \
+  static_assert(offsetof(OrtApi, field) == (index) * sizeof(void*), "OrtApi::" #field " is not at index " #index)
+VLS_API_SLOT(CreateStatus, 0);
+VLS_API_SLOT(GetErrorCode, 1);
+VLS_API_SLOT(GetErrorMessage, 2);
+VLS_API_SLOT(CreateCustomOpDomain, 26);
+VLS_API_SLOT(CustomOpDomain_Add, 27);
+VLS_API_SLOT(AddCustomOpDomain, 28);
+VLS_API_SLOT(GetTensorMutableData, 51);
+VLS_API_SLOT(GetTensorElementType, 60);
+VLS_API_SLOT(GetDimensionsCount, 61);
+VLS_API_SLOT(GetDimensions, 62);
+VLS_API_SLOT(GetTensorTypeAndShape, 65);
+VLS_API_SLOT(KernelInfoGetAttribute_int64, 86);
+VLS_API_SLOT(KernelContext_GetInputCount, 88);
+VLS_API_SLOT(KernelContext_GetOutputCount, 89);
+VLS_API_SLOT(KernelContext_GetInput, 90);
+VLS_API_SLOT(KernelContext_GetOutput, 91);
+VLS_API_SLOT(ReleaseStatus, 93);
+VLS_API_SLOT(ReleaseTensorTypeAndShapeInfo, 99);
+static_assert(sizeof(OrtApi) == 100 * sizeof(void*), "OrtApi subset must end at index 99");
+
+// Full OrtCustomOp layout (fields through ReleaseAliasMap, as in onnxruntime_c_api.h for API >= 18).
+struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info);
+  const char* (*GetName)(const OrtCustomOp* op);
+  const char* (*GetExecutionProviderType)(const OrtCustomOp* op);
+  ONNXTensorElementDataType (*GetInputType)(const OrtCustomOp* op, size_t index);
+  size_t (*GetInputTypeCount)(const OrtCustomOp* op);
+  ONNXTensorElementDataType (*GetOutputType)(const OrtCustomOp* op, size_t index);
+  size_t (*GetOutputTypeCount)(const OrtCustomOp* op);
+  void (*KernelCompute)(void* op_kernel, OrtKernelContext* context);
+  void (*KernelDestroy)(void* op_kernel);
+  OrtCustomOpInputOutputCharacteristic (*GetInputCharacteristic)(const OrtCustomOp* op, size_t index);
+  OrtCustomOpInputOutputCharacteristic (*GetOutputCharacteristic)(const OrtCustomOp* op, size_t index);
+  OrtMemType (*GetInputMemoryType)(const OrtCustomOp* op, size_t index);
+  int (*GetVariadicInputMinArity)(const OrtCustomOp* op);
+  int (*GetVariadicInputHomogeneity)(const OrtCustomOp* op);
+  int (*GetVariadicOutputMinArity)(const OrtCustomOp* op);
+  int (*GetVariadicOutputHomogeneity)(const OrtCustomOp* op);
+  OrtStatus* (*CreateKernelV2)(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                               void** kernel);
+  OrtStatus* (*KernelComputeV2)(void* op_kernel, OrtKernelContext* context);
+  OrtStatus* (*InferOutputShapeFn)(const OrtCustomOp* op, OrtShapeInferContext* ctx);
+  int (*GetStartVersion)(const OrtCustomOp* op);
+  int (*GetEndVersion)(const OrtCustomOp* op);
+  size_t (*GetMayInplace)(int** input_index, int** output_index);
+  void (*ReleaseMayInplace)(int* input_index, int* output_index);
+  size_t (*GetAliasMap)(int** input_index, int** output_index);
+  void (*ReleaseAliasMap)(int* input_index, int* output_index);
+};
+static_assert(offsetof(OrtCustomOp, CreateKernel) == 8, "OrtCustomOp layout");
+static_assert(offsetof(OrtCustomOp, GetInputCharacteristic) == 8 + 9 * sizeof(void*), "OrtCustomOp layout");
+static_assert(offsetof(OrtCustomOp, CreateKernelV2) == 8 + 16 * sizeof(void*), "OrtCustomOp layout");
+static_assert(offsetof(OrtCustomOp, KernelComputeV2) == 8 + 17 * sizeof(void*), "OrtCustomOp layout");
+static_assert(sizeof(OrtCustomOp) == 8 + 25 * sizeof(void*), "OrtCustomOp layout");
+
+}  // extern "C"
+
+// ------------------------------------------------------------------------------------------------
+// The op
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+constexpr uint32_t kOpVersion = 16;  // CreateKernelV2 / KernelComputeV2; needs onnxruntime >= 1.16
+constexpr const char* kDomain = "vlsparse";
+constexpr const char* kOpName = "SparseLinear";
+
+std::atomic<int> g_num_threads{0};  // 0: leave OpenMP's own setting alone
+
+int env_num_threads() {
+  const char* s = std::getenv("VLSPARSE_NUM_THREADS");
+  if (!s || !*s) return 0;
+  int n = std::atoi(s);
+  return n > 0 ? n : 0;
+}
+
+struct Error {
+  OrtErrorCode code;
+  std::string msg;
+};
+
+template <typename ColT>
+struct ColTraits;
+template <>
+struct ColTraits<int16_t> {
+  static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
+  static constexpr const char* kName = "int16";
+};
+template <>
+struct ColTraits<int32_t> {
+  static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  static constexpr const char* kName = "int32";
+};
+
+// A tensor input: data pointer, element type and shape.
+struct TensorView {
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+class Kernel {
+ public:
+  Kernel(const OrtApi* api, int64_t in_features, int64_t out_features)
+      : api_(api), in_attr_(in_features), out_attr_(out_features), env_threads_(env_num_threads()) {}
+
+  virtual ~Kernel() = default;
+  virtual void compute(OrtKernelContext* ctx) = 0;
+  const OrtApi* api() const { return api_; }
+
+ protected:
+  // Turns an ORT status into an Error (and frees it).
+  void check(OrtStatus* st) const {
+    if (st == nullptr) return;
+    Error e{api_->GetErrorCode(st), api_->GetErrorMessage(st)};
+    api_->ReleaseStatus(st);
+    throw e;
+  }
+
+  // Returns false for an absent optional input.
+  bool input(OrtKernelContext* ctx, size_t index, TensorView& out) const {
+    size_t count = 0;
+    check(api_->KernelContext_GetInputCount(ctx, &count));
+    if (index >= count) return false;
+    const OrtValue* v = nullptr;
+    check(api_->KernelContext_GetInput(ctx, index, &v));
+    if (v == nullptr) return false;
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    check(api_->GetTensorTypeAndShape(v, &info));
+    OrtStatus* st = api_->GetTensorElementType(info, &out.type);
+    size_t rank = 0;
+    if (!st) st = api_->GetDimensionsCount(info, &rank);
+    if (!st) {
+      out.shape.assign(rank, 0);
+      st = api_->GetDimensions(info, out.shape.data(), rank);
+    }
+    api_->ReleaseTensorTypeAndShapeInfo(info);
+    check(st);
+    void* p = nullptr;
+    check(api_->GetTensorMutableData(const_cast<OrtValue*>(v), &p));
+    out.data = p;
+    return true;
+  }
+
+  const OrtApi* api_;
+  int64_t in_attr_;
+  int64_t out_attr_;
+  int env_threads_;
+};
+
+[[noreturn]] void fail(const std::string& msg) { throw Error{ORT_INVALID_ARGUMENT, "vlsparse.SparseLinear: " + msg}; }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+template <typename ColT>
+class SparseLinearKernel final : public Kernel {
+ public:
+  using Kernel::Kernel;
+
+  void compute(OrtKernelContext* ctx) override {
+    TensorView x, crow, col, val, bias;
+    if (!input(ctx, 0, x) || !input(ctx, 1, crow) || !input(ctx, 2, col) || !input(ctx, 3, val))
+      fail("inputs X, crow_indices, col_indices and values are required");
+    const bool has_bias = input(ctx, 4, bias);
+
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("X must be float32");
+    if (x.shape.empty()) fail("X must have rank >= 1, got a scalar");
+    if (crow.shape.size() != 1 || crow.shape[0] < 1) fail("crow_indices must be 1-D with out_features + 1 entries");
+    if (col.shape.size() != 1 || val.shape.size() != 1 || col.shape[0] != val.shape[0])
+      fail("col_indices and values must be 1-D of the same length, got " + shape_str(col.shape) + " and " +
+           shape_str(val.shape));
+
+    const int64_t in_features = x.shape.back();
+    const int64_t out_features = crow.shape[0] - 1;
+    const int64_t nnz = val.shape[0];
+    int64_t tokens = 1;
+    for (size_t i = 0; i + 1 < x.shape.size(); ++i) tokens *= x.shape[i];
+
+    if (in_attr_ >= 0 && in_attr_ != in_features)
+      fail("X has " + std::to_string(in_features) + " features in its last dim, the op expects in_features=" +
+           std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) + ")");
+    if (out_attr_ >= 0 && out_attr_ != out_features)
+      fail("crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
+           std::to_string(out_attr_));
+    if (has_bias && (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bias.shape.size() != 1 ||
+                     bias.shape[0] != out_features))
+      fail("bias must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(bias.shape));
+
+    const auto* crow_p = static_cast<const int32_t*>(crow.data);
+    const auto* col_p = static_cast<const ColT*>(col.data);
+    validate(crow_p, col_p, out_features, in_features, nnz);
+
+    std::vector<int64_t> yshape(x.shape.begin(), x.shape.end() - 1);
+    yshape.push_back(out_features);
+    OrtValue* yv = nullptr;
+    check(api_->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv));
+    void* yp = nullptr;
+    check(api_->GetTensorMutableData(yv, &yp));
+    if (tokens == 0 || out_features == 0) return;
+
+    const int n = g_num_threads.load(std::memory_order_relaxed);
+    if (n > 0) {
+      omp_set_num_threads(n);
+    } else if (env_threads_ > 0) {
+      omp_set_num_threads(env_threads_);
+    }
+    vlsparse::spmm_f32<ColT>(static_cast<const float*>(x.data), tokens, in_features, crow_p, col_p,
+                             static_cast<const float*>(val.data), has_bias ? static_cast<const float*>(bias.data)
+                                                                           : nullptr,
+                             out_features, static_cast<float*>(yp));
+  }
+
+ private:
+  // Full CSR check: O(out + nnz), done once per distinct (crow, col) buffer pair. Initializers keep
+  // their buffers for the session's lifetime, so in steady state this is a pointer comparison.
+  void validate(const int32_t* crow, const ColT* col, int64_t out_features, int64_t in_features, int64_t nnz) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (crow == seen_crow_ && col == seen_col_ && out_features == seen_out_ && in_features == seen_in_ &&
+          nnz == seen_nnz_)
+        return;
+    }
+    if (crow[0] != 0) fail("crow_indices[0] must be 0, got " + std::to_string(crow[0]));
+    if (static_cast<int64_t>(crow[out_features]) != nnz)
+      fail("crow_indices[-1] = " + std::to_string(crow[out_features]) + " but there are " + std::to_string(nnz) +
+           " values");
+    for (int64_t o = 0; o < out_features; ++o)
+      if (crow[o + 1] < crow[o]) fail("crow_indices must be non-decreasing (row " + std::to_string(o) + ")");
+    for (int64_t k = 0; k < nnz; ++k) {
+      const int64_t c = static_cast<int64_t>(col[k]);
+      if (c < 0 || c >= in_features)
+        fail("col_indices[" + std::to_string(k) + "] = " + std::to_string(c) + " is outside [0, " +
+             std::to_string(in_features) + ")");
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    seen_crow_ = crow;
+    seen_col_ = col;
+    seen_out_ = out_features;
+    seen_in_ = in_features;
+    seen_nnz_ = nnz;
+  }
+
+  std::mutex mu_;
+  const int32_t* seen_crow_ = nullptr;
+  const ColT* seen_col_ = nullptr;
+  int64_t seen_out_ = -1, seen_in_ = -1, seen_nnz_ = -1;
+};
+
+// ---- OrtCustomOp callbacks ----------------------------------------------------------------------
+
+struct OpDef {
+  OrtCustomOp op;  // first member: ORT hands the OrtCustomOp* back to us
+  ONNXTensorElementDataType col_type;
+  Kernel* (*make)(const OrtApi*, int64_t, int64_t);
+};
+
+int64_t optional_int_attr(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+  int64_t v = -1;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {  // absent attribute
+    api->ReleaseStatus(st);
+    return -1;
+  }
+  return v;
+}
+
+OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  *kernel = nullptr;
+  try {
+    const OpDef* def = reinterpret_cast<const OpDef*>(op);
+    *kernel = def->make(api, optional_int_attr(api, info, "in_features"), optional_int_attr(api, info, "out_features"));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
+
+void* create_kernel_v1(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+  void* k = nullptr;
+  OrtStatus* st = create_kernel_v2(op, api, info, &k);
+  if (st) api->ReleaseStatus(st);
+  return k;
+}
+
+OrtStatus* compute_v2(void* kernel, OrtKernelContext* ctx) {
+  Kernel* k = static_cast<Kernel*>(kernel);
+  try {
+    k->compute(ctx);
+    return nullptr;
+  } catch (const Error& e) {
+    return k->api()->CreateStatus(e.code, e.msg.c_str());
+  } catch (const std::exception& e) {
+    return k->api()->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("vlsparse.SparseLinear: ") + e.what()).c_str());
+  } catch (...) {
+    return k->api()->CreateStatus(ORT_RUNTIME_EXCEPTION, "vlsparse.SparseLinear: unknown exception");
+  }
+}
+
+// Only reached by an ORT that ignores KernelComputeV2 (it never is for version >= 16); an error here
+// cannot be reported, so it aborts rather than return garbage.
+void compute_v1(void* kernel, OrtKernelContext* ctx) {
+  Kernel* k = static_cast<Kernel*>(kernel);
+  OrtStatus* st = compute_v2(kernel, ctx);
+  if (st) {
+    std::fprintf(stderr, "%s\n", k->api()->GetErrorMessage(st));
+    std::abort();
+  }
+}
+
+void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+const char* op_name(const OrtCustomOp*) { return kOpName; }
+const char* op_ep(const OrtCustomOp*) { return nullptr; }  // nullptr: CPU execution provider
+size_t op_input_count(const OrtCustomOp*) { return 5; }
+size_t op_output_count(const OrtCustomOp*) { return 1; }
+
+ONNXTensorElementDataType op_input_type(const OrtCustomOp* op, size_t index) {
+  switch (index) {
+    case 1:
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    case 2:
+      return reinterpret_cast<const OpDef*>(op)->col_type;
+    default:  // X, values, bias
+      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+}
+ONNXTensorElementDataType op_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+OrtCustomOpInputOutputCharacteristic op_input_char(const OrtCustomOp*, size_t index) {
+  return index == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic op_output_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int op_one(const OrtCustomOp*) { return 1; }
+
+template <typename ColT>
+Kernel* make_kernel(const OrtApi* api, int64_t in_features, int64_t out_features) {
+  return new SparseLinearKernel<ColT>(api, in_features, out_features);
+}
+
+template <typename ColT>
+OpDef make_def() {
+  OpDef d{};  // zero: every field not set below (InferOutputShapeFn, versions, in-place maps) is NULL
+  OrtCustomOp& op = d.op;
+  op.version = kOpVersion;
+  op.CreateKernel = create_kernel_v1;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_ep;
+  op.GetInputType = op_input_type;
+  op.GetInputTypeCount = op_input_count;
+  op.GetOutputType = op_output_type;
+  op.GetOutputTypeCount = op_output_count;
+  op.KernelCompute = compute_v1;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = op_input_char;
+  op.GetOutputCharacteristic = op_output_char;
+  op.GetInputMemoryType = op_input_mem;
+  op.GetVariadicInputMinArity = op_one;
+  op.GetVariadicInputHomogeneity = op_one;
+  op.GetVariadicOutputMinArity = op_one;
+  op.GetVariadicOutputHomogeneity = op_one;
+  op.CreateKernelV2 = create_kernel_v2;
+  op.KernelComputeV2 = compute_v2;
+  d.col_type = ColTraits<ColT>::kType;
+  d.make = make_kernel<ColT>;
+  return d;
+}
+
+// Must outlive every session that uses them: static storage, never freed.
+OpDef g_op_i16 = make_def<int16_t>();
+OpDef g_op_i32 = make_def<int32_t>();
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Exported entry points
+// ------------------------------------------------------------------------------------------------
+
+// Called by onnxruntime (SessionOptions.register_custom_ops_library / RegisterCustomOpsLibrary).
+// One domain per call: ORT keeps a reference to it in the session options; it is never released
+// (a few bytes per registration), because sessions created from those options may outlive them.
+VLS_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base ? api_base->GetApi(kOpVersion) : nullptr;
+  if (api == nullptr) {
+    std::fprintf(stderr, "vlsparse: this onnxruntime does not provide C API version %u (needs onnxruntime >= 1.16)\n",
+                 kOpVersion);
+    return nullptr;  // cannot build an OrtStatus without the API; the model will then fail to load
+  }
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_i16.op)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_i32.op)) return st;
+  return api->AddCustomOpDomain(options, domain);
+}
+
+// OpenMP threads for SparseLinear in this process (0 = OpenMP default / VLSPARSE_NUM_THREADS).
+VLS_EXPORT void vlsparse_ort_set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+VLS_EXPORT int vlsparse_ort_get_num_threads() { return g_num_threads.load(); }
+
+// ABI facts for tests: sizeof(OrtCustomOp) as declared here and the op version we register.
+VLS_EXPORT int vlsparse_ort_custom_op_size() { return static_cast<int>(sizeof(OrtCustomOp)); }
+VLS_EXPORT int vlsparse_ort_op_version() { return static_cast<int>(kOpVersion); }

@@ -1,0 +1,552 @@
+// vlsparse CPU sparse x dense kernels: Y = X W^T + bias with W (out x in) in CSR by output row.
+//
+// Pure C++17 + OpenMP (no torch / onnxruntime includes): shared by the torch extension
+// (spmm_torch.cpp) and the onnxruntime custom-op library (ort_sparse_linear.cc).
+//
+// Entry points (namespace vlsparse, ColT = int16_t or int32_t):
+//   spmm_f32     row-major X (tokens x in) -> row-major Y (tokens x out). The main entry.
+//   spmm_f32_fm  feature-major X^T (in x ldx) -> feature-major Y^T (out x ldy): lets a caller keep
+//                activations feature-major between consecutive sparse layers (no transposes).
+//   spmv_f32     one token: y (out) = W x + bias.
+//   simd_name()  "avx512" | "avx2" | "scalar": the vector path compiled in.
+//
+// CSR contract: crow_indices non-decreasing with crow[0] = 0, column indices in [0, in). Columns
+// sorted within a row are fastest (the cache blocking assumes it) but any order gives the right
+// result. Duplicated columns are summed.
+//
+// Vector code is chosen at compile time: AVX-512 (__AVX512F__), AVX2 (+FMA), else scalar.
+// Threads: every entry opens one OpenMP parallel region with the caller's omp thread count
+// (omp_get_max_threads()); link the same OpenMP runtime as the host (torch's libgomp) so that
+// torch.set_num_threads applies.
+//
+// The multi-token kernel: X is transposed to feature-major and padded to a multiple of the
+// vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors. Output
+// rows are scheduled in blocks of 64 (dynamic). For a row block, the strip's accumulators live in
+// a small tile (64 rows x NV*W floats); the columns of W are walked in blocks of C (C*NV*64 bytes
+// of X^T, about L1 size) so the part of X^T in use stays close to the core, with a per-row cursor
+// into the (sorted) CSR row. Per nonzero w at column c: broadcast w, FMA NV vectors of X^T[c, strip]
+// into NV register accumulators (unrolled by two, two accumulator sets). The row-major entry
+// transposes the finished tile (16x16 register transposes) straight into Y, so Y^T never exists.
+// One to three tokens use a scalar kernel (index and value loaded once for all tokens): on Zen 4
+// an AVX-512 gather is slower than scalar loads.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+// GCC 12 reports its own _mm512_undefined_ps() inside the intrinsic headers as uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace vlsparse {
+
+// Tunables (defaults measured on a 2-core AMD EPYC Zen 4; benchmarks may change them).
+struct Tuning {
+    int64_t row_block = 64;               // output rows per scheduling unit (<= kMaxRowBlock)
+    int64_t l1_block_bytes = 44 * 1024;   // bytes of X^T per column block (C * NV * W * 4)
+    int64_t min_block_cols = 32;          // lower bound on C
+    int64_t l2_strip_bytes = 1536 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
+    int64_t small_tokens = 3;             // tokens <= this: scalar kernel, no transposes
+};
+inline Tuning& tuning() {
+    static Tuning t;
+    return t;
+}
+
+namespace detail {
+
+constexpr int kMaxNV = 8;           // vectors per token strip (128 tokens on AVX-512)
+constexpr int64_t kMaxRowBlock = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Vector abstraction: V::W floats per vector, masked (partial) loads/stores for tails.
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+struct V {
+    static constexpr int W = 16;
+    static constexpr const char* name = "avx512";
+    using T = __m512;
+    using M = __mmask16;
+    static inline T zero() { return _mm512_setzero_ps(); }
+    static inline T set1(float a) { return _mm512_set1_ps(a); }
+    static inline T load(const float* p) { return _mm512_loadu_ps(p); }
+    static inline T loadm(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+    static inline void store(float* p, T a) { _mm512_storeu_ps(p, a); }
+    static inline void storem(float* p, T a, M m) { _mm512_mask_storeu_ps(p, m, a); }
+    static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+    static inline M mask(int n) { return static_cast<M>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+    // In-place transpose of a 16x16 block held in 16 registers.
+    static inline void transpose(T r[16]) {
+        T t[16];
+        for (int i = 0; i < 8; ++i) {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        T u[16];
+        for (int g = 0; g < 4; ++g) {
+            u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+            u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+            u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int c = 0; c < 4; ++c) {
+            const T v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+            const T w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+            const T v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+            const T w2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+            r[c] = _mm512_shuffle_f32x4(v, v2, 0x88);
+            r[8 + c] = _mm512_shuffle_f32x4(v, v2, 0xdd);
+            r[4 + c] = _mm512_shuffle_f32x4(w, w2, 0x88);
+            r[12 + c] = _mm512_shuffle_f32x4(w, w2, 0xdd);
+        }
+    }
+};
+#elif defined(__AVX2__)
+struct V {
+    static constexpr int W = 8;
+    static constexpr const char* name = "avx2";
+    using T = __m256;
+    using M = __m256i;
+    static inline T zero() { return _mm256_setzero_ps(); }
+    static inline T set1(float a) { return _mm256_set1_ps(a); }
+    static inline T load(const float* p) { return _mm256_loadu_ps(p); }
+    static inline T loadm(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+    static inline void store(float* p, T a) { _mm256_storeu_ps(p, a); }
+    static inline void storem(float* p, T a, M m) { _mm256_maskstore_ps(p, m, a); }
+#if defined(__FMA__)
+    static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+    static inline T fma(T a, T b, T c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+#endif
+    static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+    static inline M mask(int n) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static inline void transpose(T r[8]) {
+        T t[8], u[8];
+        for (int i = 0; i < 4; ++i) {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for (int g = 0; g < 2; ++g) {
+            u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+            u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+            u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int c = 0; c < 4; ++c) {
+            r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+            r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+        }
+    }
+};
+#else
+struct V {
+    static constexpr int W = 1;
+    static constexpr const char* name = "scalar";
+    using T = float;
+    using M = bool;
+    static inline T zero() { return 0.0f; }
+    static inline T set1(float a) { return a; }
+    static inline T load(const float* p) { return *p; }
+    static inline T loadm(const float* p, M m) { return m ? *p : 0.0f; }
+    static inline void store(float* p, T a) { *p = a; }
+    static inline void storem(float* p, T a, M m) {
+        if (m) *p = a;
+    }
+    static inline T fma(T a, T b, T c) { return a * b + c; }
+    static inline T add(T a, T b) { return a + b; }
+    static inline M mask(int n) { return n > 0; }
+    static inline void transpose(T*) {}
+};
+#endif
+
+inline int num_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Reusable 64-byte aligned scratch (one per calling thread).
+struct Scratch {
+    float* ptr = nullptr;
+    size_t cap = 0;
+    Scratch() = default;
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() { std::free(ptr); }
+    float* get(size_t n) {
+        if (n > cap) {
+            std::free(ptr);
+            ptr = nullptr;
+            cap = 0;
+            const size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+            ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
+            if (!ptr) throw std::bad_alloc();
+            cap = bytes / sizeof(float);
+        }
+        return ptr;
+    }
+};
+inline float* scratch_x(size_t n) {
+    static thread_local Scratch s;
+    return s.get(n);
+}
+inline float* scratch_tile(size_t n) {
+    static thread_local Scratch s;
+    return s.get(n);
+}
+
+// Copy a rows x cols block src (row stride lds) transposed into dst (row stride ldd):
+// dst[j * ldd + i] = src[i * lds + j]. Full WxW blocks go through register transposes.
+inline void transpose_block(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols,
+                            float* __restrict dst, int64_t ldd) {
+    constexpr int W = V::W;
+    int64_t i0 = 0;
+    if (W > 1) {
+        for (; i0 + W <= rows; i0 += W) {
+            int64_t j0 = 0;
+            for (; j0 + W <= cols; j0 += W) {
+                typename V::T r[W > 1 ? W : 1];
+                for (int i = 0; i < W; ++i) r[i] = V::load(src + (i0 + i) * lds + j0);
+                V::transpose(r);
+                for (int j = 0; j < W; ++j) V::store(dst + (j0 + j) * ldd + i0, r[j]);
+            }
+            for (int64_t j = j0; j < cols; ++j)
+                for (int64_t i = i0; i < i0 + W; ++i) dst[j * ldd + i] = src[i * lds + j];
+        }
+    }
+    for (int64_t j = 0; j < cols; ++j)
+        for (int64_t i = i0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// Transpose X (tokens x in, row stride ldx) into xt (in x ldt), zero-padding tokens..ldt-1.
+// Called inside a parallel region (omp for with its barrier).
+inline void transpose_in(const float* x, int64_t tokens, int64_t in_features, int64_t ldx, float* xt,
+                         int64_t ldt) {
+    constexpr int64_t B = 64;  // features per work item
+    const int64_t nb = (in_features + B - 1) / B;
+#pragma omp for schedule(static)
+    for (int64_t ib = 0; ib < nb; ++ib) {
+        const int64_t i0 = ib * B, i1 = std::min(in_features, i0 + B);
+        for (int64_t t0 = 0; t0 < tokens; t0 += 64) {
+            const int64_t t1 = std::min(tokens, t0 + 64);
+            transpose_block(x + t0 * ldx + i0, ldx, t1 - t0, i1 - i0, xt + i0 * ldt + t0, ldt);
+        }
+        if (ldt > tokens)
+            for (int64_t i = i0; i < i1; ++i) std::memset(xt + i * ldt + tokens, 0, (ldt - tokens) * sizeof(float));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocked strip kernel. Rows [r0, r1) (r1 - r0 <= kMaxRowBlock), tokens [0, NV*W) of a
+// feature-major X^T (row stride ldx, offset to the strip's first token). Accumulates into
+// tile[(o - r0) * ldd + ...], which it first fills with the bias. Columns in blocks of C.
+// Reads NV*W floats per X^T row: the caller pads X^T to whole vectors.
+// ---------------------------------------------------------------------------------------------
+template <int NV, typename ColT>
+inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* __restrict crow,
+                        const ColT* __restrict col, const float* __restrict val, const float* __restrict bias,
+                        int64_t r0, int64_t r1, int64_t in_features, int64_t C, float* __restrict tile,
+                        int64_t ldd) {
+    using T = typename V::T;
+    constexpr int W = V::W;
+    int64_t cur[kMaxRowBlock];
+    const int64_t nr = r1 - r0;
+    for (int64_t r = 0; r < nr; ++r) {
+        cur[r] = crow[r0 + r];
+        const T b = V::set1(bias ? bias[r0 + r] : 0.0f);
+        for (int v = 0; v < NV; ++v) V::store(tile + r * ldd + v * W, b);
+    }
+#define VLS_LOADX(p, v) V::load((p) + (v) * W)
+    for (int64_t c0 = 0; c0 < in_features; c0 += C) {
+        // the last block takes everything left (also makes unsorted rows correct)
+        const int64_t cend = (c0 + C >= in_features) ? std::numeric_limits<int64_t>::max() : c0 + C;
+        for (int64_t r = 0; r < nr; ++r) {
+            int64_t k = cur[r];
+            const int64_t end = crow[r0 + r + 1];
+            if (k >= end || static_cast<int64_t>(col[k]) >= cend) continue;
+            float* d = tile + r * ldd;
+            T a0[NV], a1[NV];
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) {
+                a0[v] = V::load(d + v * W);
+                a1[v] = V::zero();
+            }
+            for (; k + 1 < end && static_cast<int64_t>(col[k + 1]) < cend; k += 2) {
+                const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
+                const float* p1 = xt + static_cast<int64_t>(col[k + 1]) * ldx;
+                const T w0 = V::set1(val[k]);
+                const T w1 = V::set1(val[k + 1]);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, VLS_LOADX(p0, v), a0[v]);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) a1[v] = V::fma(w1, VLS_LOADX(p1, v), a1[v]);
+            }
+            if (k < end && static_cast<int64_t>(col[k]) < cend) {
+                const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
+                const T w0 = V::set1(val[k]);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, VLS_LOADX(p0, v), a0[v]);
+                ++k;
+            }
+            cur[r] = k;
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) V::store(d + v * W, V::add(a0[v], a1[v]));
+        }
+    }
+#undef VLS_LOADX
+}
+
+template <typename ColT>
+inline void strip_block_dispatch(int nv, const float* xt, int64_t ldx, const int32_t* crow, const ColT* col,
+                                 const float* val, const float* bias, int64_t r0, int64_t r1, int64_t in_features,
+                                 int64_t C, float* tile, int64_t ldd) {
+    switch (nv) {
+#define VLS_CASE(N)                                                                                            \
+    case N:                                                                                                    \
+        strip_block<N, ColT>(xt, ldx, crow, col, val, bias, r0, r1, in_features, C, tile, ldd); \
+        break;
+        VLS_CASE(1)
+        VLS_CASE(2)
+        VLS_CASE(3)
+        VLS_CASE(4)
+        VLS_CASE(5)
+        VLS_CASE(6)
+        VLS_CASE(7)
+        VLS_CASE(8)
+#undef VLS_CASE
+        default: break;
+    }
+}
+
+// Cut nvec vectors of tokens into strips of at most cap vectors, as even as possible.
+struct StripPlan {
+    int64_t nstrips = 1, base = 0, rem = 0;  // the first `rem` strips get base+1 vectors
+    int64_t start(int64_t s) const { return s * base + std::min(s, rem); }
+    int64_t size(int64_t s) const { return base + (s < rem ? 1 : 0); }
+};
+inline StripPlan plan_strips(int64_t nvec, int64_t in_features) {
+    const int64_t per_vec = std::max<int64_t>(1, in_features) * V::W * 4;
+    int64_t cap = tuning().l2_strip_bytes / per_vec;
+    cap = std::max<int64_t>(2, std::min<int64_t>(kMaxNV, cap));
+    StripPlan p;
+    p.nstrips = std::max<int64_t>(1, (nvec + cap - 1) / cap);
+    p.base = nvec / p.nstrips;
+    p.rem = nvec % p.nstrips;
+    return p;
+}
+inline int64_t block_cols(int64_t nv) {
+    const Tuning& tu = tuning();
+    int64_t c = tu.l1_block_bytes / (std::max<int64_t>(1, nv) * V::W * 4);
+    c = std::max<int64_t>(tu.min_block_cols, (c / 8) * 8);
+    return std::max<int64_t>(1, c);
+}
+inline int64_t row_block() {
+    return std::max<int64_t>(1, std::min<int64_t>(kMaxRowBlock, tuning().row_block));
+}
+
+// Tile (nr x ldd, tokens along rows) -> Y rows: y[(t) * ldy + r] = tile[r * ldd + t], t < tn.
+inline void tile_to_rowmajor(const float* __restrict tile, int64_t ldd, int64_t nr, int64_t tn, float* __restrict y,
+                             int64_t ldy) {
+    transpose_block(tile, ldd, nr, tn, y, ldy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-token scalar kernel (1..3 tokens). Element (t, c) of X at x[t*xs_t + c*xs_c]; output
+// (t, o) at y[t*ys_t + o*ys_o]. Index and value are loaded once for all tokens.
+// ---------------------------------------------------------------------------------------------
+template <int TT, typename ColT>
+inline void small_rows(const float* __restrict x, int64_t xs_t, int64_t xs_c, const int32_t* __restrict crow,
+                       const ColT* __restrict col, const float* __restrict val, const float* __restrict bias,
+                       int64_t r0, int64_t r1, float* __restrict y, int64_t ys_t, int64_t ys_o) {
+    constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent chains per token
+    for (int64_t o = r0; o < r1; ++o) {
+        float acc[TT][U];
+        for (int t = 0; t < TT; ++t)
+            for (int u = 0; u < U; ++u) acc[t][u] = 0.0f;
+        int64_t k = crow[o];
+        const int64_t end = crow[o + 1];
+        for (; k + U <= end; k += U) {
+#pragma GCC unroll 4
+            for (int u = 0; u < U; ++u) {
+                const float* xp = x + static_cast<int64_t>(col[k + u]) * xs_c;
+                const float w = val[k + u];
+#pragma GCC unroll 4
+                for (int t = 0; t < TT; ++t) acc[t][u] += w * xp[t * xs_t];
+            }
+        }
+        for (; k < end; ++k) {
+            const float* xp = x + static_cast<int64_t>(col[k]) * xs_c;
+            const float w = val[k];
+            for (int t = 0; t < TT; ++t) acc[t][0] += w * xp[t * xs_t];
+        }
+        const float b = bias ? bias[o] : 0.0f;
+        for (int t = 0; t < TT; ++t) {
+            float s = 0.0f;
+            for (int u = 0; u < U; ++u) s += acc[t][u];
+            y[t * ys_t + o * ys_o] = s + b;
+        }
+    }
+}
+
+template <typename ColT>
+inline void small_tokens(const float* x, int64_t tokens, int64_t xs_t, int64_t xs_c, const int32_t* crow,
+                         const ColT* col, const float* val, const float* bias, int64_t out_features, float* y,
+                         int64_t ys_t, int64_t ys_o) {
+    const int64_t nblk = (out_features + 63) / 64;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t r0 = b * 64, r1 = std::min(out_features, r0 + 64);
+        for (int64_t t0 = 0; t0 < tokens; t0 += 3) {
+            const int64_t tt = std::min<int64_t>(3, tokens - t0);
+            const float* xb = x + t0 * xs_t;
+            float* yb = y + t0 * ys_t;
+            if (tt == 1)
+                small_rows<1, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+            else if (tt == 2)
+                small_rows<2, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+            else
+                small_rows<3, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+        }
+    }
+}
+
+}  // namespace detail
+
+// One token: y (out_features) = W x + bias.
+template <typename ColT>
+void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indices, const float* values,
+              const float* bias, int64_t out_features, float* y) {
+    if (out_features <= 0) return;
+    detail::small_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1);
+}
+
+// Y (tokens x out_features, row-major) = X (tokens x in_features, row-major) * W^T + bias, W given in CSR by output row.
+// crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values: nnz float; bias may be nullptr.
+// Parallel with OpenMP over output rows (and/or token blocks); uses the caller's omp thread count.
+template <typename ColT>
+void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
+              const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y) {
+    using namespace detail;
+    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
+                  "col indices must be int16_t or int32_t");
+    if (tokens <= 0 || out_features <= 0) return;
+    if (tokens <= tuning().small_tokens || in_features <= 0) {
+        small_tokens<ColT>(x, tokens, in_features, 1, crow_indices, col_indices, values, bias, out_features, y,
+                           out_features, 1);
+        return;
+    }
+    constexpr int64_t W = V::W;
+    const int64_t nvec = (tokens + W - 1) / W;
+    const int64_t ldt = nvec * W;
+    float* xt = scratch_x(static_cast<size_t>(in_features * ldt));
+    const StripPlan plan = plan_strips(nvec, in_features);
+    const int64_t R = row_block();
+    const int64_t nblk = (out_features + R - 1) / R;
+    const int64_t tile_len = R * kMaxNV * W;
+#pragma omp parallel
+    {
+        float* tile = scratch_tile(static_cast<size_t>(tile_len));
+        transpose_in(x, tokens, in_features, in_features, xt, ldt);  // omp for: ends with a barrier
+        for (int64_t s = 0; s < plan.nstrips; ++s) {
+            const int64_t nv = plan.size(s);
+            const int64_t t0 = plan.start(s) * W;
+            const int64_t tn = std::min(tokens, t0 + nv * W) - t0;  // real tokens in this strip
+            const int64_t ldd = nv * W;
+            const int64_t C = block_cols(nv);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < nblk; ++b) {
+                const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
+                strip_block_dispatch<ColT>(static_cast<int>(nv), xt + t0, ldt, crow_indices, col_indices, values,
+                                           bias, r0, r1, in_features, C, tile, ldd);
+                tile_to_rowmajor(tile, ldd, r1 - r0, tn, y + t0 * out_features + r0, out_features);
+            }
+        }
+    }
+}
+
+// Feature-major: Y^T (out_features x ldy) = W X^T + bias, X^T (in_features x ldx), columns
+// 0..tokens-1 used (ldx, ldy >= tokens; columns tokens..ldy-1 of Y^T are not written).
+// Fastest when xt is 64-byte aligned and ldx a multiple of 16 (AVX-512; 8 floats on AVX2): then
+// X^T is used in place (lanes tokens..roundup(tokens, 16)-1 are read and their results dropped);
+// otherwise it is first copied into an aligned, padded buffer.
+template <typename ColT>
+void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
+                 const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
+                 int64_t ldy) {
+    using namespace detail;
+    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
+                  "col indices must be int16_t or int32_t");
+    if (tokens <= 0 || out_features <= 0) return;
+    if (tokens <= tuning().small_tokens || in_features <= 0) {
+        small_tokens<ColT>(xt, tokens, 1, ldx, crow_indices, col_indices, values, bias, out_features, yt, 1, ldy);
+        return;
+    }
+    constexpr int64_t W = V::W;
+    const int64_t nvec = (tokens + W - 1) / W;
+    const int64_t ldt = nvec * W;
+    const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
+    float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
+    const float* xs = in_place ? xt : xpad;
+    const int64_t lds = in_place ? ldx : ldt;
+    const StripPlan plan = plan_strips(nvec, in_features);
+    const int64_t R = row_block();
+    const int64_t nblk = (out_features + R - 1) / R;
+    const int64_t tile_len = R * kMaxNV * W;
+#pragma omp parallel
+    {
+        float* tile = scratch_tile(static_cast<size_t>(tile_len));
+        if (!in_place) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < in_features; ++i) {
+                std::memcpy(xpad + i * ldt, xt + i * ldx, static_cast<size_t>(tokens) * sizeof(float));
+                std::memset(xpad + i * ldt + tokens, 0, static_cast<size_t>(ldt - tokens) * sizeof(float));
+            }
+        }
+        for (int64_t s = 0; s < plan.nstrips; ++s) {
+            const int64_t nv = plan.size(s);
+            const int64_t t0 = plan.start(s) * W;
+            const int64_t tn = std::min(tokens, t0 + nv * W) - t0;
+            const int64_t ldd = nv * W;
+            const int64_t C = block_cols(nv);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < nblk; ++b) {
+                const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
+                strip_block_dispatch<ColT>(static_cast<int>(nv), xs + t0, lds, crow_indices, col_indices, values,
+                                           bias, r0, r1, in_features, C, tile, ldd);
+                for (int64_t r = 0; r < r1 - r0; ++r)
+                    std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
+            }
+        }
+    }
+}
+
+// Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".
+inline const char* simd_name() { return detail::V::name; }
+
+}  // namespace vlsparse
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -1,0 +1,157 @@
+"""Build and cache the onnxruntime custom-op library (``vlsparse.SparseLinear``).
+
+``custom_op_library()`` compiles ``csrc/ort_sparse_linear.cc`` (which includes ``csrc/spmm.h``) with the
+system C++ compiler into a shared library that onnxruntime loads through
+``SessionOptions.register_custom_ops_library``. Nothing here imports torch or includes torch headers:
+the sparse ONNX runtime path works in an environment with only numpy, onnx and onnxruntime.
+
+The library is cached in ``$VLSPARSE_CACHE`` (default ``~/.cache/vlsparse``) under a name keyed by a
+hash of the sources, the flags, the compiler's version and the CPU (``-march=native`` code is only
+valid on the CPU it was built for). It is compiled under a temporary name and moved into place with
+``os.replace``, so concurrent builds never see a half-written file. The compiler is ``$CXX`` when set,
+else ``g++``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = [
+    "CSRC",
+    "FLAGS",
+    "cache_dir",
+    "custom_op_library",
+    "set_num_threads",
+]
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = "ort_sparse_linear.cc"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden")
+_LIB_STEM = "vlsparse_ort"
+
+_lock = threading.Lock()
+_built: dict[str, Path] = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries live: ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``."""
+    env = os.environ.get("VLSPARSE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlsparse"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    """Resolved path + ``--version`` of the compiler (part of the cache key; once per process)."""
+    exe = shutil.which(cxx)
+    if exe is None:
+        raise RuntimeError(
+            f"vlsparse: the C++ compiler {cxx!r} was not found on PATH; it is needed to build the "
+            "onnxruntime custom-op library (install g++, e.g. `apt-get install g++`, or set CXX)."
+        )
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"vlsparse: could not run the C++ compiler {exe!r}: {e}") from e
+    if out.returncode != 0:
+        raise RuntimeError(f"vlsparse: the C++ compiler {exe!r} failed on --version: {out.stderr.strip()}")
+    return f"{exe}\n{out.stdout.strip()}"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = []
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "vendor_id") and line not in keep:
+            keep.append(line)
+        if len(keep) >= 3:
+            break
+    return platform.machine() + "\n" + "\n".join(keep)
+
+
+def _sources() -> list[Path]:
+    """The .cc that is compiled plus every header it may include (all of csrc/*.h)."""
+    src = CSRC / SOURCE
+    if not src.is_file():
+        raise RuntimeError(f"vlsparse: custom-op source {src} is missing (broken installation?)")
+    return [src, *sorted(CSRC.glob("*.h"))]
+
+
+def _key(cxx_version: str) -> str:
+    h = hashlib.sha256()
+    for p in _sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update("\0".join(FLAGS).encode() + b"\0")
+    h.update(cxx_version.encode() + b"\0")
+    h.update(_cpu_fingerprint().encode())
+    return h.hexdigest()[:20]
+
+
+def custom_op_library() -> Path:
+    """Path of the compiled custom-op library, building it on first use.
+
+    Raises ``RuntimeError`` naming the compiler when it is missing or the build fails.
+    """
+    cxx = _compiler()
+    version = _compiler_version(cxx)
+    key = _key(version)
+    with _lock:
+        if key in _built and _built[key].is_file():
+            return _built[key]
+        out_dir = cache_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lib = out_dir / f"{_LIB_STEM}-{key}.so"
+        if not lib.is_file():
+            _compile(cxx, lib)
+        _built[key] = lib
+        return lib
+
+
+def _compile(cxx: str, lib: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{lib.stem}-", suffix=".so.tmp", dir=lib.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    cmd = [cxx, *FLAGS, "-I", str(CSRC), "-o", str(tmp), str(CSRC / SOURCE)]
+    try:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:  # not runnable, or timed out
+            raise RuntimeError(f"vlsparse: could not run the C++ compiler {cxx!r}: {e}") from e
+        if res.returncode != 0:
+            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-40:])
+            raise RuntimeError(
+                f"vlsparse: building the onnxruntime custom-op library with {cxx!r} failed "
+                f"(exit {res.returncode}).\ncommand: {' '.join(cmd)}\n{tail}"
+            )
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, lib)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def set_num_threads(n: int | None) -> None:
+    """OpenMP threads used by SparseLinear in this process (``None``/0: OpenMP's default).
+
+    onnxruntime's ``intra_op_num_threads`` does not reach the op's OpenMP region, so this is a
+    separate, process-wide setting (the library is loaded once per process; every session shares it).
+    The ``VLSPARSE_NUM_THREADS`` environment variable is the fallback when this was never called.
+    """
+    lib = ctypes.CDLL(str(custom_op_library()))
+    lib.vlsparse_ort_set_num_threads(ctypes.c_int(int(n or 0)))
