@@ -41,15 +41,18 @@ class _Progress:
         self.bar = self.desc = None
 
 
-def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
+def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None, out: Optional[Path] = None):
+    """Load task data and model; with ``out``, write OUT/task.json (answers, feature statistics)."""
     import torch
 
-    from .data import collate, load_task
+    from .data import collate, load_task, save_task_info
     from .models import load_model, load_tokenizer
 
     torch.manual_seed(seed)
     data = load_task(task, load_tokenizer(model), data_dir=data_dir)
     net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=len(data.answers), seed=seed)
+    if out is not None:
+        save_task_info(data, Path(out) / "task.json")
     return net, data, collate
 
 
@@ -104,12 +107,15 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
                 rewind_step: int = typer.Option(0, help="rewind to θ_i after i steps instead of θ0"),
                 data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
     """Run IMP (Gan et al. 2022, Algorithm 1) and write a ticket at every sparsity level."""
-    from .pruning.imp import IMPConfig, run_imp
+    from .data import save_task_info
+    from .pruning.imp import IMPConfig, check_config, run_imp
 
     cfg = IMPConfig(model=model, task=task, levels=_parse_levels(levels, sparsity, rate),
                     train=_train_config(steps, batch_size, lr, head_lr, warmup, seed, device), rewind_step=rewind_step)
     net, data, collate = _setup(model, task, seed, data_dir)
     bar = _Progress()
+    check_config(Path(out), cfg)  # refuse another configuration before writing anything
+    save_task_info(data, Path(out) / "task.json")
     results = run_imp(out, net, data, collate, cfg, bar)
     bar.close()
     for m in results:
@@ -128,6 +134,7 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
                  head_lr: float = typer.Option(1e-3), warmup: int = typer.Option(100), seed: int = typer.Option(0),
                  device: str = typer.Option("cpu"), data_dir: Optional[Path] = typer.Option(None)):
     """Reset to θ0, train the ticket's subnetwork and write its test metrics and trained weights."""
+    from .data import save_task_info
     from .pruning.reinit import INITS
     from .pruning.ticket import Ticket
     from .training.retrain import retrain_ticket
@@ -142,6 +149,7 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
     bar = _Progress()
     m = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
                        progress=lambda s: bar("train", s, steps))
+    save_task_info(data, out / "task.json")
     bar.close()
     typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {m['val']['vqa_score']:.2%}  "
                f"test {m['test']['vqa_score']:.2%}  -> {out}")

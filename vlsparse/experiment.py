@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from .io import write_text
-from .pruning.imp import IMPConfig, run_imp, theta_path
+from .pruning.imp import IMPConfig, check_config, run_imp, theta_path
 from .pruning.magnitude import random_prune
 from .pruning.mask import ones_mask
 from .pruning.ticket import Ticket
@@ -73,7 +73,11 @@ def main_job(out: str | Path, model: nn.Module, task, collate: Callable, cfg: IM
              progress: Callable[[str, int, int], None] | None = None) -> list[Row]:
     """Find IMP tickets, train random tickets at ``compare_levels`` (indices into 1..len(levels)),
     write OUT/table.md and return the rows (one per compared level)."""
+    from .data import save_task_info
+
     out = Path(out)
+    check_config(out / "imp", cfg)
+    save_task_info(task, out / "imp" / "task.json")
     imp = run_imp(out / "imp", model, task, collate, cfg, progress)
     rand = random_baselines(out, model, task, collate, cfg, compare_levels, progress)
     metric = "vqa_score"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .vqa import TaskData, VQADataset, VQAExample, collate, vqa_score
 
-__all__ = ["TASKS", "load_task", "TaskData", "VQADataset", "VQAExample", "collate", "vqa_score"]
+__all__ = ["TASKS", "load_task", "task_info", "save_task_info", "TaskData", "VQADataset", "VQAExample", "collate", "vqa_score"]
 
 
 def _easy_vqa(tokenizer: Any, data_dir: str | os.PathLike | None = None, cache_dir=None, **kw) -> TaskData:
@@ -42,3 +42,23 @@ def load_task(
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
     return loader(tokenizer, data_dir=data_dir, cache_dir=cache_dir, **kw)
+
+
+def task_info(task: TaskData) -> dict:
+    """What inference needs to know about a task, as JSON-able data: name, answers (index = logit
+    position), metric, region feature size, region extractor version, and the train-split
+    feature mean/std (lists of floats, length D) used to standardise region features."""
+    from .regions import EXTRACTOR_VERSION
+
+    return {"task": task.name, "answers": list(task.answers), "metric": task.metric_name,
+            "region_feature_dim": task.region_feature_dim, "region_extractor": EXTRACTOR_VERSION,
+            "max_text_len": getattr(task.train, "max_text_len", None),
+            "feature_mean": None if task.feature_mean is None else [float(x) for x in task.feature_mean],
+            "feature_std": None if task.feature_std is None else [float(x) for x in task.feature_std]}
+
+
+def save_task_info(task: TaskData, path: str | os.PathLike) -> None:
+    """Atomically write :func:`task_info` as JSON to ``path`` (e.g. RUN/task.json)."""
+    from ..io import write_json
+
+    write_json(path, task_info(task))

@@ -6,6 +6,7 @@ A run directory holds::
     RUN/theta0.safetensors           θ0: pre-trained weights + freshly initialised head φ0
     RUN/theta_rewind.safetensors     θ_i after ``rewind_step`` dense steps (only with rewinding)
     RUN/level_XX/ticket.safetensors  the mask at level XX (level 00 is the dense mask)
+    RUN/level_XX/weights.safetensors the trained subnetwork of that level (pruned weights exactly 0)
     RUN/level_XX/metrics.json        val/test metrics of training that mask from θ0 (or θ_i)
     RUN/summary.csv                  one row per finished level
 
@@ -92,7 +93,13 @@ def _level_dir(run: Path, k: int) -> Path:
     return run / f"level_{k:02d}"
 
 
-def _check_config(run: Path, cfg: IMPConfig) -> None:
+def check_config(run: Path, cfg: IMPConfig) -> None:
+    """Write RUN/config.json, or check that the existing one equals ``cfg``.
+
+    Raises:
+        RunError: RUN holds a run with another configuration (the message names the fields).
+    """
+    run.mkdir(parents=True, exist_ok=True)
     path = run / "config.json"
     if path.exists():
         try:
@@ -151,7 +158,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
     """
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    _check_config(run, cfg)
+    check_config(run, cfg)
     scope = model.prune_scope()
     levels = [0.0] + list(cfg.levels)
     theta0 = run / "theta0.safetensors"
@@ -191,6 +198,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
             new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
             Ticket(new, _meta(cfg, k + 1, levels[k + 1], metrics["val"])).save(
                 _level_dir(run, k + 1) / "ticket.safetensors", overwrite=True)  # level k+1 is not finished yet
+        _save_state(out / "weights.safetensors", model)
         write_json(out / "metrics.json", metrics)
         write_summary(run)
         results.append(metrics)
@@ -224,4 +232,5 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
         raise RunError(f"{path}: does not fit the model ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
-__all__ = ["IMPConfig", "RunError", "run_imp", "schedule", "write_summary", "load_weights", "theta_path"]
+__all__ = ["IMPConfig", "RunError", "run_imp", "schedule", "write_summary", "load_weights", "theta_path",
+           "check_config"]
