@@ -24,6 +24,7 @@ import copy
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -183,7 +184,8 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         axes = {k: dict(enumerate(v)) for k, v in net.input_axes.items()}
         axes["logits"] = {0: "batch"}
         raw = tmp / "dense.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter handles these models
             torch.onnx.export(net, (), str(raw), kwargs=inputs, input_names=list(net.input_axes),
                               output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
         proto = onnx.load(str(raw))
