@@ -119,12 +119,14 @@ def test_corrupt_csr_directory(tmp_path, tiny_model, ticket_mask):
         load_sparse(out)
 
 
-def test_cli_export_roundtrip(tmp_path, tiny_model, ticket_mask):
+def test_cli_export_roundtrip(tmp_path, tiny_model, ticket_mask, tiny_task):
     import subprocess
     import sys
 
+    from vlsparse.data import save_task_info
     from vlsparse.pruning.ticket import Ticket
 
+    save_task_info(tiny_task, tmp_path / "task.json")
     Ticket(ticket_mask, {"model": "uniter-tiny"}).save(tmp_path / "t.safetensors")
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     args = [sys.executable, "-m", "vlsparse.cli", "export", "--ticket", str(tmp_path / "t.safetensors"),
@@ -137,3 +139,15 @@ def test_cli_export_roundtrip(tmp_path, tiny_model, ticket_mask):
     assert diff <= 1e-4
     p = subprocess.run(args[:-1] + [str(tmp_path / "f"), "--format", "parquet"], capture_output=True, text=True)
     assert p.returncode == 2 and "--format" in p.stderr and not (tmp_path / "f").exists()
+
+
+def test_export_is_readable_by_other_users(tmp_path, tiny_model, ticket_mask):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = export_csr(tiny_model, ticket_mask, tmp_path / "csr")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())  # not mkstemp's 0600

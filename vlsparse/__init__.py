@@ -4,3 +4,12 @@ Implements "Playing Lottery Tickets with Vision and Language" (Gan et al., AAAI 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # vlsparse.Pipeline, imported on first use (it needs no torch; importing vlsparse stays cheap)
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

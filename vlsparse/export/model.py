@@ -15,6 +15,8 @@ ONNX (``--format onnx``)::
                                       with ``sparse=True`` the pruned Linears as the custom op
                                       vlsparse.SparseLinear (open with vlsparse.export.ort_session)
 
+Both also hold the bundle files (task.json, ticket.json, tokenizer, manifest.json with checksums;
+see vlsparse.export.bundle) that ``vlsparse.Pipeline`` needs.
 Directories are built under a temporary name and renamed at the end: a failed export leaves nothing.
 """
 
@@ -32,8 +34,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from ..io import default_mode
 from ..models import model_from_config
 from ..pruning.mask import Mask, apply_mask, check_mask_fits
+from .bundle import BundleExtras, write_bundle
 from .csr import BitmaskMatrix, CSRMatrix, decode_sparse, encode_sparse
 from .sparse_linear import SparseLinear
 
@@ -71,6 +75,9 @@ def _new_dir(out: Path) -> Path:
 
 
 def _finish(tmp: Path, out: Path) -> Path:
+    for f in tmp.rglob("*"):
+        f.chmod(default_mode(f.is_dir()))
+    tmp.chmod(default_mode(directory=True))  # mkdtemp makes it private (0700)
     tmp.rename(out)
     return out
 
@@ -79,7 +86,8 @@ def _write_config(model: nn.Module, directory: Path) -> None:
     (directory / "config.json").write_text(model.config.to_json_string(use_diff=False))
 
 
-def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32", layout: str = "auto") -> Path:
+def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32", layout: str = "auto",
+               bundle_extras: BundleExtras | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as a CSR directory (see module docstring); returns ``out``.
 
     Args:
@@ -87,9 +95,11 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         mask: name -> bool (out, in) tensor for the pruned Linear weights.
         dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32).
         layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight).
+        bundle_extras: task info, tokenizer and ticket metadata written beside the model (bundle kind "csr").
 
     Raises:
         ExportError: mask does not fit, ``out`` exists, or unknown dtype/layout.
+        BundleError: ``bundle_extras`` that do not fit the model (see vlsparse.export.bundle.write_bundle).
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -111,6 +121,7 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         meta = {"format": FORMAT, "sparse": json.dumps(sorted(mask)), "dtype": dtype}
         save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
         _write_config(net, tmp)
+        write_bundle(tmp, "csr", bundle_extras)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,16 +174,18 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
 
 
 def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = False, min_sparsity: float = 0.5,
-                opset: int = 17) -> Path:
+                opset: int = 17, bundle_extras: BundleExtras | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as ONNX (see module docstring); returns ``out``.
 
     The graph has dynamic batch, text and region dimensions (``model.input_axes``). With
     ``sparse``, every MatMul whose weight has at least ``min_sparsity`` zeros (a fraction) becomes
     vlsparse.SparseLinear with its CSR arrays as plain 1-D initializers (nothing densified at load).
     Exported with torch.onnx.export (TorchScript-based exporter, which handles these models).
+    ``bundle_extras``: as for :func:`export_csr` (bundle kind "onnx" or "onnx-sparse").
 
     Raises:
         ExportError: mask does not fit or ``out`` exists.
+        BundleError: ``bundle_extras`` that do not fit the model.
     """
     import onnx
 
@@ -197,6 +210,7 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         onnx.save_model(proto, str(tmp / ONNX_FILE), save_as_external_data=big,
                         location=ONNX_FILE + ".data" if big else None)
         _write_config(net, tmp)
+        write_bundle(tmp, "onnx-sparse" if sparse else "onnx", bundle_extras)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,7 +34,8 @@ why in its ``doc_string`` and in the metadata entry ``vlsparse.requires``; ``req
 detects such a model, and ``ort_session`` re-raises that failure with the fix spelled out.
 
 This module imports only numpy, onnx, onnxruntime and vlsparse.kernels.ort (no torch), so the
-runtime path works in an environment without torch.
+runtime path works in an environment without torch. onnx is needed only to rewrite graphs:
+``ort_session`` on a path or bytes also works where onnx is not installed (vlsparse[runtime]).
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+try:
+    import onnx
+    from onnx import helper, numpy_helper
+except ImportError:  # a runtime-only install: ort_session works, sparsify_onnx does not
+    onnx = helper = numpy_helper = None
 
 from vlsparse.kernels import ort as _ort_lib
 
@@ -428,7 +433,7 @@ def ort_session(
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         _ort_lib.set_num_threads(int(threads))
-    if isinstance(path_or_bytes, onnx.ModelProto):
+    if onnx is not None and isinstance(path_or_bytes, onnx.ModelProto):
         src = path_or_bytes.SerializeToString()
     elif isinstance(path_or_bytes, (bytes, bytearray)):
         src = bytes(path_or_bytes)

@@ -1,0 +1,224 @@
+"""Answer questions about images with an exported bundle: ``vlsparse.Pipeline``.
+
+    pipe = vlsparse.Pipeline.load("exports/easy-vqa-onnx")     # any bundle written by `vlsparse export`
+    pipe("shape.png", "what color is the shape?")               # [("red", 0.98), ("blue", 0.01), ...]
+    pipe([img_a, img_b], ["is it a circle?", "what shape is this?"])   # one list per question
+
+The runtime follows the bundle's kind (its manifest.json): ``csr`` runs PyTorch with
+:class:`~vlsparse.export.sparse_linear.SparseLinear` (our SpMM kernels); ``onnx`` and
+``onnx-sparse`` run onnxruntime with the vlsparse custom-op library. The ONNX path imports no
+torch, transformers or onnx: onnxruntime, numpy, scipy, Pillow and tokenizers are enough.
+
+Pre-processing is the one used in training (vlsparse.data): region features of the image
+(:func:`vlsparse.data.regions.extract_regions`, standardised with the bundle's train-split
+feature_mean / feature_std) and the question tokenized by the bundle's tokenizer.json
+(``[CLS] ... [SEP]``, truncated to max_text_len tokens), batched and padded as
+:func:`vlsparse.data.collate` does. Region-feature models (UNITER, LXMERT) are supported; bundles of
+pixel models (ViLT, task.json ``visual: "pixels"``) are refused with a BundleError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .data.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions, load_image
+from .export.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
+
+__all__ = ["Pipeline"]
+
+Image = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W, 3) uint8
+
+
+def _image_array(image: Image, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of a path, PIL image or array; ValueError / FileNotFoundError naming ``where``."""
+    if isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"{where}: file {os.fspath(image)} not found")
+        return load_image(image)  # ValueError naming the file when it is not an image
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+            raise ValueError(f"{where}: expected an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
+        return image
+    from PIL import Image as PILImage
+
+    if isinstance(image, PILImage.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    raise ValueError(f"{where}: expected an image path, a PIL image or an (H, W, 3) uint8 array, "
+                     f"got {type(image).__name__}")
+
+
+def _checked(images: Sequence[Image], questions: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """Images as (H, W, 3) uint8 arrays and the questions, checked; errors name ``question[i]`` / ``image[i]``
+    (without the index for a single pair)."""
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images and {len(questions)} questions; expected one image per question")
+    if not questions:
+        raise ValueError("no questions given")
+    at = (lambda i: f"[{i}]") if len(questions) > 1 else (lambda i: "")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"question{at(i)}: expected a non-empty string, got {q!r}")
+    return [_image_array(im, f"image{at(i)}") for i, im in enumerate(images)], list(questions)
+
+
+def _torch_runner(bundle: Bundle, backend: str, threads: int | None) -> Callable[[dict], np.ndarray]:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(f"{bundle.path} is a csr bundle, which runs on PyTorch ({exc}); install torch, or "
+                          "export with --format onnx for an app without PyTorch") from exc
+
+    from .export.model import load_sparse
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = load_sparse(bundle.path, backend=backend)
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).float().numpy()
+
+    return run
+
+
+def _ort_runner(bundle: Bundle, threads: int | None) -> Callable[[dict], np.ndarray]:
+    from .export.onnx_sparse import ort_session
+
+    session = ort_session(bundle.model_file, threads=threads)
+    wanted = [i.name for i in session.get_inputs()]
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, {k: inputs[k] for k in wanted})[0]
+
+    return run
+
+
+class Pipeline:
+    """(image, question) -> top-k answers with scores, from an exported bundle.
+
+    Build it with :meth:`load`. Attributes: ``bundle`` (the verified :class:`~vlsparse.export.bundle.Bundle`),
+    ``answers`` (list of str, index = logit position), ``kind`` ("csr" | "onnx" | "onnx-sparse").
+    """
+
+    def __init__(self, bundle: Bundle, run: Callable[[dict], np.ndarray], batch_size: int = 32):
+        from tokenizers import Tokenizer
+
+        task = bundle.task
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name in ("task.json", TOKENIZER_FILE):
+            if not bundle.has(name):
+                raise BundleError(f"{bundle.path / name}: missing; the bundle was exported without task info "
+                                  "or tokenizer (re-export with `vlsparse export`)")
+        if task.get("visual", "regions") != "regions":
+            raise BundleError(f"{bundle.path / 'task.json'}: the model reads image {task['visual']} (ViLT); Pipeline "
+                              "runs region-feature models (UNITER, LXMERT) only")
+        if task.get("region_extractor") != EXTRACTOR_VERSION or task.get("region_feature_dim") != REGION_FEATURE_DIM:
+            raise BundleError(f"{bundle.path / 'task.json'}: region features {task.get('region_extractor')!r} "
+                              f"(D={task.get('region_feature_dim')}) are not this vlsparse's {EXTRACTOR_VERSION!r} "
+                              f"(D={REGION_FEATURE_DIM})")
+        self.bundle, self.kind, self._run, self.batch_size = bundle, bundle.kind, run, int(batch_size)
+        self.answers: list[str] = list(task["answers"])
+        stats = [task.get("feature_mean"), task.get("feature_std")]
+        self._mean, self._std = (None, None) if None in stats else (np.asarray(s, dtype=np.float32) for s in stats)
+        max_len = min(int(task.get("max_text_len") or 40), int(bundle.config.get("max_position_embeddings", 512)))
+        self.tokenizer = Tokenizer.from_file(str(bundle.path / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(max_len)
+        self.tokenizer.enable_padding(pad_id=0)  # as vlsparse.data.collate: right padding with id 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
+             batch_size: int = 32) -> "Pipeline":
+        """Verify and open a bundle directory (see vlsparse.export.bundle).
+
+        Args:
+            path: the directory written by ``vlsparse export`` (any --format).
+            backend: csr bundles: the SparseLinear backend ("auto", "cpu", "dense", "torch-sparse", ...);
+                must stay "auto" for onnx bundles.
+            threads: CPU threads (torch.set_num_threads for csr; onnxruntime intra-op + SparseLinear OpenMP
+                threads for onnx); None keeps the defaults.
+            batch_size: questions per model call when called with many questions (>= 1).
+
+        Raises:
+            FileNotFoundError: ``path`` is not a directory.
+            BundleError (a ValueError): missing or altered file, newer or foreign manifest, no task info
+                or tokenizer in the bundle, region features of another extractor version.
+            ValueError: a ``backend`` other than "auto" for an onnx bundle.
+            ImportError: a csr bundle where torch is not installed.
+        """
+        bundle = read_bundle(path)
+        if bundle.kind == "csr":
+            run = _torch_runner(bundle, backend, threads)
+        elif backend != "auto":
+            raise ValueError(f"backend={backend!r} applies to csr bundles; {bundle.path} is {bundle.kind}")
+        else:
+            run = _ort_runner(bundle, threads)
+        return cls(bundle, run, batch_size)
+
+    def encode(self, images: Sequence[Image], questions: Sequence[str]) -> dict[str, np.ndarray]:
+        """Model inputs for B (image, question) pairs: ``input_ids`` (B, L) int64, ``attention_mask`` (B, L)
+        int64, ``img_feat`` (B, 6, 294) float32 (standardised), ``img_pos`` (B, 6, 7) float32,
+        ``img_mask`` (B, 6) int64.
+
+        Raises:
+            ValueError: a question that is not a non-empty string, or an image that is not one (named
+                ``question[i]`` / ``image[i]``, the index left out for one pair); FileNotFoundError: an image
+                path that does not exist.
+        """
+        images, questions = _checked(images, questions)
+        feats, boxes = zip(*(extract_regions(im) for im in images))
+        feat = np.stack(feats)
+        if self._mean is not None:
+            feat = ((feat - self._mean) / self._std).astype(np.float32)
+        enc = self.tokenizer.encode_batch(questions)
+        return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+                "img_feat": feat, "img_pos": np.stack(boxes),
+                "img_mask": np.ones((len(enc), NUM_REGIONS), dtype=np.int64)}
+
+    def logits(self, images: Sequence[Image], questions: Sequence[str]) -> np.ndarray:
+        """Answer logits (B, A) float32 for B (image, question) pairs, computed ``batch_size`` at a time.
+
+        Raises: as :meth:`encode`, and ValueError for lists of different lengths or no questions.
+        """
+        images, questions = _checked(images, questions)
+        parts = [self._run(self.encode(images[i:i + self.batch_size], questions[i:i + self.batch_size]))
+                 for i in range(0, len(questions), self.batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def __call__(self, images: Image | Sequence[Image], questions: str | Sequence[str], top_k: int = 5):
+        """Top-k answers, best first, as ``[(answer, score), ...]``.
+
+        ``score`` is sigmoid(logit), in [0, 1]: the model is trained with binary cross-entropy per answer
+        (UNITER's VQA head), so scores are independent per answer and need not sum to 1. The first answer
+        is the arg-max of the logits.
+
+        Args:
+            images: one image (a path, PIL image or (H, W, 3) uint8 array) with ``questions`` a string; or a
+                list of B images with ``questions`` a list of B strings.
+            questions: the question string, or a list of them.
+            top_k: answers to return per question (>= 1; at most the vocabulary size).
+
+        Returns:
+            one list of ``min(top_k, len(answers))`` (str, float) pairs, or a list of B such lists.
+
+        Raises:
+            ValueError: empty question, non-image input, ``top_k`` < 1, lists of different lengths.
+            FileNotFoundError: an image path that does not exist.
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        single = isinstance(questions, str)
+        if single:
+            images, questions = [images], [questions]
+        elif not isinstance(images, (list, tuple)) or not isinstance(questions, (list, tuple)):
+            raise ValueError("for many questions pass a list of images and a list of question strings")
+        logits = self.logits(images, questions)
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        scores = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # sigmoid, no overflow
+        out = [[(self.answers[j], float(scores[b, j])) for j in row] for b, row in enumerate(order)]
+        return out[0] if single else out
