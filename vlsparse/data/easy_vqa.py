@@ -6,6 +6,13 @@ so its soft target is 1 for that answer.  A validation split is carved from trai
 :mod:`vlsparse.data.regions`) are standardised with statistics of the train-split images
 only.  Train and test image ids overlap (both start at 0), so each split has its own
 region table.
+
+With ``visual="pixels"`` (ViLT) the datasets give the images themselves, through
+ViltImageProcessor (:mod:`vlsparse.data.pixels`) at :data:`PIXEL_IMAGE_SIZE` = 96 pixels: the
+64x64 images are upsampled (bicubic) to 96x96, a 3x3 grid of ViLT's 32-pixel patches (9 image
+tokens, about as many as the 6 regions; ``vilt-tiny`` is configured for 96-pixel images, so its
+position embeddings are used as they are).  Pass ``image_size`` (a multiple of 32) for another
+resolution, e.g. 384 as ViLT was trained (144 patches, slow on a CPU).
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from .pixels import PixelImages
 from .regions import REGION_FEATURE_DIM, RegionFeatureCache
 from .vqa import (
+    VISUALS,
     TaskData,
     VQADataset,
     VQAExample,
@@ -25,7 +34,10 @@ from .vqa import (
     standardize_regions,
 )
 
-__all__ = ["load_easy_vqa", "easy_vqa_question_type", "SHAPES"]
+__all__ = ["load_easy_vqa", "easy_vqa_question_type", "SHAPES", "PIXEL_IMAGE_SIZE"]
+
+#: shortest image edge (pixels) of the ``visual="pixels"`` datasets: 3x3 patches of 32 pixels
+PIXEL_IMAGE_SIZE = 96
 
 SHAPES = frozenset({"circle", "rectangle", "triangle"})
 
@@ -56,19 +68,38 @@ def load_easy_vqa(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     max_text_len: int = 40,
+    visual: str = "regions",
+    image_size: int = PIXEL_IMAGE_SIZE,
 ) -> TaskData:
     """Load easy-VQA as a :class:`~vlsparse.data.vqa.TaskData` named "easy-vqa".
 
     ``val_fraction`` of the train images (with all their questions) form the validation
     split, chosen with ``seed``.  Region features are cached under ``cache_dir`` (default
-    ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``).
+    ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``).  ``visual="pixels"``: the datasets give
+    ViltImageProcessor pixels with shortest edge ``image_size`` instead of region features
+    (nothing cached: resizing the 5,000 images takes a few seconds).
+
+    Raises:
+        ValueError: ``visual`` not in :data:`~vlsparse.data.vqa.VISUALS`, bad ``image_size``.
     """
     import easy_vqa
 
+    if visual not in VISUALS:
+        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
     answers = list(easy_vqa.get_answers())
     train_all = _examples(*easy_vqa.get_train_questions())
     test = _examples(*easy_vqa.get_test_questions())
     train, val = split_by_image(train_all, val_fraction, seed)
+
+    def ds(examples, images):
+        return VQADataset(examples, images, tokenizer, answers, max_text_len=max_text_len)
+
+    if visual == "pixels":
+        train_images = PixelImages(easy_vqa.get_train_image_paths(), image_size)
+        test_images = PixelImages(easy_vqa.get_test_image_paths(), image_size)
+        return TaskData(name="easy-vqa", train=ds(train, train_images), val=ds(val, train_images),
+                        test=ds(test, test_images), answers=answers, region_feature_dim=None, visual="pixels",
+                        image_processor=train_images.processor_config())
 
     cache = RegionFeatureCache(cache_dir)
     train_regions = _regions(cache, easy_vqa.get_train_image_paths(), "easy-vqa-train")
@@ -78,9 +109,6 @@ def load_easy_vqa(
     mean, std = region_feature_stats(np.stack([train_regions[i][0] for i in train_ids]))
     train_regions = standardize_regions(train_regions, mean, std)
     test_regions = standardize_regions(test_regions, mean, std)
-
-    def ds(examples, regions):
-        return VQADataset(examples, regions, tokenizer, answers, max_text_len=max_text_len)
 
     return TaskData(
         name="easy-vqa",

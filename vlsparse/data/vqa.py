@@ -15,7 +15,9 @@ Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
   questions (``compute_score_with_logits`` in the UNITER/LXMERT/bottom-up trainers).
 
 Batches (see :func:`collate`) hold exactly ``input_ids``, ``attention_mask``, ``img_feat``,
-``img_pos``, ``img_mask`` and ``targets``.
+``img_pos``, ``img_mask`` and ``targets`` (region tasks, ``visual="regions"``), or
+``input_ids``, ``attention_mask``, ``pixel_values``, ``pixel_mask`` and ``targets`` (image
+pixels for ViLT, ``visual="pixels"``, see :mod:`vlsparse.data.pixels`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .pixels import PixelImages
 
 __all__ = [
     "PAD_TOKEN_ID",
@@ -39,10 +43,14 @@ __all__ = [
     "region_feature_stats",
     "standardize_regions",
     "TaskData",
+    "VISUALS",
 ]
 
 #: Text padding id (BERT's [PAD]).
 PAD_TOKEN_ID = 0
+
+#: what a task can give a model about its images: region features + boxes, or pixels (ViLT)
+VISUALS = ("regions", "pixels")
 
 
 def soft_score(count: int) -> float:
@@ -155,19 +163,23 @@ def standardize_regions(
 
 
 class VQADataset(Dataset):
-    """Questions + region features -> model inputs and soft targets.
+    """Questions + region features (or image pixels) -> model inputs and soft targets.
 
     Args:
         examples: the questions.
         regions: image_id -> ``(features (N, D) float32, boxes (N, 7) float32)``, already
-            standardised (see :func:`standardize_regions`).  Every example's image must be in it.
+            standardised (see :func:`standardize_regions`); or a
+            :class:`~vlsparse.data.pixels.PixelImages` (``visual`` is then "pixels").  Every
+            example's image must be in it.
         tokenizer: a BERT-style tokenizer (e.g. ``BertTokenizerFast``) that adds
             ``[CLS] ... [SEP]``.
         answer_vocab: list of answers (index = logit position) or dict answer -> index.
         max_text_len: questions are truncated to this many tokens, [CLS] and [SEP] included.
 
     Items are dicts of tensors: ``input_ids`` (L,) int64, ``img_feat`` (N, D) float32,
-    ``img_pos`` (N, 7) float32, ``targets`` (A,) float32.  Batch them with :func:`collate`.
+    ``img_pos`` (N, 7) float32, ``targets`` (A,) float32; with pixels ``pixel_values`` (3, H, W)
+    float32 and ``pixel_mask`` (H, W) int64 instead of ``img_feat``/``img_pos``.  Batch them with
+    :func:`collate`.
     """
 
     def __init__(
@@ -186,9 +198,12 @@ class VQADataset(Dataset):
         self.max_text_len = max_text_len
         missing = {e.image_id for e in self.examples} - set(regions)
         if missing:
-            raise ValueError(f"{len(missing)} image ids have no region features, e.g. {sorted(missing, key=str)[:5]}")
+            raise ValueError(f"{len(missing)} image ids have no region features (or pixels), "
+                             f"e.g. {sorted(missing, key=str)[:5]}")
         used = {e.image_id for e in self.examples}
-        self.regions: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {
+        #: "regions" or "pixels": what the items carry about the image
+        self.visual = "pixels" if isinstance(regions, PixelImages) else "regions"
+        self.regions: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]] = regions if self.visual == "pixels" else {
             k: (
                 torch.as_tensor(np.asarray(f, dtype=np.float32)),
                 torch.as_tensor(np.asarray(b, dtype=np.float32)),
@@ -214,11 +229,12 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.examples[i]
-        feat, pos = self.regions[e.image_id]
+        a, b = self.regions[e.image_id]
+        names = ("pixel_values", "pixel_mask") if self.visual == "pixels" else ("img_feat", "img_pos")
         return {
             "input_ids": torch.tensor(self.token_ids[i], dtype=torch.int64),
-            "img_feat": feat,
-            "img_pos": pos,
+            names[0]: a,
+            names[1]: b,
             "targets": self.targets[i],
         }
 
@@ -233,23 +249,22 @@ def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tens
     Returns exactly: ``input_ids`` (B, L) int64 padded with 0, ``attention_mask`` (B, L)
     int64 (1 on text tokens), ``img_feat`` (B, N, D) float32 and ``img_pos`` (B, N, 7)
     float32 padded with zeros, ``img_mask`` (B, N) int64 (1 on real regions), ``targets``
-    (B, A) float32.
+    (B, A) float32.  Pixel items give ``pixel_values`` (B, 3, H, W) float32 and ``pixel_mask``
+    (B, H, W) int64 instead of ``img_feat``/``img_pos``/``img_mask``, images zero-padded at the
+    bottom and right to the largest H and W (mask 0 there), as ViltImageProcessor pads.
     """
     if not batch:
         raise ValueError("empty batch")
+    if "pixel_values" in batch[0]:
+        return _collate_pixels(batch)
     B = len(batch)
-    L = max(len(b["input_ids"]) for b in batch)
     N = max(b["img_feat"].shape[0] for b in batch)
     D = batch[0]["img_feat"].shape[1]
-    input_ids = torch.full((B, L), PAD_TOKEN_ID, dtype=torch.int64)
-    attention_mask = torch.zeros((B, L), dtype=torch.int64)
+    input_ids, attention_mask = _pad_text(batch)
     img_feat = torch.zeros((B, N, D), dtype=torch.float32)
     img_pos = torch.zeros((B, N, 7), dtype=torch.float32)
     img_mask = torch.zeros((B, N), dtype=torch.int64)
     for i, b in enumerate(batch):
-        t = len(b["input_ids"])
-        input_ids[i, :t] = b["input_ids"]
-        attention_mask[i, :t] = 1
         n = b["img_feat"].shape[0]
         img_feat[i, :n] = b["img_feat"]
         img_pos[i, :n] = b["img_pos"]
@@ -265,12 +280,38 @@ def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tens
     }
 
 
+def _pad_text(batch: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), L), PAD_TOKEN_ID, dtype=torch.int64)
+    attention_mask = torch.zeros((len(batch), L), dtype=torch.int64)
+    for i, b in enumerate(batch):
+        input_ids[i, : len(b["input_ids"])] = b["input_ids"]
+        attention_mask[i, : len(b["input_ids"])] = 1
+    return input_ids, attention_mask
+
+
+def _collate_pixels(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    H = max(b["pixel_values"].shape[1] for b in batch)
+    W = max(b["pixel_values"].shape[2] for b in batch)
+    pixel_values = torch.zeros((len(batch), 3, H, W), dtype=torch.float32)
+    pixel_mask = torch.zeros((len(batch), H, W), dtype=torch.int64)
+    for i, b in enumerate(batch):
+        _, h, w = b["pixel_values"].shape
+        pixel_values[i, :, :h, :w] = b["pixel_values"]
+        pixel_mask[i, :h, :w] = b["pixel_mask"]
+    input_ids, attention_mask = _pad_text(batch)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "pixel_mask": pixel_mask, "targets": torch.stack([b["targets"] for b in batch]).to(torch.float32)}
+
+
 @dataclass
 class TaskData:
     """A loaded task: datasets, answer vocabulary and what the model needs to know.
 
     ``feature_mean``/``feature_std`` are the train-split statistics used to standardise the
-    region features (apply them to new images at inference time).
+    region features (apply them to new images at inference time).  ``visual`` is "regions" or
+    "pixels"; a pixel task has ``region_feature_dim`` None and ``image_processor`` the
+    ViltImageProcessor settings (a dict) that made its pixels.
     """
 
     name: str
@@ -278,7 +319,9 @@ class TaskData:
     val: VQADataset
     test: VQADataset
     answers: list[str]
-    region_feature_dim: int
+    region_feature_dim: int | None
     metric_name: str = "vqa_score"
     feature_mean: np.ndarray | None = field(default=None, repr=False)
     feature_std: np.ndarray | None = field(default=None, repr=False)
+    visual: str = "regions"
+    image_processor: dict | None = field(default=None, repr=False)

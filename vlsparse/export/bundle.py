@@ -109,6 +109,8 @@ def _check_task(task: dict, config: dict) -> None:
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise BundleError("task info: 'answers' must be a non-empty list of strings")
     heads = _field(config, ANSWER_FIELDS)
+    if heads is None and isinstance(config.get("id2label"), dict):
+        heads = len(config["id2label"])  # transformers configs (ViLT) store the label count this way
     if len(answers) != heads:
         raise BundleError(f"task info has {len(answers)} answers but the model's head has {heads}: "
                           "task.json and weights come from different tasks")

@@ -6,6 +6,7 @@ whose ``prune_scope()`` lists the prunable weight names (its backbone's own defi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +15,20 @@ from transformers import BertTokenizerFast
 
 from .checkpoints import (CheckpointError, config_from_official, load_minilm_state, map_official_uniter, minilm_dir,
                           read_torch_state)
+from .lxmert import LxmertForVQA, is_original_lxmert
 from .uniter import UniterConfig, UniterForVQA
+from .vilt import ViltForVQA
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model configuration. ``init`` is "random" or "minilm" (pre-trained text weights)."""
+    """A named model configuration. ``init`` is "random" or "minilm" (pre-trained text weights);
+    ``model_type`` selects the class in :data:`MODEL_TYPES` (``config`` holds its config fields)."""
 
     config: dict
     init: str
     description: str
+    model_type: str = "uniter"
 
 
 _MINILM = dict(hidden_size=384, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
@@ -39,6 +44,19 @@ PRESETS: dict[str, Preset] = {
     "uniter-base": Preset(dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                                vocab_size=30522, max_position_embeddings=512, pooling="cls"),
                           "random", "UNITER-base shape (12 x 768), random init; load real weights with --model PATH"),
+    "lxmert-tiny": Preset(dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, l_layers=2, r_layers=1,
+                               x_layers=1, max_position_embeddings=64, num_qa_labels=3129),
+                          "random", "2 language, 1 visual, 1 cross-modality layer, hidden 64, random init (tests)",
+                          "lxmert"),
+    "lxmert-base": Preset(dict(num_qa_labels=3129), "random",
+                          "LXMERT shape (9 language, 5 visual, 5 cross-modality layers x 768), random init; "
+                          "load real weights with --model PATH", "lxmert"),
+    "vilt-tiny": Preset(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             image_size=96, patch_size=32, num_labels=3129),
+                        "random", "2 layers, hidden 64, 96 px images in 32 px patches, random init (tests)", "vilt"),
+    "vilt-base": Preset(dict(num_labels=3129), "random",
+                        "ViLT-B/32 shape (12 x 768, 384 px images, 32 px patches), random init; "
+                        "load real weights with --model PATH", "vilt"),
 }
 
 
@@ -68,17 +86,24 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     """Build or load a model for a VQA-style task; return ``(model, tokenizer)``.
 
     Args:
-        name: a preset name (see :data:`PRESETS`), a directory written by ``save_pretrained``, or an
-            official UNITER checkpoint file (``.pt``; keys ``uniter.*``).
-        img_dim: region feature size D of the task's data (None: the preset's or file's own).
+        name: a preset name (see :data:`PRESETS`), a directory written by ``save_pretrained`` (by
+            vlsparse, or by transformers for LXMERT / ViLT, see :mod:`vlsparse.models.hf`), an
+            official UNITER checkpoint file (``.pt``; keys ``uniter.*``) or an original LXMERT one
+            (airsplay/lxmert ``.pth``; keys ``[module.]bert.*``).
+        img_dim: region feature size D of the task's data (None: the preset's or file's own; must
+            be None for a model that reads pixels, see :func:`visual_input`).
         num_answers: answer vocabulary size A of the task (None: the preset's or file's own).
+            An LXMERT or ViLT checkpoint whose head has another size gets a new head φ0.
         seed: seed of the random init (the VQA head φ0, and the whole model for random presets).
 
     Raises:
-        ValueError: unknown preset name / path that does not exist.
+        ValueError: unknown preset name / path that does not exist; region features for a pixel model.
         CheckpointError: a file that cannot be read or does not fit the task.
     """
     torch.manual_seed(seed)
+    cls = model_class(name)
+    if cls is not UniterForVQA:
+        return _load_hf(cls, name, img_dim, num_answers, seed)
     if name in PRESETS:
         preset = PRESETS[name]
         dims = {k: v for k, v in dict(img_dim=img_dim, num_answers=num_answers).items() if v is not None}
@@ -99,7 +124,10 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
             raise CheckpointError(f"{path}: cannot load model ({type(exc).__name__}: {exc})") from exc
         _check_task_fit(model.config, img_dim, num_answers, str(path))
         return model.eval(), load_tokenizer(name)
-    state = map_official_uniter(read_torch_state(path))
+    raw = read_torch_state(path)
+    if is_original_lxmert(raw):
+        return _load_hf(LxmertForVQA, name, img_dim, num_answers, seed, original=raw)
+    state = map_official_uniter(raw)
     fields = config_from_official(state)
     if num_answers is not None and fields.get("num_answers", num_answers) != num_answers:
         state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
@@ -118,7 +146,46 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
 
 
 #: config.json ``model_type`` -> model class (its ``config_class`` parses the config)
-MODEL_TYPES = {"uniter": UniterForVQA}
+MODEL_TYPES = {"uniter": UniterForVQA, "lxmert": LxmertForVQA, "vilt": ViltForVQA}
+
+
+def model_class(name: str) -> type:
+    """The class :func:`load_model` builds for ``name``: by preset, by the ``model_type`` of a
+    directory's config.json; UniterForVQA otherwise (checkpoint files: official UNITER, or an
+    original LXMERT file, recognised when it is read; both read region features)."""
+    if name in PRESETS:
+        return MODEL_TYPES[PRESETS[name].model_type]
+    cfg = Path(name) / "config.json"
+    try:
+        return MODEL_TYPES.get(json.loads(cfg.read_text()).get("model_type"), UniterForVQA)
+    except (OSError, ValueError, AttributeError):
+        return UniterForVQA
+
+
+def visual_input(name: str) -> str:
+    """What the model ``name`` (preset or path) reads: "regions" (features + boxes) or "pixels" (images)."""
+    return getattr(model_class(name), "visual_input", "regions")
+
+
+def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed: int,
+             original: dict[str, torch.Tensor] | None = None):
+    """:func:`load_model` for the transformers-based backbones (LXMERT, ViLT): a preset, a
+    ``save_pretrained`` directory, or (``original``) an airsplay/lxmert state_dict."""
+    if name in PRESETS:
+        config, state = cls.config_class(**PRESETS[name].config), {}
+    elif original is not None:
+        config, state = cls.from_original_state(original)
+    else:
+        config, state = cls.read_directory(Path(name))
+    config, state = cls.fit_task(config, state, img_dim, num_answers, source=name)
+    torch.manual_seed(seed)
+    model = cls(config)
+    if state:
+        _load_state(model, state, strict_prefix=cls.base_model_prefix + ".")
+    tokenizer = load_tokenizer(name)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(f"{name}: word embeddings have {config.vocab_size} rows, the tokenizer {len(tokenizer)}")
+    return model.eval(), tokenizer
 
 
 def model_from_config(config: dict) -> UniterForVQA:
@@ -135,12 +202,16 @@ def model_from_config(config: dict) -> UniterForVQA:
     return cls(cls.config_class(**fields)).eval()
 
 
-def dims_from_state(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(img_dim, num_answers) of a UNITER state_dict, read off the image embedding and head shapes.
+def dims_from_state(state: dict[str, torch.Tensor]) -> tuple[int | None, int]:
+    """(img_dim, num_answers) of a vlsparse model's state_dict, read off the image input and head
+    shapes (img_dim is None for a model that reads pixels).
 
     Raises:
-        CheckpointError: the keys are missing (not a vlsparse UNITER state_dict).
+        CheckpointError: the keys are missing (not a vlsparse UNITER, LXMERT or ViLT state_dict).
     """
+    for cls in (LxmertForVQA, ViltForVQA):
+        if (dims := cls.task_dims(state)) is not None:
+            return dims
     try:
         return (state["uniter.img_embeddings.img_linear.weight"].shape[1], state["vqa_output.3.weight"].shape[0])
     except KeyError as exc:
@@ -169,4 +240,5 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_p
 
 
 __all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForVQA", "CheckpointError", "load_model", "load_tokenizer", "default_tokenizer",
-           "model_from_config", "dims_from_state", "MODEL_TYPES"]
+           "model_from_config", "dims_from_state", "MODEL_TYPES", "LxmertForVQA", "ViltForVQA", "model_class",
+           "visual_input"]

@@ -1,0 +1,118 @@
+"""ViLT (Kim et al., ICML 2021) for VQA-style answer classification, on transformers' ViltModel.
+
+One stream over word tokens and image patches: text embeddings (BERT-style) and patch embeddings
+(a ``patch_size`` convolution, [CLS] patch token, learned position embeddings), each plus a
+modality-type embedding, through a pre-LayerNorm ViT encoder, a final LayerNorm and a pooler on
+the first token. The VQA head is ``Linear(h, 2h) -> LayerNorm -> GELU -> Linear(2h, #answers)``.
+
+:class:`ViltForVQA` *is* transformers' ``ViltForQuestionAnswering`` (keys ``vilt.*``,
+``classifier.*``) with vlsparse's model contract, and one change: the visual embedding is the
+deterministic full-patch path (:meth:`ViltForVQA.visual_embed`). Stock ViLT shuffles the patches
+with ``torch.multinomial`` and interpolates position embeddings to a size read off the pixel mask,
+also at evaluation; so two identical calls differ (float rounding) and it does not export to ONNX
+(MEASURED.md). On full images (``pixel_mask`` all ones) the two are the same function: the
+encoder is permutation-equivariant and the pooler reads the [CLS] token, so outputs agree to float
+rounding (tests/test_vilt.py checks 1e-5 against ViltForQuestionAnswering).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import ViltConfig, ViltForQuestionAnswering
+
+from .hf import TaskHeadMixin
+
+#: Linear modules of one encoder layer, as state_dict name suffixes
+LAYER_LINEARS = ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                 "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+class ViltForVQA(TaskHeadMixin, ViltForQuestionAnswering):
+    """ViLT with the VQA classifier head; ``forward`` returns (B, num_labels) float32 logits.
+
+    The configuration is transformers' :class:`~transformers.ViltConfig`: ``image_size`` and
+    ``patch_size`` (pixels) fix the position-embedding grid, ``num_labels`` is the number of
+    answers A. ``max_image_length`` is not used: every patch is kept.
+    """
+
+    visual_input = "pixels"
+    #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
+    head_prefixes = ("classifier.",)
+    qa_architectures = ("ViltForQuestionAnswering",)
+    answers_field = "num_labels"
+    #: model inputs in order, with their dynamic axes (ONNX export; any image size, a multiple of patch_size)
+    input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
+                  "pixel_values": ("batch", "channels", "height", "width"),
+                  "pixel_mask": ("batch", "height", "width")}
+
+    def visual_embed(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch embeddings of every patch, in raster order after the [CLS] patch token.
+
+        Args:
+            pixel_values: (B, 3, H, W) float32, as ViltImageProcessor makes them.
+            pixel_mask: (B, H, W) int64, 1 on real pixels.
+
+        Returns:
+            embeddings (B, 1 + P, hidden) float32 and their mask (B, 1 + P) int64, P = (H // patch) * (W // patch).
+            Position embeddings are the learned grid (image_size // patch_size square), bilinearly
+            interpolated to the patch grid (align_corners, as ViLT does; the identity when the sizes
+            agree); a patch is masked when its top-left pixel is (nearest-neighbour downsampling, as
+            ViLT does). Padded images keep the full-grid position embeddings, where stock ViLT
+            interpolates them to each image's unpadded area: only full images equal stock ViLT.
+        """
+        emb, c = self.vilt.embeddings, self.config
+        x = emb.patch_embeddings(pixel_values)  # (B, h, ph, pw)
+        batch, hidden, ph, pw = x.shape
+        grid = c.image_size // c.patch_size
+        pos = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, grid, grid)
+        pos = F.interpolate(pos, size=(ph, pw), mode="bilinear", align_corners=True)  # traced: any size in ONNX
+        x = (x + pos).flatten(2).transpose(1, 2)
+        cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(batch, -1, -1)
+        x = emb.dropout(torch.cat([cls, x], dim=1))
+        mask = F.interpolate(pixel_mask[:, None].float(), size=(ph, pw)).long().flatten(1)
+        return x, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                pixel_mask: torch.Tensor, **unused) -> torch.Tensor:
+        """Answer logits (B, num_labels) float32.
+
+        Args:
+            input_ids: (B, L) int64 token ids, [CLS] first (L <= max_position_embeddings, 40).
+            attention_mask: (B, L) int64, 1 for real text tokens.
+            pixel_values, pixel_mask: see :meth:`visual_embed`.
+        """
+        image_embeds, image_mask = self.visual_embed(pixel_values, pixel_mask)
+        out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+                        pixel_mask=image_mask, return_dict=False)
+        return self.classifier(out[1])
+
+    def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
+        """Random but valid inputs (for export and benchmarks): images of ``image_size`` pixels square;
+        ``regions`` is not used (the patch count follows from the image size)."""
+        g = torch.Generator().manual_seed(seed)
+        size = self.config.image_size
+        return {"input_ids": torch.randint(1, min(self.config.vocab_size, 1000), (batch, text_len), generator=g),
+                "attention_mask": torch.ones(batch, text_len, dtype=torch.long),
+                "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+                "pixel_mask": torch.ones(batch, size, size, dtype=torch.long)}
+
+    def prune_scope(self) -> list[str]:
+        """Names (as in ``state_dict``) of the prunable weights: query, key, value, attention-output,
+        intermediate and output Linear weights of every encoder layer. Not pruned: patch projection,
+        text and position embeddings, the final LayerNorm, pooler and classifier."""
+        return [f"vilt.encoder.layer.{i}.{s}.weight" for i in range(self.config.num_hidden_layers)
+                for s in LAYER_LINEARS]
+
+    @classmethod
+    def _fit_visual(cls, config: ViltConfig, state: dict, img_dim: int | None, source: str) -> None:
+        if img_dim is not None:
+            raise ValueError(f"{source}: ViLT reads image pixels, but the task gives region features of size "
+                             f"{img_dim}; load the task with visual='pixels'")
+
+    @staticmethod
+    def task_dims(state: dict[str, torch.Tensor]) -> tuple[None, int] | None:
+        """(None, num_answers) of a ViltForVQA state_dict (no region features), or None if it is not one."""
+        if "vilt.embeddings.patch_embeddings.projection.weight" not in state or "classifier.3.weight" not in state:
+            return None
+        return None, state["classifier.3.weight"].shape[0]
