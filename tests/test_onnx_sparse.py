@@ -367,6 +367,7 @@ def test_constants_behind_identity_and_constant_nodes():
 def test_library_build_cache_and_compiler_errors(tmp_path, monkeypatch):
     from vlsparse.kernels import ort as ort_lib
 
+    monkeypatch.setenv("VLSPARSE_CACHE", str(tmp_path / "own-cache"))  # not the cache other processes share
     lib = custom_op_library()
     assert lib.parent == ort_lib.cache_dir() and lib.is_file()
     mtime = lib.stat().st_mtime_ns
