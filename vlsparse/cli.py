@@ -274,8 +274,12 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
              levels: str = typer.Option("0.5,0.6,0.7,0.8", help="IMP sparsity levels after the dense level"),
              compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
              steps: int = typer.Option(500), batch_size: int = typer.Option(32), seed: int = typer.Option(0),
-             device: str = typer.Option("cpu"), threads: Optional[int] = typer.Option(None)):
-    """The README's main job: dense model, IMP tickets, random pruning at three levels, one table."""
+             device: str = typer.Option("cpu"), threads: Optional[int] = typer.Option(None),
+             bench: bool = typer.Option(True, help="end with a short bench of the dense model and the tickets "
+                                                   "at --bench-level (vlsparse bench)"),
+             bench_level: float = typer.Option(0.7, help="sparsity level whose IMP and random tickets are benched"),
+             bench_questions: int = typer.Option(1000, help="test questions for the bench's accuracy column")):
+    """The README's main job: dense model, IMP tickets, random pruning at three levels, one table, a bench."""
     import time
 
     import torch
@@ -289,19 +293,34 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     t0 = time.time()
     lv = _parse_levels(levels, float(levels.split(",")[-1]), None)
     cmp = _parse_levels(compare, float(compare.split(",")[-1]), None)
-    missing = [c for c in cmp if not any(abs(c - x) < 1e-9 for x in lv)]
-    if missing:
-        raise ValueError(f"--compare levels {missing} are not among --levels {lv}")
+
+    def level_of(s: float, what: str) -> int:
+        for i, x in enumerate(lv):
+            if abs(x - s) < 1e-9:
+                return i + 1
+        raise ValueError(f"{what} {s} is not among --levels {lv}")
+
+    compare_idx = [level_of(c, "--compare level") for c in cmp]
+    bench_idx = level_of(bench_level, "--bench-level") if bench else None
     cfg = IMPConfig(model=model, task=task, levels=lv,
                     train=_train_config(steps, batch_size, 1e-4, 1e-3, 100, seed, device))
     net, data, collate = _setup(model, task, seed)
     bar = _Progress()
-    rows = run_main_job(out, net, data, collate, cfg, [1 + lv.index(next(x for x in lv if abs(x - c) < 1e-9))
-                                                       for c in cmp], bar)
+    rows = run_main_job(out, net, data, collate, cfg, compare_idx, bar)
     bar.close()
     typer.echo(format_table([r for r in rows if r.random is not None]))
     typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
                f"took {time.time() - t0:.0f} s")
+    if bench:
+        from .benchmark import FORMATS, bench_run, format_summary
+
+        t1 = time.time()
+        report = bench_run(out, out / "bench", FORMATS, torch.get_num_threads(), (1, 32), bench_questions, 10,
+                           memory="delta", levels=[0, bench_idx], task=data,
+                           progress=lambda m: typer.echo(m, err=True))
+        typer.echo(format_summary(report))
+        typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
+                   f"main job total {time.time() - t0:.0f} s")
 
 
 @app.command()
