@@ -239,7 +239,7 @@ def test_kernel_row_major_and_feature_major(cpu_kernel, threads, index_dtype, nt
         lin, mask = _layer(out_f, in_f, 0.7, seed=out_f)
         csr = CSRMatrix.from_dense(lin.weight.detach(), mask, index_dtype=index_dtype)
         args = (csr.crow_indices, csr.col_indices, csr.values)
-        for t in (1, 2, 4, 5, 15, 16, 33, 40, 129, 200, 300):
+        for t in (1, 2, 3, 4, 5, 8, 9, 15, 16, 24, 33, 40, 129, 200, 300):
             x = torch.randn(t, in_f)
             ref = _ref(lin, mask, x).detach()
             y = cpu_kernel.spmm_cpu(x, *args, lin.bias.detach(), out_features=out_f)
@@ -273,3 +273,49 @@ def test_threads_follow_torch(cpu_kernel, threads):
     assert m.omp_threads() == 1
     threads(2)
     assert m.omp_threads() == 2
+
+
+# ----------------------------------------------------------------------------- build and cache
+def test_build_key_tracks_sources_and_cache_dir(tmp_path, monkeypatch):
+    import shutil
+
+    from vlsparse.kernels import cpu
+
+    key = cpu._build_key()
+    src = tmp_path / "csrc"
+    shutil.copytree(cpu.CSRC, src)
+    monkeypatch.setattr(cpu, "CSRC", src)
+    assert cpu._build_key() == key
+    (src / "spmm.h").write_text((src / "spmm.h").read_text() + "\n// edited\n")
+    assert cpu._build_key() != key
+    monkeypatch.setenv("VLSPARSE_CACHE", str(tmp_path / "cache"))
+    assert cpu.cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("VLSPARSE_CACHE")
+    assert cpu.cache_dir().name == "vlsparse"
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    from vlsparse.kernels import cpu
+
+    monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
+    with pytest.raises(cpu.CompilerNotFoundError, match="no C\\+\\+ compiler"):
+        cpu._find_compiler()
+
+
+def test_auto_falls_back_to_dense_without_compiler(monkeypatch):
+    from vlsparse.export import sparse_linear as sl
+    from vlsparse.kernels import cpu
+
+    def no_compiler(*a, **k):
+        raise cpu.CompilerNotFoundError("vlsparse: no C++ compiler found")
+
+    monkeypatch.setattr(sl, "_cpu_ext", None)
+    monkeypatch.setattr(sl, "_auto_cache", {})
+    monkeypatch.setattr(cpu, "load_extension", no_compiler)
+    lin, mask = _layer(37, 53, 0.7)
+    layer = SparseLinear.from_dense(lin, mask)
+    with pytest.warns(RuntimeWarning, match="masked dense"):
+        assert layer.resolve_backend(torch.zeros(1, 53)) == "dense"
+    _check(layer, lin, mask, torch.randn(5, 53))
+    with pytest.raises(cpu.CompilerNotFoundError):
+        SparseLinear.from_dense(lin, mask, backend="cpu")(torch.randn(5, 53))

@@ -4,7 +4,8 @@
     y = layer(x)                                           # == F.linear(x, weight * mask, bias)
 
 Backends (`backend=`):
-    "auto"          "cpu" for CPU inputs, "triton" for CUDA inputs (chosen per call)
+    "auto"          "cpu" for CPU inputs, "triton" for CUDA inputs (chosen per call; falls back to
+                    "dense" without a C++ compiler, to "torch-sparse" on CUDA without triton)
     "cpu"           our C++ kernel (vlsparse.kernels.cpu), compiled on first use
     "triton"        vlsparse.kernels.triton_spmm.spmm_triton (CUDA; on CPU only under TRITON_INTERPRET=1)
     "dense"         masked F.linear (the reference; densifies the weight once and caches it)
@@ -31,11 +32,57 @@ from .csr import CSRMatrix
 __all__ = ["SparseLinear", "BACKENDS", "sparsify_linears"]
 
 BACKENDS = ("auto", "cpu", "triton", "dense", "torch-sparse", "torch_sparse")
+_NO_BACKWARD = ("cpu", "triton", "torch_sparse")
+_cpu_ext = None  # the compiled CPU kernel module, loaded on first use
 _CUDA_BACKENDS = ("triton",)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
 
 
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _load_cpu_ext():
+    global _cpu_ext
+    from vlsparse.kernels.cpu import load_extension
+
+    _cpu_ext = load_extension()
+    return _cpu_ext
+
+
+_auto_cache: dict = {}
+
+
+def _auto_backend(x: torch.Tensor) -> str:
+    """'auto': our C++ kernel on the CPU, Triton on CUDA; when one cannot be had (no C++ compiler,
+    triton not installed) the masked dense path / torch's CUDA sparse path, with one warning."""
+    if x.is_cuda:
+        if "cuda" not in _auto_cache:
+            import importlib.util
+
+            ok = importlib.util.find_spec("triton") is not None
+            if not ok:
+                warnings.warn("SparseLinear(backend='auto'): triton is not installed, using 'torch-sparse' on CUDA",
+                              RuntimeWarning, stacklevel=3)
+            _auto_cache["cuda"] = "triton" if ok else "torch-sparse"
+        return _auto_cache["cuda"]
+    if _cpu_ext is not None:
+        return "cpu"
+    if "cpu" not in _auto_cache:
+        try:
+            _load_cpu_ext()
+            _auto_cache["cpu"] = "cpu"
+        except RuntimeError as e:  # CompilerNotFoundError or a failed build
+            warnings.warn(f"SparseLinear(backend='auto'): the CPU kernel is unavailable ({e}); using the "
+                          "masked dense path", RuntimeWarning, stacklevel=3)
+            _auto_cache["cpu"] = "dense"
+    return _auto_cache["cpu"]
 
 
 def _check_backend(backend: str) -> str:
@@ -137,7 +184,7 @@ class SparseLinear(nn.Module):
     def _cached(self, name: str, build):
         """Derived tensors (dense weight, int32 columns, ...) rebuilt when the buffers change."""
         key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr(),
-               self.values._version, self.col_indices._version, self.crow_indices._version,
+               _version(self.values), _version(self.col_indices), _version(self.crow_indices),
                self.values.device, self.values.dtype)
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
@@ -148,24 +195,25 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend forward uses for this input (before the autograd fallback to 'dense')."""
         if self.backend != "auto":
             return self.backend
-        if x.is_cuda:
-            return "triton"
-        return "cpu"
+        return _auto_backend(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"SparseLinear expects (..., {self.in_features}) inputs, got {tuple(x.shape)}")
-        backend = self.resolve_backend(x)
-        if backend in ("cpu", "triton", "torch_sparse") and torch.is_grad_enabled() and x.requires_grad:
+        in_f = self.in_features
+        if x.shape[-1] != in_f:
+            raise ValueError(f"SparseLinear expects (..., {in_f}) inputs, got {tuple(x.shape)}")
+        backend = self.backend
+        if backend == "auto":
+            backend = _auto_backend(x)
+        if backend in _NO_BACKWARD and x.requires_grad and torch.is_grad_enabled():
             backend = "dense"  # custom kernels have no backward
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if backend == "dense":
-            y2 = self._forward_dense(x2)
-        elif backend == "cpu":
+        x2 = x.reshape(-1, in_f)
+        if backend == "cpu":
             y2 = self._forward_cpu(x2)
+        elif backend == "dense":
+            y2 = self._forward_dense(x2)
         elif backend == "triton":
             y2 = self._forward_triton(x2)
         elif backend == "torch-sparse":
@@ -174,12 +222,19 @@ class SparseLinear(nn.Module):
             y2 = self._forward_pyg(x2)
         else:  # pragma: no cover - _check_backend guards
             raise ValueError(f"unknown backend {backend!r}")
-        return y2.reshape(*lead, self.out_features)
+        if x.dim() == 2:
+            return y2
+        return y2.reshape(*x.shape[:-1], self.out_features)
 
     def _bias_f32(self):
         if self.bias is None:
             return None
         return self.bias if self.bias.dtype == torch.float32 else self.bias.float()
+
+    def _values_f32(self) -> torch.Tensor:
+        if self.values.dtype == torch.float32:
+            return self.values
+        return self._cached("values_f32", lambda: self.values.float().contiguous())
 
     def _forward_dense(self, x2: torch.Tensor) -> torch.Tensor:
         w = self._cached("dense", lambda: self.to_csr().to_dense(self.values.dtype))
@@ -191,14 +246,16 @@ class SparseLinear(nn.Module):
         return F.linear(x2, w, bias)
 
     def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type != "cpu" or self.values.device.type != "cpu":
+        if x2.is_cuda or self.values.is_cuda:
             raise ValueError("SparseLinear backend 'cpu' needs CPU tensors (input on "
                              f"{x2.device}, weights on {self.values.device}); use backend='triton' on CUDA")
-        from vlsparse.kernels.cpu import spmm_cpu
-
-        vals = self._cached("values_f32", lambda: self.values.float().contiguous())
-        y = spmm_cpu(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),
-                     out_features=self.out_features)
+        ext = _cpu_ext or _load_cpu_ext()
+        xf = x2 if x2.dtype == torch.float32 else x2.float()
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        y = ext.spmm(xf.contiguous(), self.crow_indices, self.col_indices, self._values_f32(), bias,
+                          self.out_features)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
     def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
@@ -206,7 +263,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear backend 'triton' needs CUDA tensors, got input on {x2.device}")
         from vlsparse.kernels.triton_spmm import spmm_triton
 
-        vals = self._cached("values_f32", lambda: self.values.float().contiguous())
+        vals = self._values_f32()
         y = spmm_triton(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),
                         self.out_features)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)

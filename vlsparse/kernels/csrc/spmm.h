@@ -20,15 +20,17 @@
 // torch.set_num_threads applies.
 //
 // The multi-token kernel: X is transposed to feature-major and padded to a multiple of the
-// vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors. Output
-// rows are scheduled in blocks of 64 (dynamic). For a row block, the strip's accumulators live in
-// a small tile (64 rows x NV*W floats); the columns of W are walked in blocks of C (C*NV*64 bytes
-// of X^T, about L1 size) so the part of X^T in use stays close to the core, with a per-row cursor
-// into the (sorted) CSR row. Per nonzero w at column c: broadcast w, FMA NV vectors of X^T[c, strip]
-// into NV register accumulators (unrolled by two, two accumulator sets). The row-major entry
-// transposes the finished tile (16x16 register transposes) straight into Y, so Y^T never exists.
-// One to three tokens use a scalar kernel (index and value loaded once for all tokens): on Zen 4
-// an AVX-512 gather is slower than scalar loads.
+// vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors, plus a
+// half vector at the end when T mod W is 1..W/2 (T = 40 costs 2.5 vectors, not 3). Output rows
+// are scheduled in blocks of 64 (dynamic). For a row block, the strip's accumulators live in a
+// small tile (64 rows x strip width); the columns of W are walked in blocks of C (C * strip width
+// * 4 bytes of X^T ~ 44 KiB, about L1) with a per-row cursor into the (sorted) CSR row, so the
+// part of X^T in use stays close to the core (20-25% faster than streaming all of it from L2).
+// Per nonzero w at column c: broadcast w, FMA the NV vectors of X^T[c, strip] into register
+// accumulators (unrolled by two, two accumulator sets). The row-major entry transposes X and the
+// finished tile with 16x16 register transposes, writing straight into Y (Y^T never exists).
+// One or two tokens use a small-token kernel without transposes (one token: values in vectors,
+// x[c] gathered by scalar loads, which on Zen 4 beats the AVX-512 gather instruction).
 #pragma once
 
 #include <algorithm>
@@ -62,8 +64,8 @@ struct Tuning {
     int64_t row_block = 64;               // output rows per scheduling unit (<= kMaxRowBlock)
     int64_t l1_block_bytes = 44 * 1024;   // bytes of X^T per column block (C * NV * W * 4)
     int64_t min_block_cols = 32;          // lower bound on C
-    int64_t l2_strip_bytes = 1536 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
-    int64_t small_tokens = 3;             // tokens <= this: scalar kernel, no transposes
+    int64_t l2_strip_bytes = 1024 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
+    int64_t small_tokens = 2;             // tokens <= this: scalar kernel, no transposes
 };
 inline Tuning& tuning() {
     static Tuning t;
@@ -72,7 +74,10 @@ inline Tuning& tuning() {
 
 namespace detail {
 
-constexpr int kMaxNV = 8;           // vectors per token strip (128 tokens on AVX-512)
+#ifndef VLS_MAX_NV
+#define VLS_MAX_NV 8
+#endif
+constexpr int kMaxNV = VLS_MAX_NV;  // vectors per token strip (128 tokens on AVX-512)
 constexpr int64_t kMaxRowBlock = 256;
 
 // ---------------------------------------------------------------------------------------------
@@ -93,6 +98,16 @@ struct V {
     static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
     static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
     static inline M mask(int n) { return static_cast<M>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+    // half vector (8 floats) for token counts that end in a half vector (T = 40 = 2.5 x 16)
+    static constexpr bool kHasHalf = true;
+    static constexpr int kRegs = 32;
+    using H = __m256;
+    static inline H hzero() { return _mm256_setzero_ps(); }
+    static inline H hset1(float a) { return _mm256_set1_ps(a); }
+    static inline H hload(const float* p) { return _mm256_loadu_ps(p); }
+    static inline void hstore(float* p, H a) { _mm256_storeu_ps(p, a); }
+    static inline H hfma(H a, H b, H c) { return _mm256_fmadd_ps(a, b, c); }
+    static inline H hadd(H a, H b) { return _mm256_add_ps(a, b); }
     // In-place transpose of a 16x16 block held in 16 registers.
     static inline void transpose(T r[16]) {
         T t[16];
@@ -140,6 +155,19 @@ struct V {
     static inline M mask(int n) {
         return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
+    static constexpr bool kHasHalf = true;
+    static constexpr int kRegs = 16;
+    using H = __m128;
+    static inline H hzero() { return _mm_setzero_ps(); }
+    static inline H hset1(float a) { return _mm_set1_ps(a); }
+    static inline H hload(const float* p) { return _mm_loadu_ps(p); }
+    static inline void hstore(float* p, H a) { _mm_storeu_ps(p, a); }
+#if defined(__FMA__)
+    static inline H hfma(H a, H b, H c) { return _mm_fmadd_ps(a, b, c); }
+#else
+    static inline H hfma(H a, H b, H c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+#endif
+    static inline H hadd(H a, H b) { return _mm_add_ps(a, b); }
     static inline void transpose(T r[8]) {
         T t[8], u[8];
         for (int i = 0; i < 4; ++i) {
@@ -176,6 +204,15 @@ struct V {
     static inline T add(T a, T b) { return a + b; }
     static inline M mask(int n) { return n > 0; }
     static inline void transpose(T*) {}
+    static constexpr bool kHasHalf = false;  // W = 1 has no half vector
+    static constexpr int kRegs = 16;
+    using H = float;
+    static inline H hzero() { return 0.0f; }
+    static inline H hset1(float a) { return a; }
+    static inline H hload(const float* p) { return *p; }
+    static inline void hstore(float* p, H a) { *p = a; }
+    static inline H hfma(H a, H b, H c) { return a * b + c; }
+    static inline H hadd(H a, H b) { return a + b; }
 };
 #endif
 
@@ -208,9 +245,19 @@ struct Scratch {
         return ptr;
     }
 };
-inline float* scratch_x(size_t n) {
+inline Scratch& scratch_x_buffer() {
     static thread_local Scratch s;
-    return s.get(n);
+    return s;
+}
+inline float* scratch_x(size_t n) { return scratch_x_buffer().get(n); }
+// Keep at most 64 MiB of transposed activations cached between calls.
+inline void trim_scratch_x() {
+    Scratch& s = scratch_x_buffer();
+    if (s.cap > (size_t{64} << 20) / sizeof(float)) {
+        std::free(s.ptr);
+        s.ptr = nullptr;
+        s.cap = 0;
+    }
 }
 inline float* scratch_tile(size_t n) {
     static thread_local Scratch s;
@@ -259,26 +306,30 @@ inline void transpose_in(const float* x, int64_t tokens, int64_t in_features, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// Blocked strip kernel. Rows [r0, r1) (r1 - r0 <= kMaxRowBlock), tokens [0, NV*W) of a
+// Blocked strip kernel. Rows [r0, r1) (r1 - r0 <= kMaxRowBlock), tokens [0, NV*W + Half*W/2) of a
 // feature-major X^T (row stride ldx, offset to the strip's first token). Accumulates into
 // tile[(o - r0) * ldd + ...], which it first fills with the bias. Columns in blocks of C.
-// Reads NV*W floats per X^T row: the caller pads X^T to whole vectors.
+// Reads whole vectors of X^T: the caller pads X^T rows to whole vectors.
 // ---------------------------------------------------------------------------------------------
-template <int NV, typename ColT>
+template <int NV, bool Half, typename ColT>
 inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* __restrict crow,
                         const ColT* __restrict col, const float* __restrict val, const float* __restrict bias,
                         int64_t r0, int64_t r1, int64_t in_features, int64_t C, float* __restrict tile,
                         int64_t ldd) {
     using T = typename V::T;
+    using H = typename V::H;
     constexpr int W = V::W;
+    constexpr int NA = NV > 0 ? NV : 1;
+    // a second accumulator set (for the odd nonzero of each pair) when the registers allow it
+    constexpr bool Dual = 2 * (NV + (Half ? 1 : 0)) + 3 <= V::kRegs;
     int64_t cur[kMaxRowBlock];
     const int64_t nr = r1 - r0;
     for (int64_t r = 0; r < nr; ++r) {
         cur[r] = crow[r0 + r];
-        const T b = V::set1(bias ? bias[r0 + r] : 0.0f);
-        for (int v = 0; v < NV; ++v) V::store(tile + r * ldd + v * W, b);
+        const float bv = bias ? bias[r0 + r] : 0.0f;
+        for (int v = 0; v < NV; ++v) V::store(tile + r * ldd + v * W, V::set1(bv));
+        if (Half) V::hstore(tile + r * ldd + NV * W, V::hset1(bv));
     }
-#define VLS_LOADX(p, v) V::load((p) + (v) * W)
     for (int64_t c0 = 0; c0 < in_features; c0 += C) {
         // the last block takes everything left (also makes unsorted rows correct)
         const int64_t cend = (c0 + C >= in_features) ? std::numeric_limits<int64_t>::max() : c0 + C;
@@ -287,46 +338,66 @@ inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* 
             const int64_t end = crow[r0 + r + 1];
             if (k >= end || static_cast<int64_t>(col[k]) >= cend) continue;
             float* d = tile + r * ldd;
-            T a0[NV], a1[NV];
+            T a0[NA], a1[NA];
+            H h0 = V::hzero(), h1 = V::hzero();
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) {
                 a0[v] = V::load(d + v * W);
                 a1[v] = V::zero();
             }
+            if (Half) h0 = V::hload(d + NV * W);
             for (; k + 1 < end && static_cast<int64_t>(col[k + 1]) < cend; k += 2) {
                 const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
                 const float* p1 = xt + static_cast<int64_t>(col[k + 1]) * ldx;
-                const T w0 = V::set1(val[k]);
-                const T w1 = V::set1(val[k + 1]);
+                const float v0 = val[k], v1 = val[k + 1];
+                const T w0 = V::set1(v0);
+                const T w1 = V::set1(v1);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, VLS_LOADX(p0, v), a0[v]);
+                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, V::load(p0 + v * W), a0[v]);
+                if (Half) h0 = V::hfma(V::hset1(v0), V::hload(p0 + NV * W), h0);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v) a1[v] = V::fma(w1, VLS_LOADX(p1, v), a1[v]);
+                for (int v = 0; v < NV; ++v) {
+                    if (Dual)
+                        a1[v] = V::fma(w1, V::load(p1 + v * W), a1[v]);
+                    else
+                        a0[v] = V::fma(w1, V::load(p1 + v * W), a0[v]);
+                }
+                if (Half) {
+                    if (Dual)
+                        h1 = V::hfma(V::hset1(v1), V::hload(p1 + NV * W), h1);
+                    else
+                        h0 = V::hfma(V::hset1(v1), V::hload(p1 + NV * W), h0);
+                }
             }
             if (k < end && static_cast<int64_t>(col[k]) < cend) {
                 const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
                 const T w0 = V::set1(val[k]);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, VLS_LOADX(p0, v), a0[v]);
+                for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, V::load(p0 + v * W), a0[v]);
+                if (Half) h0 = V::hfma(V::hset1(val[k]), V::hload(p0 + NV * W), h0);
                 ++k;
             }
             cur[r] = k;
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) V::store(d + v * W, V::add(a0[v], a1[v]));
+            for (int v = 0; v < NV; ++v) V::store(d + v * W, Dual ? V::add(a0[v], a1[v]) : a0[v]);
+            if (Half) V::hstore(d + NV * W, Dual ? V::hadd(h0, h1) : h0);
         }
     }
-#undef VLS_LOADX
 }
 
 template <typename ColT>
-inline void strip_block_dispatch(int nv, const float* xt, int64_t ldx, const int32_t* crow, const ColT* col,
-                                 const float* val, const float* bias, int64_t r0, int64_t r1, int64_t in_features,
-                                 int64_t C, float* tile, int64_t ldd) {
-    switch (nv) {
-#define VLS_CASE(N)                                                                                            \
-    case N:                                                                                                    \
-        strip_block<N, ColT>(xt, ldx, crow, col, val, bias, r0, r1, in_features, C, tile, ldd); \
+inline void strip_block_dispatch(int nv, bool half, const float* xt, int64_t ldx, const int32_t* crow,
+                                 const ColT* col, const float* val, const float* bias, int64_t r0, int64_t r1,
+                                 int64_t in_features, int64_t C, float* tile, int64_t ldd) {
+#define VLS_CASE(N)                                                                                                \
+    case N:                                                                                                        \
+        if (half)                                                                                                  \
+            strip_block<N, true, ColT>(xt, ldx, crow, col, val, bias, r0, r1, in_features, C, tile, ldd);          \
+        else                                                                                                       \
+            strip_block<N, false, ColT>(xt, ldx, crow, col, val, bias, r0, r1, in_features, C, tile, ldd);         \
         break;
+    switch (nv) {
+        VLS_CASE(0)
         VLS_CASE(1)
         VLS_CASE(2)
         VLS_CASE(3)
@@ -335,30 +406,44 @@ inline void strip_block_dispatch(int nv, const float* xt, int64_t ldx, const int
         VLS_CASE(6)
         VLS_CASE(7)
         VLS_CASE(8)
-#undef VLS_CASE
         default: break;
     }
+#undef VLS_CASE
 }
 
-// Cut nvec vectors of tokens into strips of at most cap vectors, as even as possible.
+// Tokens as vectors: `full` whole vectors, then maybe a half vector (when T mod W is 1..W/2),
+// cut into strips of at most cap whole vectors (as even as possible); the half goes with the
+// last strip. Every strip starts at a multiple of W tokens.
 struct StripPlan {
     int64_t nstrips = 1, base = 0, rem = 0;  // the first `rem` strips get base+1 vectors
+    bool half = false;
     int64_t start(int64_t s) const { return s * base + std::min(s, rem); }
     int64_t size(int64_t s) const { return base + (s < rem ? 1 : 0); }
+    bool has_half(int64_t s) const { return half && s == nstrips - 1; }
 };
-inline StripPlan plan_strips(int64_t nvec, int64_t in_features) {
-    const int64_t per_vec = std::max<int64_t>(1, in_features) * V::W * 4;
+inline StripPlan plan_strips(int64_t tokens, int64_t in_features) {
+    constexpr int64_t W = V::W;
+    int64_t full = tokens / W;
+    const int64_t r = tokens % W;
+    StripPlan p;
+    if (r > 0) {
+        if (V::kHasHalf && r <= W / 2)
+            p.half = true;
+        else
+            ++full;
+    }
+    const int64_t per_vec = std::max<int64_t>(1, in_features) * W * 4;
     int64_t cap = tuning().l2_strip_bytes / per_vec;
     cap = std::max<int64_t>(2, std::min<int64_t>(kMaxNV, cap));
-    StripPlan p;
-    p.nstrips = std::max<int64_t>(1, (nvec + cap - 1) / cap);
-    p.base = nvec / p.nstrips;
-    p.rem = nvec % p.nstrips;
+    p.nstrips = std::max<int64_t>(1, (full + cap - 1) / cap);
+    p.base = full / p.nstrips;
+    p.rem = full % p.nstrips;
     return p;
 }
-inline int64_t block_cols(int64_t nv) {
+inline int64_t block_cols(int64_t nv, bool half) {
     const Tuning& tu = tuning();
-    int64_t c = tu.l1_block_bytes / (std::max<int64_t>(1, nv) * V::W * 4);
+    const int64_t floats = std::max<int64_t>(1, nv * V::W + (half ? V::W / 2 : 0));
+    int64_t c = tu.l1_block_bytes / (floats * 4);
     c = std::max<int64_t>(tu.min_block_cols, (c / 8) * 8);
     return std::max<int64_t>(1, c);
 }
@@ -373,40 +458,78 @@ inline void tile_to_rowmajor(const float* __restrict tile, int64_t ldd, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-token scalar kernel (1..3 tokens). Element (t, c) of X at x[t*xs_t + c*xs_c]; output
-// (t, o) at y[t*ys_t + o*ys_o]. Index and value are loaded once for all tokens.
+// Small-token kernel (1-2 tokens, no transposes). Element (t, c) of X at x[t*xs_t + c*xs_c];
+// output (t, o) at y[t*ys_t + o*ys_o]. Per W nonzeros: W values in one vector load, the W
+// x[c] gathered by scalar loads into a small buffer (on Zen 4 cheaper than an AVX-512 gather
+// instruction), one FMA per token.
 // ---------------------------------------------------------------------------------------------
-template <int TT, typename ColT>
-inline void small_rows(const float* __restrict x, int64_t xs_t, int64_t xs_c, const int32_t* __restrict crow,
+#if defined(__AVX512F__)
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+static inline float hsum(float v) { return v; }
+#endif
+
+#if defined(__GNUC__)
+#define VLS_NOINLINE __attribute__((noinline))
+#else
+#define VLS_NOINLINE
+#endif
+
+// noinline: compiled on its own, GCC 12 keeps the gather loop tight (inlined it was 2x slower).
+template <int TT, bool UnitC, typename ColT>
+VLS_NOINLINE void small_rows(const float* __restrict x, int64_t xs_t, int64_t xs_c, const int32_t* __restrict crow,
                        const ColT* __restrict col, const float* __restrict val, const float* __restrict bias,
                        int64_t r0, int64_t r1, float* __restrict y, int64_t ys_t, int64_t ys_o) {
-    constexpr int U = TT == 1 ? 4 : (TT == 2 ? 2 : 1);  // independent chains per token
+    using T = typename V::T;
+    constexpr int W = V::W;
     for (int64_t o = r0; o < r1; ++o) {
-        float acc[TT][U];
-        for (int t = 0; t < TT; ++t)
-            for (int u = 0; u < U; ++u) acc[t][u] = 0.0f;
+        T acc[TT];
+        float rest[TT];
+        for (int t = 0; t < TT; ++t) {
+            acc[t] = V::zero();
+            rest[t] = 0.0f;
+        }
         int64_t k = crow[o];
         const int64_t end = crow[o + 1];
-        for (; k + U <= end; k += U) {
-#pragma GCC unroll 4
-            for (int u = 0; u < U; ++u) {
-                const float* xp = x + static_cast<int64_t>(col[k + u]) * xs_c;
-                const float w = val[k + u];
-#pragma GCC unroll 4
-                for (int t = 0; t < TT; ++t) acc[t][u] += w * xp[t * xs_t];
+        if (W > 1 && TT == 1) {  // (two tokens: the scalar loop below is faster)
+            for (; k + W <= end; k += W) {
+                alignas(64) float xs[TT][W];
+                for (int u = 0; u < W; ++u) {
+                    const float* xp = x + (UnitC ? col[k + u] : static_cast<int64_t>(col[k + u]) * xs_c);
+                    for (int t = 0; t < TT; ++t) xs[t][u] = xp[t * xs_t];
+                }
+                const T w = V::load(val + k);
+                for (int t = 0; t < TT; ++t) acc[t] = V::fma(w, V::load(xs[t]), acc[t]);
             }
         }
+        if (TT > 1) {
+            float rest2[TT];
+            for (int t = 0; t < TT; ++t) rest2[t] = 0.0f;
+            for (; k + 2 <= end; k += 2) {  // two chains per token
+                const float* x0 = x + (UnitC ? col[k] : static_cast<int64_t>(col[k]) * xs_c);
+                const float* x1 = x + (UnitC ? col[k + 1] : static_cast<int64_t>(col[k + 1]) * xs_c);
+                const float w0 = val[k], w1 = val[k + 1];
+                for (int t = 0; t < TT; ++t) {
+                    rest[t] += w0 * x0[t * xs_t];
+                    rest2[t] += w1 * x1[t * xs_t];
+                }
+            }
+            for (int t = 0; t < TT; ++t) rest[t] += rest2[t];
+        }
         for (; k < end; ++k) {
-            const float* xp = x + static_cast<int64_t>(col[k]) * xs_c;
+            const float* xp = x + (UnitC ? col[k] : static_cast<int64_t>(col[k]) * xs_c);
             const float w = val[k];
-            for (int t = 0; t < TT; ++t) acc[t][0] += w * xp[t * xs_t];
+            for (int t = 0; t < TT; ++t) rest[t] += w * xp[t * xs_t];
         }
         const float b = bias ? bias[o] : 0.0f;
-        for (int t = 0; t < TT; ++t) {
-            float s = 0.0f;
-            for (int u = 0; u < U; ++u) s += acc[t][u];
-            y[t * ys_t + o * ys_o] = s + b;
-        }
+        for (int t = 0; t < TT; ++t) y[t * ys_t + o * ys_o] = hsum(acc[t]) + rest[t] + b;
     }
 }
 
@@ -418,16 +541,21 @@ inline void small_tokens(const float* x, int64_t tokens, int64_t xs_t, int64_t x
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t b = 0; b < nblk; ++b) {
         const int64_t r0 = b * 64, r1 = std::min(out_features, r0 + 64);
-        for (int64_t t0 = 0; t0 < tokens; t0 += 3) {
-            const int64_t tt = std::min<int64_t>(3, tokens - t0);
+        for (int64_t t0 = 0; t0 < tokens; t0 += 2) {
+            const int64_t tt = std::min<int64_t>(2, tokens - t0);
             const float* xb = x + t0 * xs_t;
             float* yb = y + t0 * ys_t;
-            if (tt == 1)
-                small_rows<1, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
-            else if (tt == 2)
-                small_rows<2, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
-            else
-                small_rows<3, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+            if (xs_c == 1) {
+                if (tt == 1)
+                    small_rows<1, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                else
+                    small_rows<2, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+            } else {
+                if (tt == 1)
+                    small_rows<1, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                else
+                    small_rows<2, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+            }
         }
     }
 }
@@ -461,29 +589,31 @@ void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t
     const int64_t nvec = (tokens + W - 1) / W;
     const int64_t ldt = nvec * W;
     float* xt = scratch_x(static_cast<size_t>(in_features * ldt));
-    const StripPlan plan = plan_strips(nvec, in_features);
+    const StripPlan plan = plan_strips(tokens, in_features);
     const int64_t R = row_block();
     const int64_t nblk = (out_features + R - 1) / R;
-    const int64_t tile_len = R * kMaxNV * W;
+    const int64_t tile_len = R * (kMaxNV + 1) * W;
 #pragma omp parallel
     {
         float* tile = scratch_tile(static_cast<size_t>(tile_len));
         transpose_in(x, tokens, in_features, in_features, xt, ldt);  // omp for: ends with a barrier
         for (int64_t s = 0; s < plan.nstrips; ++s) {
             const int64_t nv = plan.size(s);
+            const bool half = plan.has_half(s);
             const int64_t t0 = plan.start(s) * W;
-            const int64_t tn = std::min(tokens, t0 + nv * W) - t0;  // real tokens in this strip
-            const int64_t ldd = nv * W;
-            const int64_t C = block_cols(nv);
+            const int64_t tn = std::min(tokens, t0 + nv * W + (half ? W / 2 : 0)) - t0;  // real tokens
+            const int64_t ldd = (nv + (half ? 1 : 0)) * W;
+            const int64_t C = block_cols(nv, half);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t b = 0; b < nblk; ++b) {
                 const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
-                strip_block_dispatch<ColT>(static_cast<int>(nv), xt + t0, ldt, crow_indices, col_indices, values,
+                strip_block_dispatch<ColT>(static_cast<int>(nv), half, xt + t0, ldt, crow_indices, col_indices, values,
                                            bias, r0, r1, in_features, C, tile, ldd);
                 tile_to_rowmajor(tile, ldd, r1 - r0, tn, y + t0 * out_features + r0, out_features);
             }
         }
     }
+    trim_scratch_x();
 }
 
 // Feature-major: Y^T (out_features x ldy) = W X^T + bias, X^T (in_features x ldx), columns
@@ -510,10 +640,10 @@ void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t l
     float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
     const float* xs = in_place ? xt : xpad;
     const int64_t lds = in_place ? ldx : ldt;
-    const StripPlan plan = plan_strips(nvec, in_features);
+    const StripPlan plan = plan_strips(tokens, in_features);
     const int64_t R = row_block();
     const int64_t nblk = (out_features + R - 1) / R;
-    const int64_t tile_len = R * kMaxNV * W;
+    const int64_t tile_len = R * (kMaxNV + 1) * W;
 #pragma omp parallel
     {
         float* tile = scratch_tile(static_cast<size_t>(tile_len));
@@ -526,20 +656,22 @@ void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t l
         }
         for (int64_t s = 0; s < plan.nstrips; ++s) {
             const int64_t nv = plan.size(s);
+            const bool half = plan.has_half(s);
             const int64_t t0 = plan.start(s) * W;
-            const int64_t tn = std::min(tokens, t0 + nv * W) - t0;
-            const int64_t ldd = nv * W;
-            const int64_t C = block_cols(nv);
+            const int64_t tn = std::min(tokens, t0 + nv * W + (half ? W / 2 : 0)) - t0;
+            const int64_t ldd = (nv + (half ? 1 : 0)) * W;
+            const int64_t C = block_cols(nv, half);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t b = 0; b < nblk; ++b) {
                 const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
-                strip_block_dispatch<ColT>(static_cast<int>(nv), xs + t0, lds, crow_indices, col_indices, values,
+                strip_block_dispatch<ColT>(static_cast<int>(nv), half, xs + t0, lds, crow_indices, col_indices, values,
                                            bias, r0, r1, in_features, C, tile, ldd);
                 for (int64_t r = 0; r < r1 - r0; ++r)
                     std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
             }
         }
     }
+    if (!in_place) trim_scratch_x();
 }
 
 // Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".
