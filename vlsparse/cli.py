@@ -271,7 +271,7 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
 @app.command("main-job")
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
              model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,
-             levels: str = typer.Option("0.5,0.6,0.7,0.8", help="IMP sparsity levels after the dense level"),
+             levels: str = typer.Option("0.5,0.7,0.8", help="IMP sparsity levels after the dense level"),
              compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
              steps: int = typer.Option(500), batch_size: int = typer.Option(32), seed: int = typer.Option(0),
              device: str = typer.Option("cpu"), threads: Optional[int] = typer.Option(None),
