@@ -39,7 +39,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "
 _LIB_STEM = "vlsparse_ort"
 
 _lock = threading.Lock()
-_built: dict[str, Path] = {}
+_built: dict[tuple[str, str], Path] = {}
 
 
 def cache_dir() -> Path:
@@ -111,15 +111,16 @@ def custom_op_library() -> Path:
     cxx = _compiler()
     version = _compiler_version(cxx)
     key = _key(version)
+    out_dir = cache_dir()
+    memo = (key, str(out_dir))  # a changed $VLSPARSE_CACHE builds (or finds) the library there
     with _lock:
-        if key in _built and _built[key].is_file():
-            return _built[key]
-        out_dir = cache_dir()
+        if memo in _built and _built[memo].is_file():
+            return _built[memo]
         out_dir.mkdir(parents=True, exist_ok=True)
         lib = out_dir / f"{_LIB_STEM}-{key}.so"
         if not lib.is_file():
             _compile(cxx, lib)
-        _built[key] = lib
+        _built[memo] = lib
         return lib
 
 
