@@ -26,6 +26,7 @@ import torch
 from transformers import LxmertConfig, LxmertForQuestionAnswering
 
 from .checkpoints import CheckpointError
+from .inputs import REGION_INPUT_AXES, region_example_inputs
 from .hf import TaskHeadMixin
 
 #: Linear modules of one single-stream (language or visual) layer, as state_dict name suffixes
@@ -55,9 +56,7 @@ class LxmertForVQA(TaskHeadMixin, LxmertForQuestionAnswering):
     qa_architectures = ("LxmertForQuestionAnswering",)
     answers_field = "num_qa_labels"
     #: model inputs in order, with their dynamic axes (ONNX export)
-    input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
-                  "img_feat": ("batch", "regions"), "img_pos": ("batch", "regions"),
-                  "img_mask": ("batch", "regions")}
+    input_axes = REGION_INPUT_AXES
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                 img_pos: torch.Tensor, img_mask: torch.Tensor, **unused) -> torch.Tensor:
@@ -77,13 +76,8 @@ class LxmertForVQA(TaskHeadMixin, LxmertForQuestionAnswering):
         return self.answer_head(out[2])
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
-        """Random but valid inputs of the given sizes (for export and benchmarks), as ``forward`` takes them."""
-        g = torch.Generator().manual_seed(seed)
-        return {"input_ids": torch.randint(1, min(self.config.vocab_size, 1000), (batch, text_len), generator=g),
-                "attention_mask": torch.ones(batch, text_len, dtype=torch.long),
-                "img_feat": torch.randn(batch, regions, self.config.visual_feat_dim, generator=g),
-                "img_pos": torch.rand(batch, regions, 7, generator=g),
-                "img_mask": torch.ones(batch, regions, dtype=torch.long)}
+        """Random but valid inputs of the given sizes (see :func:`~vlsparse.models.inputs.region_example_inputs`)."""
+        return region_example_inputs(self.config.vocab_size, self.config.visual_feat_dim, batch, text_len, regions, seed)
 
     def prune_scope(self) -> list[str]:
         """Names (as in ``state_dict``) of the prunable weights.

@@ -20,6 +20,8 @@ from torch import nn
 from transformers import BertConfig, PreTrainedModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
 
+from .inputs import REGION_INPUT_AXES, region_example_inputs
+
 POOLINGS = ("cls", "mean")
 
 
@@ -157,18 +159,11 @@ class UniterForVQA(PreTrainedModel):
         return self.vqa_output(self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask))
 
     #: model inputs in order, with their dynamic axes (ONNX export)
-    input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
-                  "img_feat": ("batch", "regions"), "img_pos": ("batch", "regions"),
-                  "img_mask": ("batch", "regions")}
+    input_axes = REGION_INPUT_AXES
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
-        """Random but valid inputs of the given sizes (for export and benchmarks), as ``forward`` takes them."""
-        g = torch.Generator().manual_seed(seed)
-        return {"input_ids": torch.randint(1, min(self.config.vocab_size, 1000), (batch, text_len), generator=g),
-                "attention_mask": torch.ones(batch, text_len, dtype=torch.long),
-                "img_feat": torch.randn(batch, regions, self.config.img_dim, generator=g),
-                "img_pos": torch.rand(batch, regions, 7, generator=g),
-                "img_mask": torch.ones(batch, regions, dtype=torch.long)}
+        """Random but valid inputs of the given sizes (see :func:`~vlsparse.models.inputs.region_example_inputs`)."""
+        return region_example_inputs(self.config.vocab_size, self.config.img_dim, batch, text_len, regions, seed)
 
     def prune_scope(self) -> list[str]:
         """Names (as in ``state_dict``) of the prunable weights: Q, K, V, attention-output,
