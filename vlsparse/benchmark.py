@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write, write_json, write_text
+from .io import atomic_write, save_weights, write_json, write_text
 
 FORMATS = ("dense", "csr", "onnx", "onnx-sparse")
 DEVICES = ("cpu", "cuda")
@@ -170,23 +170,13 @@ def masked_model(model_name: str, level: Level) -> tuple[nn.Module, dict]:
     """The level's model (eval mode, fp32, CPU) with its weights loaded and the mask applied; and the mask.
 
     Raises:
-        ValueError (RunError, CheckpointError, TicketError): weights or ticket that do not fit.
+        ValueError (RunError, CheckpointError, TicketError, ExportError): weights or ticket that do not fit.
     """
-    from safetensors.torch import load_file
-
-    from .models import dims_from_state, load_model
-    from .pruning.imp import load_weights
-    from .pruning.mask import apply_mask, check_mask_fits
+    from .export.model import masked_copy, model_from_weights
     from .pruning.ticket import Ticket
 
-    img_dim, num_answers = dims_from_state(load_file(str(level.weights)))
-    net, _ = load_model(model_name, img_dim=img_dim, num_answers=num_answers)
-    load_weights(level.weights, net)
     mask = Ticket.load(level.ticket).mask
-    check_mask_fits(mask, net, str(level.ticket))
-    with torch.no_grad():
-        apply_mask(net, mask)
-    return net.eval(), mask
+    return masked_copy(model_from_weights(model_name, level.weights), mask, str(level.ticket)), mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,17 +190,15 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
     (min_sparsity = :data:`ONNX_MIN_SPARSITY`), so "onnx" is written with it.
     """
     import onnx
-    from safetensors.torch import save_file
 
-    from .export.model import EXTERNAL_DATA_BYTES, ONNX_FILE, export_csr, export_onnx
+    from .export.model import ONNX_FILE, export_csr, export_onnx, save_onnx
     from .export.onnx_sparse import sparsify_onnx
 
     work = Path(workdir)
     paths = {"dense": work / "dense"}
     paths["dense"].mkdir(parents=True)
     (paths["dense"] / "config.json").write_text(model.config.to_json_string(use_diff=False))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(paths["dense"] / "model.safetensors", lambda tmp: save_file(state, tmp))
+    save_weights(paths["dense"] / "model.safetensors", model)
     if "csr" in formats:
         paths["csr"] = export_csr(model, mask, work / "csr")
     if "onnx" in formats or "onnx-sparse" in formats:
@@ -219,9 +207,7 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
         proto = sparsify_onnx(onnx.load(str(paths["onnx"] / ONNX_FILE)), min_sparsity=ONNX_MIN_SPARSITY)
         d = paths["onnx-sparse"] = work / "onnx-sparse"
         d.mkdir()
-        big = proto.ByteSize() > EXTERNAL_DATA_BYTES
-        onnx.save_model(proto, str(d / ONNX_FILE), save_as_external_data=big,
-                        location=ONNX_FILE + ".data" if big else None)
+        save_onnx(proto, d)
         (d / "config.json").write_text((paths["onnx"] / "config.json").read_text())
     return paths
 

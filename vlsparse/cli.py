@@ -42,18 +42,16 @@ class _Progress:
         self.bar = self.desc = None
 
 
-def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None, out: Optional[Path] = None):
-    """Load task data and model; with ``out``, write OUT/task.json (answers, feature statistics)."""
+def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
+    """Load the task's data and the model sized for it; returns (model, task data, collate)."""
     import torch
 
-    from .data import collate, load_task, save_task_info
+    from .data import collate, load_task
     from .models import load_model, load_tokenizer, visual_input
 
     torch.manual_seed(seed)
     data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
     net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=len(data.answers), seed=seed)
-    if out is not None:
-        save_task_info(data, Path(out) / "task.json")
     return net, data, collate
 
 
@@ -228,12 +226,9 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
     with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.export.bundle)."""
     import json
 
-    from safetensors.torch import load_file
-
     from .export.bundle import BundleExtras, find_task_info, ticket_metadata
-    from .export.model import ExportError, export_csr, export_onnx
-    from .models import dims_from_state, load_model
-    from .pruning.imp import load_weights
+    from .export.model import ExportError, export_csr, export_onnx, model_from_weights
+    from .models import load_tokenizer
     from .pruning.ticket import Ticket
 
     if format not in ("csr", "onnx"):
@@ -254,12 +249,8 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
         info = json.loads(task_info.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{task_info}: unreadable task info ({exc})") from None
-    try:
-        img_dim, num_answers = dims_from_state(load_file(str(weights)))
-    except Exception as exc:
-        raise ExportError(f"{weights}: not a readable state_dict of a vlsparse model ({str(exc)[:120]})") from None
-    net, tokenizer = load_model(model, img_dim=img_dim, num_answers=num_answers)
-    load_weights(weights, net)
+    net = model_from_weights(model, weights)
+    tokenizer = load_tokenizer(model)
     extras = BundleExtras(task_info=info, tokenizer=tokenizer, ticket=ticket_metadata(t.meta, t.sparsity, weights))
     if format == "csr":
         export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras)

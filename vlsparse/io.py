@@ -43,6 +43,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def cpu_state(model) -> dict:
+    """A copy of ``model.state_dict()`` as detached, contiguous CPU tensors (never aliases the model)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: str | Path, model, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write ``model``'s state_dict to ``path`` as safetensors (string ``metadata`` in the header)."""
+    from safetensors.torch import save_file
+
+    state = cpu_state(model)
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Atomically write ``text`` (UTF-8) to ``path``."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

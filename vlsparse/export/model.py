@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from ..io import default_mode
+from ..io import cpu_state, default_mode
 from ..models import model_from_config
 from ..pruning.mask import Mask, apply_mask, check_mask_fits
 from .bundle import BundleExtras, write_bundle
@@ -109,7 +109,7 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
     out = Path(out)
     tmp = _new_dir(out)
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        state = cpu_state(net)
         tensors = {k: v for k, v in state.items() if k not in mask}
         for name, m in mask.items():
             enc = encode_sparse(state[name], m, DTYPES[dtype])
@@ -173,6 +173,37 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
     return model.eval()
 
 
+def model_from_weights(model: str, weights: str | Path) -> nn.Module:
+    """Build ``model`` (preset, directory or checkpoint; see vlsparse.models.load_model) sized for a
+    trained state_dict (safetensors) and load that state_dict into it.
+
+    Raises:
+        ExportError: ``weights`` is unreadable or not a vlsparse model's state_dict.
+        RunError: the weights do not fit the model.
+    """
+    from ..models import dims_from_state, load_model
+    from ..pruning.imp import load_weights
+
+    try:
+        img_dim, num_answers = dims_from_state(load_file(str(weights)))
+    except Exception as exc:
+        raise ExportError(f"{weights}: not a readable state_dict of a vlsparse model ({str(exc)[:120]})") from None
+    net, _ = load_model(model, img_dim=img_dim, num_answers=num_answers)
+    load_weights(weights, net)
+    return net
+
+
+def save_onnx(proto, directory: Path) -> Path:
+    """Write ``proto`` as DIRECTORY/model.onnx, with the weights in model.onnx.data when the model
+    is larger than EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB); returns the file's path."""
+    import onnx
+
+    big = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    path = Path(directory) / ONNX_FILE
+    onnx.save_model(proto, str(path), save_as_external_data=big, location=ONNX_FILE + ".data" if big else None)
+    return path
+
+
 def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = False, min_sparsity: float = 0.5,
                 opset: int = 17, bundle_extras: BundleExtras | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as ONNX (see module docstring); returns ``out``.
@@ -206,9 +237,7 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         if sparse:
             from .onnx_sparse import sparsify_onnx
             proto = sparsify_onnx(proto, min_sparsity=min_sparsity)
-        big = proto.ByteSize() > EXTERNAL_DATA_BYTES
-        onnx.save_model(proto, str(tmp / ONNX_FILE), save_as_external_data=big,
-                        location=ONNX_FILE + ".data" if big else None)
+        save_onnx(proto, tmp)
         _write_config(net, tmp)
         write_bundle(tmp, "onnx-sparse" if sparse else "onnx", bundle_extras)
     except BaseException:

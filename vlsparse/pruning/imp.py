@@ -31,7 +31,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_write, write_json, write_text
+from ..io import atomic_write, save_weights, write_json, write_text
 from ..training.loop import TrainConfig, evaluate, train
 from .magnitude import global_magnitude_prune
 from .mask import ones_mask
@@ -115,11 +115,6 @@ def check_config(run: Path, cfg: IMPConfig) -> None:
         write_json(path, cfg.identity())
 
 
-def _save_state(path: Path, model: nn.Module) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
-
-
 def write_summary(run: Path) -> Path:
     """Rewrite RUN/summary.csv from the finished levels' metrics.json; returns its path.
 
@@ -165,7 +160,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
     if theta0.exists():
         load_weights(theta0, model)
     else:
-        _save_state(theta0, model)
+        save_weights(theta0, model)
     first = _level_dir(run, 0) / "ticket.safetensors"
     if not first.exists():
         Ticket(ones_mask(model, scope), _meta(cfg, 0, 0.0, {})).save(first)
@@ -198,7 +193,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
             new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
             Ticket(new, _meta(cfg, k + 1, levels[k + 1], metrics["val"])).save(
                 _level_dir(run, k + 1) / "ticket.safetensors", overwrite=True)  # level k+1 is not finished yet
-        _save_state(out / "weights.safetensors", model)
+        save_weights(out / "weights.safetensors", model)
         write_json(out / "metrics.json", metrics)
         write_summary(run)
         results.append(metrics)

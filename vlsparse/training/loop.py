@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.vqa import vqa_score
+from ..io import cpu_state
 from ..pruning.mask import Mask, apply_mask
 
 
@@ -92,7 +94,7 @@ class CompactVocab:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the model's state_dict with the full-size word-embedding table."""
         self.restore()
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = cpu_state(self.model)
         self.model.set_input_embeddings(self.compact)
         return state
 
@@ -157,8 +159,7 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             if progress:
                 progress(step + 1)
             if snapshot_step is not None and step + 1 == snapshot_step:
-                snapshot = vocab.full_state_dict() if vocab else {
-                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                snapshot = vocab.full_state_dict() if vocab else cpu_state(model)
     finally:
         if vocab is not None:
             vocab.restore()
@@ -188,5 +189,5 @@ def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: 
     for single-answer data such as easy-VQA it equals accuracy.
     """
     logits, targets = predict(model, dataset, collate, batch_size, device)
-    score = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+    score = vqa_score(logits, targets)
     return {"vqa_score": float(score.mean()) if len(score) else 0.0, "n": len(score)}

@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write, write_json
+from ..io import save_weights, write_json
 from ..pruning.imp import load_weights
 from ..pruning.mask import check_mask_fits
 from ..pruning.reinit import reinitialize
@@ -64,8 +63,7 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
                "val": evaluate(model, task.val, collate, device=cfg.device),
                "test": evaluate(model, task.test, collate, device=cfg.device),
                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "weights.safetensors", lambda tmp: save_file(state, tmp, metadata={
-        "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init}))
+    save_weights(out / "weights.safetensors", model, metadata={
+        "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init})
     write_json(out / "metrics.json", metrics)
     return metrics
