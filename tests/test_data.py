@@ -394,7 +394,7 @@ def test_load_easy_vqa(easy):
     # one answer per question, score 1
     assert (td.train.targets.sum(1) == 1).all() and (td.test.targets.max(1).values == 1).all()
     # standardised with train-split statistics
-    f = torch.stack([td.train.regions[i][0] for i in sorted(tr_ids)])
+    f = torch.stack([torch.as_tensor(td.train.regions[i][0]) for i in sorted(tr_ids)])
     assert f.reshape(-1, REGION_FEATURE_DIM).mean(0).abs().max() < 1e-3
     b = collate([td.test[i] for i in range(16)])
     assert b["img_feat"].shape == (16, NUM_REGIONS, REGION_FEATURE_DIM)

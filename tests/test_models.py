@@ -36,8 +36,8 @@ def test_minilm_preset_matches_transformers_bert_mean_pooling(tokenizer):
     with torch.no_grad():
         ref = bert(**enc).last_hidden_state
         ref = (ref * enc["attention_mask"][..., None]).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
-        ours = model.uniter(enc["input_ids"], enc["attention_mask"], torch.zeros(2, 0, IMG_DIM),
-                            torch.zeros(2, 0, 7), torch.zeros(2, 0, dtype=torch.long))
+        ours, _ = model.uniter(enc["input_ids"], enc["attention_mask"], torch.zeros(2, 0, IMG_DIM),
+                               torch.zeros(2, 0, 7), torch.zeros(2, 0, dtype=torch.long))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -45,8 +45,14 @@ def test_save_pretrained_roundtrip(tmp_path, tiny_model, batch):
     tiny_model.save_pretrained(tmp_path / "m")
     loaded, _ = load_model(str(tmp_path / "m"), img_dim=IMG_DIM, num_answers=len(ANSWERS))
     torch.testing.assert_close(loaded(**batch), tiny_model(**batch), rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match="answers"):
-        load_model(str(tmp_path / "m"), img_dim=IMG_DIM, num_answers=99)
+    # another task: the backbone is kept, the head is new (φ0 of the new size / kind)
+    other, _ = load_model(str(tmp_path / "m"), img_dim=IMG_DIM, num_answers=99)
+    assert other(**batch).shape == (5, 99)
+    assert torch.equal(other.uniter.encoder.layer[0].output.dense.weight, tiny_model.uniter.encoder.layer[0].output.dense.weight)
+    pair, _ = load_model(str(tmp_path / "m"), img_dim=IMG_DIM, num_answers=2, head="pair", num_images=2)
+    assert pair.vqa_output[0].in_features == 2 * tiny_model.config.hidden_size
+    with pytest.raises(CheckpointError, match="region features of size"):
+        load_model(str(tmp_path / "m"), img_dim=IMG_DIM + 1, num_answers=len(ANSWERS))
 
 
 def _official_style(state):

@@ -68,7 +68,7 @@ def easy(tmp_path_factory):
         # fit the answer layer: ridge regression of +-1 targets on the head's hidden features
         batch = collate([ds_train[i] for i in range(len(ds_train))])
         y = batch.pop("targets")
-        h = net.vqa_output[:3](net.uniter(**batch))
+        h = net.vqa_output[:3](net.uniter(**batch)[0])
         h = torch.cat([h, torch.ones(len(h), 1)], 1)
         w = torch.linalg.solve(h.T @ h + 1e-2 * torch.eye(h.shape[1]), h.T @ (2 * y - 1))
         net.vqa_output[3].weight.copy_(w[:-1].T)

@@ -63,9 +63,11 @@ def test_pixel_images_equal_the_processor_and_collate_pads(easy):
     assert torch.equal(mask, ref["pixel_mask"][0])
     with pytest.raises(ValueError, match="multiple of 32"):
         image_processor(100)
-    items = [{"input_ids": torch.tensor([101, 7, 102]), "pixel_values": torch.ones(3, 64, 96),
+    items = [{"input_ids": torch.tensor([101, 7, 102]), "attention_mask": torch.ones(3, dtype=torch.long),
+              "pixel_values": torch.ones(3, 64, 96),
               "pixel_mask": torch.ones(64, 96, dtype=torch.long), "targets": torch.tensor([1.0, 0.0])},
-             {"input_ids": torch.tensor([101, 102]), "pixel_values": torch.full((3, 96, 64), 2.0),
+             {"input_ids": torch.tensor([101, 102]), "attention_mask": torch.ones(2, dtype=torch.long),
+              "pixel_values": torch.full((3, 96, 64), 2.0),
               "pixel_mask": torch.ones(96, 64, dtype=torch.long), "targets": torch.tensor([0.0, 1.0])}]
     b = collate(items)
     assert sorted(b) == ["attention_mask", "input_ids", "pixel_mask", "pixel_values", "targets"]

@@ -49,9 +49,13 @@ def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
     from .data import collate, load_task
     from .models import load_model, load_tokenizer, visual_input
 
+    from .models.heads import head_outputs
+
     torch.manual_seed(seed)
     data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
-    net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=len(data.answers), seed=seed)
+    obj = data.objective
+    net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=head_outputs(obj.head, len(data.answers)),
+                        seed=seed, head=obj.head, num_images=obj.images)
     return net, data, collate
 
 
@@ -117,9 +121,10 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
     save_task_info(data, Path(out) / "task.json")
     results = run_imp(out, net, data, collate, cfg, bar)
     bar.close()
+    metric = data.metric_name
     for m in results:
-        typer.echo(f"level {m['level']:2d}  sparsity {m['sparsity']:.1%}  val {m['val']['vqa_score']:.2%}  "
-                   f"test {m['test']['vqa_score']:.2%}")
+        typer.echo(f"level {m['level']:2d}  sparsity {m['sparsity']:.1%}  val {metric} {m['val'][metric]:.2%}  "
+                   f"test {m['test'][metric]:.2%}")
     typer.echo(f"summary: {Path(out) / 'summary.csv'}")
 
 
@@ -150,8 +155,9 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
                        progress=lambda s: bar("train", s, steps))
     save_task_info(data, out / "task.json")
     bar.close()
-    typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {m['val']['vqa_score']:.2%}  "
-               f"test {m['test']['vqa_score']:.2%}  -> {out}")
+    metric = data.metric_name
+    typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {metric} {m['val'][metric]:.2%}  "
+               f"test {m['test'][metric]:.2%}  -> {out}")
 
 
 @app.command("random-ticket")
@@ -299,7 +305,7 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     bar = _Progress()
     rows = run_main_job(out, net, data, collate, cfg, compare_idx, bar)
     bar.close()
-    typer.echo(format_table([r for r in rows if r.random is not None]))
+    typer.echo(format_table([r for r in rows if r.random is not None], data.metric_name))
     typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
                f"took {time.time() - t0:.0f} s")
     if bench:

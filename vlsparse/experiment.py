@@ -80,7 +80,7 @@ def main_job(out: str | Path, model: nn.Module, task, collate: Callable, cfg: IM
     save_task_info(task, out / "imp" / "task.json")
     imp = run_imp(out / "imp", model, task, collate, cfg, progress)
     rand = random_baselines(out, model, task, collate, cfg, compare_levels, progress)
-    metric = "vqa_score"
+    metric = task.metric_name
     dense = imp[0]["test"][metric]
     rows = [Row(imp[k]["sparsity"], dense, imp[k]["test"][metric],
                 rand[k]["test"][metric] if k in rand else None) for k in range(1, len(imp))]

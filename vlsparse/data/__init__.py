@@ -1,8 +1,21 @@
-"""Data: region features, VQA-style datasets and the task registry.
+"""Data: region features, datasets of every task and the task registry.
 
 ``load_task(name, tokenizer, ...)`` returns a :class:`TaskData`.  To add a task, write a
-loader ``fn(tokenizer, data_dir=None, cache_dir=None, **kw) -> TaskData`` and add it to
-:data:`TASKS`.
+loader ``fn(tokenizer, data_dir=None, cache_dir=None, visual="regions", **kw) -> TaskData`` and add
+it to :data:`TASKS`.  The tasks of Gan et al. 2022 (Tables 1-4) and their on-disk formats:
+
+=============  ===================================  =======================  ====================
+task           module (files read from --data-dir)  head / metric            source format
+=============  ===================================  =======================  ====================
+easy-vqa       easy_vqa (the easy_vqa package)      answer / vqa_score       easy-VQA (PyPI)
+vqa            vqav2                                answer / vqa_score       VQA v2 JSON
+gqa            gqa                                  answer / accuracy        GQA balanced JSON
+vcr            vcr                                  rank / q_ar_accuracy     VCR jsonl
+nlvr2          nlvr2                                pair / accuracy          NLVR2 jsonl
+snli-ve        snli_ve                              answer / accuracy        SNLI-VE jsonl
+refcoco+       refcoco                              region / accuracy        refer refs + COCO
+flickr30k      flickr30k                            rank / ir_r1 (R@1/5/10)  Karpathy split JSON
+=============  ===================================  =======================  ====================
 """
 
 from __future__ import annotations
@@ -30,9 +43,26 @@ def _easy_vqa(tokenizer: Any, data_dir: str | os.PathLike | None = None, cache_d
     return load_easy_vqa(tokenizer, cache_dir=cache_dir, **kw)
 
 
+def _lazy(module: str, function: str) -> Callable[..., TaskData]:
+    def load(tokenizer: Any, **kw: Any) -> TaskData:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(tokenizer, **kw)
+
+    load.__doc__ = f"vlsparse.data.{module}.{function}"
+    return load
+
+
 #: task name -> loader(tokenizer, data_dir=None, cache_dir=None, visual="regions", **kw) -> TaskData
 TASKS: dict[str, Callable[..., TaskData]] = {
     "easy-vqa": _easy_vqa,
+    "vqa": _lazy("vqav2", "load_vqa"),
+    "gqa": _lazy("gqa", "load_gqa"),
+    "vcr": _lazy("vcr", "load_vcr"),
+    "nlvr2": _lazy("nlvr2", "load_nlvr2"),
+    "snli-ve": _lazy("snli_ve", "load_snli_ve"),
+    "refcoco+": _lazy("refcoco", "load_refcoco_plus"),
+    "flickr30k": _lazy("flickr30k", "load_flickr30k"),
 }
 
 
@@ -61,13 +91,16 @@ def load_task(
 
 def task_info(task: TaskData) -> dict:
     """What inference needs to know about a task, as JSON-able data: name, answers (index = logit
-    position), metric, region feature size, region extractor version, and the train-split
-    feature mean/std (lists of floats, length D) used to standardise region features; ``visual``
-    ("regions" | "pixels") and, for pixels, the ViltImageProcessor settings (``image_processor``)."""
+    position), metric, objective (head, loss, metric, groups, images), region feature size, region
+    extractor version, and the train-split feature mean/std (lists of floats, length D) used to
+    standardise region features; ``visual`` ("regions" | "pixels") and, for pixels, the
+    ViltImageProcessor settings (``image_processor``)."""
     from .regions import EXTRACTOR_VERSION
 
     return {"task": task.name, "answers": list(task.answers), "metric": task.metric_name,
-            "region_feature_dim": task.region_feature_dim, "region_extractor": EXTRACTOR_VERSION,
+            "objective": task.objective.to_dict(),
+            "region_feature_dim": task.region_feature_dim,
+            "region_extractor": EXTRACTOR_VERSION if task.feature_mean is not None else None,
             "max_text_len": getattr(task.train, "max_text_len", None),
             "feature_mean": None if task.feature_mean is None else [float(x) for x in task.feature_mean],
             "feature_std": None if task.feature_std is None else [float(x) for x in task.feature_std],

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .metrics import box_iou, vqa_score
+from .objective import VQA_OBJECTIVE, Objective
 from .pixels import PixelImages
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "VQAExample",
     "VQADataset",
     "collate",
+    "RetrievalSet",
     "split_by_image",
     "region_feature_stats",
     "standardize_regions",
@@ -91,28 +94,35 @@ def answer_targets(
     return _score_vector({a: soft_score(c) for a, c in answer_counts.items()}, index, n)
 
 
-def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-question VQA score (B,): the target score of the arg-max answer of ``logits``.
-
-    ``logits`` and ``targets`` are (B, A); the mean over a data set is the VQA accuracy.
-    """
-    if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"expected (B, A) logits and targets, got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    pred = logits.argmax(dim=1, keepdim=True)
-    return targets.gather(1, pred).squeeze(1).to(torch.float32)
-
-
 @dataclass
 class VQAExample:
-    """One question.  ``answers`` maps answer -> soft score (already ``soft_score``-ed).
+    """One example of any task, framed as a choice among outputs (see :mod:`vlsparse.data.objective`).
 
-    ``question_type`` is an optional free-form tag for per-type reports ("" if unknown).
+    Args:
+        question: the text (question, statement, hypothesis, caption, referring expression), or a
+            tuple of C candidate texts scored one by one (VCR: question + each answer / rationale).
+        image_id: the image's key in the dataset's region features or pixels, or a tuple of K keys
+            (NLVR2's two images; a caption's positive and negative images for ITM training).
+        answers: label -> soft score (``soft_score``-ed), labels indexed by the answer vocabulary
+            (VQA answers, GQA answers, "entailment", "True", "choice_2", ...). Empty for region tasks.
+        question_type: an optional free-form tag for per-type reports ("" if unknown).
+        gt_box: region tasks (RefCOCO+): the referred object's box (x1, y1, x2, y2) normalised to
+            [0, 1]; the targets are then the IoU of each region's box with it.
     """
 
-    question: str
+    question: str | tuple[str, ...]
     image_id: Hashable
     answers: dict[str, float]
     question_type: str = ""
+    gt_box: tuple[float, float, float, float] | None = None
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return self.question if isinstance(self.question, tuple) else (self.question,)
+
+    @property
+    def images(self) -> tuple:
+        return self.image_id if isinstance(self.image_id, tuple) else (self.image_id,)
 
 
 def split_by_image(
@@ -163,23 +173,30 @@ def standardize_regions(
 
 
 class VQADataset(Dataset):
-    """Questions + region features (or image pixels) -> model inputs and soft targets.
+    """Examples + region features (or image pixels) -> model inputs and targets, for every task.
 
     Args:
-        examples: the questions.
-        regions: image_id -> ``(features (N, D) float32, boxes (N, 7) float32)``, already
-            standardised (see :func:`standardize_regions`); or a
-            :class:`~vlsparse.data.pixels.PixelImages` (``visual`` is then "pixels").  Every
-            example's image must be in it.
-        tokenizer: a BERT-style tokenizer (e.g. ``BertTokenizerFast``) that adds
-            ``[CLS] ... [SEP]``.
-        answer_vocab: list of answers (index = logit position) or dict answer -> index.
-        max_text_len: questions are truncated to this many tokens, [CLS] and [SEP] included.
+        examples: the examples (:class:`VQAExample`).
+        regions: image_id -> ``(features (N, D) float32, boxes (N, 7) float32)`` (standardised when the
+            task standardises, see :func:`standardize_regions`; a lazy store such as
+            :func:`vlsparse.data.features.open_region_features` is read one image at a time); or a
+            :class:`~vlsparse.data.pixels.PixelImages` (``visual`` is then "pixels"). Every example's
+            images must be in it.
+        tokenizer: a BERT-style tokenizer (e.g. ``BertTokenizerFast``) that adds ``[CLS] ... [SEP]``.
+        answer_vocab: list of labels (index = logit position) or dict label -> index.
+        max_text_len: texts are truncated to this many tokens, [CLS] and [SEP] included.
+        objective: the task's head, loss and metric (default: VQA).
+        boxes: region tasks on pixels (ViLT): image_id -> candidate boxes (N, 7) float32.
 
-    Items are dicts of tensors: ``input_ids`` (L,) int64, ``img_feat`` (N, D) float32,
-    ``img_pos`` (N, 7) float32, ``targets`` (A,) float32; with pixels ``pixel_values`` (3, H, W)
-    float32 and ``pixel_mask`` (H, W) int64 instead of ``img_feat``/``img_pos``.  Batch them with
+    Items are dicts of tensors: ``input_ids`` and ``attention_mask`` (L,) int64, or (C, L) for C
+    candidate texts; ``img_feat`` (N, D) float32, ``img_pos`` (N, 7) float32 and ``img_mask`` (N,) int64,
+    or ``pixel_values`` (3, H, W) float32 and ``pixel_mask`` (H, W) int64 (plus ``img_pos``/``img_mask``
+    of the candidate boxes for a region task), each with a leading K axis for K images per example;
+    ``targets`` (A,) float32 soft scores, or (N,) float32 IoUs for a region task. Batch them with
     :func:`collate`.
+
+    Raises:
+        ValueError: an example whose image is missing, a tokenizer that adds no [CLS], a bad length.
     """
 
     def __init__(
@@ -189,119 +206,170 @@ class VQADataset(Dataset):
         tokenizer: Any,
         answer_vocab: Sequence[str] | Mapping[str, int],
         max_text_len: int = 40,
+        objective: Objective = VQA_OBJECTIVE,
+        boxes: Mapping[Hashable, np.ndarray] | None = None,
     ):
         if max_text_len < 2:
             raise ValueError("max_text_len must leave room for [CLS] and [SEP]")
         self.examples = list(examples)
+        self.objective = objective
         self.answer_index = _vocab_index(answer_vocab)
         self.num_answers = (max(self.answer_index.values()) + 1) if self.answer_index else 0
         self.max_text_len = max_text_len
-        missing = {e.image_id for e in self.examples} - set(regions)
+        #: "regions" or "pixels": what the items carry about the image
+        self.visual = "pixels" if isinstance(regions, PixelImages) else "regions"
+        self.regions = regions
+        self.boxes = boxes
+        if objective.head == "region" and self.visual == "pixels" and boxes is None:
+            raise ValueError("a region task on pixels needs the candidate boxes (boxes=)")
+        used = {i for e in self.examples for i in e.images}
+        missing = [i for i in used if i not in regions or (boxes is not None and i not in boxes)]
         if missing:
             raise ValueError(f"{len(missing)} image ids have no region features (or pixels), "
                              f"e.g. {sorted(missing, key=str)[:5]}")
-        used = {e.image_id for e in self.examples}
-        #: "regions" or "pixels": what the items carry about the image
-        self.visual = "pixels" if isinstance(regions, PixelImages) else "regions"
-        self.regions: Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]] = regions if self.visual == "pixels" else {
-            k: (
-                torch.as_tensor(np.asarray(f, dtype=np.float32)),
-                torch.as_tensor(np.asarray(b, dtype=np.float32)),
-            )
-            for k, (f, b) in regions.items()
-            if k in used
-        }
-        # tokenize each distinct question once (easy-VQA repeats many)
-        unique = sorted({e.question for e in self.examples})
+        # tokenize each distinct text once (easy-VQA repeats many)
+        unique = sorted({t for e in self.examples for t in e.texts})
         enc = tokenizer(unique, truncation=True, max_length=max_text_len, add_special_tokens=True)["input_ids"] if unique else []
         by_text = {q: list(ids) for q, ids in zip(unique, enc)}
-        #: token ids per question (lists of int), [CLS] ... [SEP]
-        self.token_ids: list[list[int]] = [by_text[e.question] for e in self.examples]
+        #: token ids per example: one list of int per text, [CLS] ... [SEP]
+        self.token_ids: list[list[list[int]]] = [[by_text[t] for t in e.texts] for e in self.examples]
         cls_id = getattr(tokenizer, "cls_token_id", None)
-        if cls_id is not None and self.token_ids and self.token_ids[0][0] != cls_id:
+        if cls_id is not None and self.token_ids and self.token_ids[0][0][0] != cls_id:
             raise ValueError("the tokenizer did not add [CLS]")
-        self.targets = torch.stack(
+        #: (Q, A) float32 soft targets (None for region tasks: their targets depend on each image's boxes)
+        self.targets = None if objective.head == "region" else (torch.stack(
             [_score_vector(e.answers, self.answer_index, self.num_answers) for e in self.examples]
-        ) if self.examples else torch.zeros(0, self.num_answers)
+        ) if self.examples else torch.zeros(0, self.num_answers))
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def used_token_ids(self) -> set[int]:
+        """Every token id of every text of the data set."""
+        return {t for texts in self.token_ids for ids in texts for t in ids}
+
+    def _image(self, key: Hashable) -> dict[str, torch.Tensor]:
+        a, b = self.regions[key]
+        if self.visual == "pixels":
+            item = {"pixel_values": a, "pixel_mask": b}
+            if self.boxes is not None:
+                pos = torch.as_tensor(np.asarray(self.boxes[key], dtype=np.float32))
+                item.update(img_pos=pos, img_mask=torch.ones(len(pos), dtype=torch.int64))
+            return item
+        f = torch.as_tensor(np.asarray(a, dtype=np.float32))
+        return {"img_feat": f, "img_pos": torch.as_tensor(np.asarray(b, dtype=np.float32)),
+                "img_mask": torch.ones(len(f), dtype=torch.int64)}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.examples[i]
-        a, b = self.regions[e.image_id]
-        names = ("pixel_values", "pixel_mask") if self.visual == "pixels" else ("img_feat", "img_pos")
-        return {
-            "input_ids": torch.tensor(self.token_ids[i], dtype=torch.int64),
-            names[0]: a,
-            names[1]: b,
-            "targets": self.targets[i],
-        }
+        texts = [torch.tensor(ids, dtype=torch.int64) for ids in self.token_ids[i]]
+        several = isinstance(e.question, tuple)
+        item = {"input_ids": _pad_stack(texts) if several else texts[0],
+                "attention_mask": _pad_stack([torch.ones_like(t) for t in texts]) if several else torch.ones_like(texts[0])}
+        images = [self._image(k) for k in e.images]
+        item.update({k: _pad_stack([im[k] for im in images]) for k in images[0]} if isinstance(e.image_id, tuple)
+                    else images[0])
+        if self.objective.head == "region":
+            box = np.asarray(e.gt_box, dtype=np.float64)[None]
+            item["targets"] = torch.as_tensor(box_iou(item["img_pos"].numpy(), box)[:, 0], dtype=torch.float32)
+        else:
+            item["targets"] = self.targets[i]
+        return item
 
     @property
     def question_types(self) -> list[str]:
         return [e.question_type for e in self.examples]
 
 
-def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pad and stack :class:`VQADataset` items.
+class RetrievalSet:
+    """A caption x image retrieval evaluation set (Flickr30k val/test, Karpathy split; UNITER ``itm_eval``).
 
-    Returns exactly: ``input_ids`` (B, L) int64 padded with 0, ``attention_mask`` (B, L)
-    int64 (1 on text tokens), ``img_feat`` (B, N, D) float32 and ``img_pos`` (B, N, 7)
-    float32 padded with zeros, ``img_mask`` (B, N) int64 (1 on real regions), ``targets``
-    (B, A) float32.  Pixel items give ``pixel_values`` (B, 3, H, W) float32 and ``pixel_mask``
-    (B, H, W) int64 instead of ``img_feat``/``img_pos``/``img_mask``, images zero-padded at the
-    bottom and right to the largest H and W (mask 0 there), as ViltImageProcessor pads.
+    Every caption is scored against every image with the model's ``rank`` head (one forward per
+    pair); :meth:`evaluate` returns IR and TR recall@1/5/10 (:func:`vlsparse.data.metrics.recall_at_k`).
+
+    Args:
+        captions: (caption text, its image id) pairs.
+        regions, tokenizer, max_text_len: as :class:`VQADataset`.
+
+    Raises:
+        ValueError: a caption whose image is missing.
+    """
+
+    objective = Objective(head="rank", loss="ce", metric="ir_r1")
+
+    def __init__(self, captions: Sequence[tuple[str, Hashable]], regions: Mapping, tokenizer: Any,
+                 max_text_len: int = 40):
+        self.image_ids = sorted({img for _, img in captions}, key=str)
+        index = {img: k for k, img in enumerate(self.image_ids)}
+        self.caption_image = [index[img] for _, img in captions]
+        self.texts = VQADataset([VQAExample(c, img, {}) for c, img in captions], regions, tokenizer, [],
+                                max_text_len, self.objective)
+        self.images = VQADataset([VQAExample("", img, {}) for img in self.image_ids], regions, tokenizer, [],
+                                 max_text_len, self.objective)
+
+    def __len__(self) -> int:
+        return len(self.caption_image)
+
+    def used_token_ids(self) -> set[int]:
+        """Every token id of the captions."""
+        return self.texts.used_token_ids()
+
+    @torch.no_grad()
+    def score_matrix(self, model: Any, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+        """(captions, images) float64 scores of the model's rank head."""
+        model.to(device).eval()
+        images = [self.images[k] for k in range(len(self.images))]
+        scores = np.zeros((len(self.texts), len(images)))
+        for t in range(len(self.texts)):
+            text = self.texts[t]
+            for s in range(0, len(images), batch_size):
+                part = images[s:s + batch_size]
+                batch = collate([{**im, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+                                 for im in part])
+                batch.pop("targets")
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+                scores[t, s:s + len(part)] = out.reshape(-1).double().cpu().numpy()
+        return scores
+
+    def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
+        """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions)."""
+        from .metrics import recall_at_k
+
+        return {**recall_at_k(self.score_matrix(model, batch_size, device), self.caption_image), "n": len(self)}
+
+
+#: key order of a batch
+_KEYS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "pixel_values", "pixel_mask", "targets")
+
+
+def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack tensors of the same rank, zero-padded at the end of every axis to the largest size."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = torch.zeros((len(tensors), *shape), dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[(i, *(slice(0, n) for n in t.shape))] = t
+    return out
+
+
+def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pad and stack :class:`VQADataset` items: every tensor is zero-padded at the end of each axis to
+    the largest size in the batch, so masks are 0 and ids are [PAD] (0) on padding.
+
+    Returns the items' keys in the order ``input_ids``, ``attention_mask``, ``img_feat``, ``img_pos``,
+    ``img_mask``, ``pixel_values``, ``pixel_mask``, ``targets``, each with a leading batch axis B: e.g.
+    ``input_ids`` (B, L) int64, ``img_feat`` (B, N, D) float32, ``img_mask`` (B, N) int64, ``targets``
+    (B, A) float32. Pixel images are padded at the bottom and right (mask 0 there), as
+    ViltImageProcessor pads.
+
+    Raises:
+        ValueError: an empty batch, or items with different keys.
     """
     if not batch:
         raise ValueError("empty batch")
-    if "pixel_values" in batch[0]:
-        return _collate_pixels(batch)
-    B = len(batch)
-    N = max(b["img_feat"].shape[0] for b in batch)
-    D = batch[0]["img_feat"].shape[1]
-    input_ids, attention_mask = _pad_text(batch)
-    img_feat = torch.zeros((B, N, D), dtype=torch.float32)
-    img_pos = torch.zeros((B, N, 7), dtype=torch.float32)
-    img_mask = torch.zeros((B, N), dtype=torch.int64)
-    for i, b in enumerate(batch):
-        n = b["img_feat"].shape[0]
-        img_feat[i, :n] = b["img_feat"]
-        img_pos[i, :n] = b["img_pos"]
-        img_mask[i, :n] = 1
-    targets = torch.stack([b["targets"] for b in batch]).to(torch.float32)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "img_feat": img_feat,
-        "img_pos": img_pos,
-        "img_mask": img_mask,
-        "targets": targets,
-    }
-
-
-def _pad_text(batch: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(b["input_ids"]) for b in batch)
-    input_ids = torch.full((len(batch), L), PAD_TOKEN_ID, dtype=torch.int64)
-    attention_mask = torch.zeros((len(batch), L), dtype=torch.int64)
-    for i, b in enumerate(batch):
-        input_ids[i, : len(b["input_ids"])] = b["input_ids"]
-        attention_mask[i, : len(b["input_ids"])] = 1
-    return input_ids, attention_mask
-
-
-def _collate_pixels(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    H = max(b["pixel_values"].shape[1] for b in batch)
-    W = max(b["pixel_values"].shape[2] for b in batch)
-    pixel_values = torch.zeros((len(batch), 3, H, W), dtype=torch.float32)
-    pixel_mask = torch.zeros((len(batch), H, W), dtype=torch.int64)
-    for i, b in enumerate(batch):
-        _, h, w = b["pixel_values"].shape
-        pixel_values[i, :, :h, :w] = b["pixel_values"]
-        pixel_mask[i, :h, :w] = b["pixel_mask"]
-    input_ids, attention_mask = _pad_text(batch)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "pixel_mask": pixel_mask, "targets": torch.stack([b["targets"] for b in batch]).to(torch.float32)}
+    keys = [k for k in _KEYS if k in batch[0]]
+    if any(set(b) != set(keys) for b in batch):
+        raise ValueError(f"items have different keys; expected {keys}")
+    return {k: _pad_stack([b[k] for b in batch]) for k in keys}
 
 
 @dataclass
@@ -325,3 +393,4 @@ class TaskData:
     feature_std: np.ndarray | None = field(default=None, repr=False)
     visual: str = "regions"
     image_processor: dict | None = field(default=None, repr=False)
+    objective: Objective = VQA_OBJECTIVE

@@ -15,6 +15,7 @@ from transformers import BertTokenizerFast
 
 from .checkpoints import (CheckpointError, config_from_official, load_minilm_state, map_official_uniter, minilm_dir,
                           read_torch_state)
+from .hf import read_pretrained
 from .lxmert import LxmertForVQA, is_original_lxmert
 from .uniter import UniterConfig, UniterForVQA
 from .vilt import ViltForVQA
@@ -82,8 +83,8 @@ def _check_task_fit(config: UniterConfig, img_dim: int | None, num_answers: int 
 
 
 def load_model(name: str, img_dim: int | None = None, num_answers: int | None = None,
-               seed: int = 0) -> tuple[UniterForVQA, BertTokenizerFast]:
-    """Build or load a model for a VQA-style task; return ``(model, tokenizer)``.
+               seed: int = 0, head: str = "answer", num_images: int = 1) -> tuple[UniterForVQA, BertTokenizerFast]:
+    """Build or load a model for a task; return ``(model, tokenizer)``.
 
     Args:
         name: a preset name (see :data:`PRESETS`), a directory written by ``save_pretrained`` (by
@@ -95,19 +96,23 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
         num_answers: answer vocabulary size A of the task (None: the preset's or file's own).
             An LXMERT or ViLT checkpoint whose head has another size gets a new head φ0.
         seed: seed of the random init (the VQA head φ0, and the whole model for random presets).
+        head: the task head, "answer" | "pair" | "rank" | "region" (:mod:`vlsparse.models.heads`); a
+            checkpoint whose head is another kind gets a new head φ0.
+        num_images: images per example of the ``pair`` head.
 
     Raises:
         ValueError: unknown preset name / path that does not exist; region features for a pixel model.
         CheckpointError: a file that cannot be read or does not fit the task.
     """
     torch.manual_seed(seed)
+    task_head = dict(task_head=head, task_images=num_images if head == "pair" else 1)
     cls = model_class(name)
     if cls is not UniterForVQA:
-        return _load_hf(cls, name, img_dim, num_answers, seed)
+        return _load_hf(cls, name, img_dim, num_answers, seed, task_head)
     if name in PRESETS:
         preset = PRESETS[name]
         dims = {k: v for k, v in dict(img_dim=img_dim, num_answers=num_answers).items() if v is not None}
-        config = UniterConfig(**dims, **preset.config)
+        config = UniterConfig(**dims, **task_head, **preset.config)
         model = UniterForVQA(config)
         if preset.init == "minilm":
             _load_state(model, load_minilm_state(config.num_hidden_layers), strict_prefix="uniter.encoder.")
@@ -118,22 +123,30 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: expected a save_pretrained directory with config.json")
+        config = UniterConfig.from_pretrained(str(path))
         try:
-            model = UniterForVQA.from_pretrained(str(path))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load model ({type(exc).__name__}: {exc})") from exc
-        _check_task_fit(model.config, img_dim, num_answers, str(path))
+            state = read_pretrained(path, "uniter")[1]
+        except CheckpointError:
+            raise
+        _check_task_fit(config, img_dim, None, str(path))
+        if _new_head(config, num_answers, task_head):
+            state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
+            config.update(task_head)
+            config.num_answers = num_answers or config.num_answers
+        torch.manual_seed(seed)
+        model = UniterForVQA(config)
+        _load_state(model, state, strict_prefix="uniter.")
         return model.eval(), load_tokenizer(name)
     raw = read_torch_state(path)
     if is_original_lxmert(raw):
-        return _load_hf(LxmertForVQA, name, img_dim, num_answers, seed, original=raw)
+        return _load_hf(LxmertForVQA, name, img_dim, num_answers, seed, task_head, original=raw)
     state = map_official_uniter(raw)
     fields = config_from_official(state)
-    if num_answers is not None and fields.get("num_answers", num_answers) != num_answers:
+    if _new_head(UniterConfig(**fields), num_answers, task_head):
         state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
     if num_answers is not None:
         fields["num_answers"] = num_answers
-    config = UniterConfig(pooling="cls", **fields)
+    config = UniterConfig(pooling="cls", **task_head, **fields)
     _check_task_fit(config, img_dim, num_answers, str(path))
     model = UniterForVQA(config)
     _load_state(model, state, strict_prefix="uniter.encoder.")
@@ -167,7 +180,16 @@ def visual_input(name: str) -> str:
     return getattr(model_class(name), "visual_input", "regions")
 
 
-def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed: int,
+def _new_head(config, num_answers: int | None, task_head: dict) -> bool:
+    """Whether a checkpoint's head (``config``) cannot serve the task: another kind, image count or size."""
+    answers = getattr(config, "num_answers", None) or getattr(config, "num_qa_labels", None) or getattr(
+        config, "num_labels", None)
+    return (getattr(config, "task_head", "answer") != task_head["task_head"]
+            or getattr(config, "task_images", 1) != task_head["task_images"]
+            or (num_answers is not None and answers != num_answers))
+
+
+def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed: int, task_head: dict,
              original: dict[str, torch.Tensor] | None = None):
     """:func:`load_model` for the transformers-based backbones (LXMERT, ViLT): a preset, a
     ``save_pretrained`` directory, or (``original``) an airsplay/lxmert state_dict."""
@@ -177,6 +199,9 @@ def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed:
         config, state = cls.from_original_state(original)
     else:
         config, state = cls.read_directory(Path(name))
+    if _new_head(config, num_answers, task_head):
+        state = {k: v for k, v in state.items() if not k.startswith(cls.head_prefixes)}
+    config.update(task_head)
     config, state = cls.fit_task(config, state, img_dim, num_answers, source=name)
     torch.manual_seed(seed)
     model = cls(config)

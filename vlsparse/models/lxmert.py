@@ -27,6 +27,7 @@ from transformers import LxmertConfig, LxmertForQuestionAnswering
 
 from .checkpoints import CheckpointError
 from .inputs import REGION_INPUT_AXES, region_example_inputs
+from .heads import TaskForwardMixin, head_outputs, widen_head
 from .hf import TaskHeadMixin
 
 #: Linear modules of one single-stream (language or visual) layer, as state_dict name suffixes
@@ -42,8 +43,9 @@ CROSS_MODALITY = ("visual_attention.att.query", "visual_attention.att.key", "vis
                   "lang_inter.dense", "lang_output.dense", "visn_inter.dense", "visn_output.dense")
 
 
-class LxmertForVQA(TaskHeadMixin, LxmertForQuestionAnswering):
-    """LXMERT with the VQA answer head; ``forward`` returns (B, num_qa_labels) float32 logits.
+class LxmertForVQA(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
+    """LXMERT with the VQA answer head; ``forward`` returns (B, num_qa_labels) float32 logits. Another
+    task's head (``config.task_head``, :mod:`vlsparse.models.heads`) keeps the module ``answer_head``.
 
     The configuration is transformers' :class:`~transformers.LxmertConfig`: ``visual_feat_dim`` is
     the region feature size D, ``num_qa_labels`` the number of answers A, ``l_layers`` /
@@ -58,6 +60,16 @@ class LxmertForVQA(TaskHeadMixin, LxmertForQuestionAnswering):
     #: model inputs in order, with their dynamic axes (ONNX export)
     input_axes = REGION_INPUT_AXES
 
+    def __init__(self, config: LxmertConfig):
+        kind = getattr(config, "task_head", "answer")
+        answers = config.num_qa_labels
+        config.num_qa_labels = head_outputs(kind, answers)
+        super().__init__(config)
+        config.num_qa_labels = answers
+        images = getattr(config, "task_images", 1) if kind == "pair" else 1
+        fc = self.answer_head.logit_fc
+        fc[0] = widen_head(fc[0], images, config.initializer_range)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                 img_pos: torch.Tensor, img_mask: torch.Tensor, **unused) -> torch.Tensor:
         """Answer logits (B, num_qa_labels) float32.
@@ -70,10 +82,16 @@ class LxmertForVQA(TaskHeadMixin, LxmertForQuestionAnswering):
                 first ``visual_pos_dim`` (4) values are LXMERT's ``visual_pos``.
             img_mask: (B, N) int64, 1 for real regions (LXMERT's ``visual_attention_mask``).
         """
+        return self.task_forward(self.answer_head, input_ids, attention_mask, img_feat=img_feat, img_pos=img_pos,
+                                 img_mask=img_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
+               img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled [CLS] of the language stream (B, h), vision-stream output (B, N, h), img_mask (B, N))."""
         out = self.lxmert(input_ids=input_ids, attention_mask=attention_mask, visual_feats=img_feat,
                           visual_pos=img_pos[..., : self.config.visual_pos_dim], visual_attention_mask=img_mask,
                           token_type_ids=torch.zeros_like(input_ids), return_dict=False)
-        return self.answer_head(out[2])
+        return out[2], out[1], img_mask
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
         """Random but valid inputs of the given sizes (see :func:`~vlsparse.models.inputs.region_example_inputs`)."""

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import BertConfig, PreTrainedModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
 
+from .heads import TaskForwardMixin, head_outputs
 from .inputs import REGION_INPUT_AXES, region_example_inputs
 
 POOLINGS = ("cls", "mean")
@@ -33,18 +34,23 @@ class UniterConfig(BertConfig):
         pooling: ``"cls"`` (official UNITER: BertPooler on the [CLS] token) or ``"mean"`` (mean of
             the last hidden states over valid text and region tokens, as MiniLM was trained).
         num_answers: size A of the answer vocabulary of the VQA head.
+        task_head: "answer" | "pair" | "rank" | "region" (see :mod:`vlsparse.models.heads`).
+        task_images: images per example of the ``pair`` head (NLVR2: 2).
         **kwargs: every :class:`transformers.BertConfig` field (hidden_size, num_hidden_layers, ...).
     """
 
     model_type = "uniter"
 
-    def __init__(self, img_dim: int = 2048, pooling: str = "cls", num_answers: int = 3129, **kwargs):
+    def __init__(self, img_dim: int = 2048, pooling: str = "cls", num_answers: int = 3129, task_head: str = "answer",
+                 task_images: int = 1, **kwargs):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.img_dim = img_dim
         self.pooling = pooling
         self.num_answers = num_answers
+        self.task_head = task_head
+        self.task_images = task_images
 
 
 class UniterImageEmbeddings(nn.Module):
@@ -86,8 +92,9 @@ class UniterModel(nn.Module):
         self.pooler = BertPooler(config) if config.pooling == "cls" else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
-                img_pos: torch.Tensor, img_mask: torch.Tensor) -> torch.Tensor:
-        """Encode text and regions; return the pooled vector of shape (B, hidden) float32.
+                img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode text and regions; return the pooled vector (B, hidden) float32 and the regions'
+        last hidden states (B, N, hidden) float32.
 
         Args:
             input_ids: (B, L) int64 token ids, [CLS] first.
@@ -103,13 +110,16 @@ class UniterModel(nn.Module):
         valid = torch.cat([attention_mask, img_mask], dim=1).to(hidden.dtype)  # (B, L+N)
         additive = (1.0 - valid)[:, None, None, :] * torch.finfo(hidden.dtype).min
         hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state
+        regions = hidden[:, input_ids.shape[1]:]
         if self.pooler is not None:
-            return self.pooler(hidden)
-        return (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+            return self.pooler(hidden), regions
+        return (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0), regions
 
 
-class UniterForVQA(PreTrainedModel):
-    """UNITER with the VQA head (upstream ``UniterForVisualQuestionAnswering``).
+class UniterForVQA(TaskForwardMixin, PreTrainedModel):
+    """UNITER with the VQA head (upstream ``UniterForVisualQuestionAnswering``), or the head of
+    another task (``config.task_head``, :mod:`vlsparse.models.heads`; the module keeps the name
+    ``vqa_output``).
 
     ``forward`` returns answer logits of shape (B, num_answers) float32; train them with binary
     cross-entropy against VQA soft scores. ``save_pretrained`` / ``from_pretrained`` move the
@@ -126,8 +136,10 @@ class UniterForVQA(PreTrainedModel):
         super().__init__(config)
         h = config.hidden_size
         self.uniter = UniterModel(config)
-        self.vqa_output = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
-                                        nn.Linear(2 * h, config.num_answers))
+        kind = getattr(config, "task_head", "answer")
+        width = h * (getattr(config, "task_images", 1) if kind == "pair" else 1)
+        self.vqa_output = nn.Sequential(nn.Linear(width, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+                                        nn.Linear(2 * h, head_outputs(kind, config.num_answers)))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -155,8 +167,16 @@ class UniterForVQA(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                 img_pos: torch.Tensor, img_mask: torch.Tensor, **unused) -> torch.Tensor:
-        """Answer logits (B, num_answers) float32; arguments as :meth:`UniterModel.forward`."""
-        return self.vqa_output(self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask))
+        """Task logits, (B, num_answers) float32 for the VQA head; arguments as :meth:`UniterModel.forward`
+        (other layouts and heads: :mod:`vlsparse.models.heads`)."""
+        return self.task_forward(self.vqa_output, input_ids, attention_mask, img_feat=img_feat, img_pos=img_pos,
+                                 img_mask=img_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
+               img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled (B, h), region hidden states (B, N, h), img_mask (B, N)): see :mod:`vlsparse.models.heads`."""
+        pooled, regions = self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask)
+        return pooled, regions, img_mask
 
     #: model inputs in order, with their dynamic axes (ONNX export)
     input_axes = REGION_INPUT_AXES

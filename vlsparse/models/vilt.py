@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ViltConfig, ViltForQuestionAnswering
 
+from .heads import TaskForwardMixin, head_outputs, widen_head
 from .hf import TaskHeadMixin
 
 #: Linear modules of one encoder layer, as state_dict name suffixes
@@ -28,8 +29,10 @@ LAYER_LINEARS = ("attention.attention.query", "attention.attention.key", "attent
                  "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-class ViltForVQA(TaskHeadMixin, ViltForQuestionAnswering):
-    """ViLT with the VQA classifier head; ``forward`` returns (B, num_labels) float32 logits.
+class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
+    """ViLT with the VQA classifier head; ``forward`` returns (B, num_labels) float32 logits. Another
+    task's head (``config.task_head``, :mod:`vlsparse.models.heads`) keeps the module ``classifier``;
+    the ``region`` head scores candidate boxes by their patches (:meth:`box_pool`).
 
     The configuration is transformers' :class:`~transformers.ViltConfig`: ``image_size`` and
     ``patch_size`` (pixels) fix the position-embedding grid, ``num_labels`` is the number of
@@ -45,6 +48,15 @@ class ViltForVQA(TaskHeadMixin, ViltForQuestionAnswering):
     input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
                   "pixel_values": ("batch", "channels", "height", "width"),
                   "pixel_mask": ("batch", "height", "width")}
+
+    def __init__(self, config: ViltConfig):
+        kind = getattr(config, "task_head", "answer")
+        answers = config.num_labels
+        config.num_labels = head_outputs(kind, answers)
+        super().__init__(config)
+        config.num_labels = answers
+        images = getattr(config, "task_images", 1) if kind == "pair" else 1
+        self.classifier[0] = widen_head(self.classifier[0], images, config.initializer_range)
 
     def visual_embed(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings of every patch, in raster order after the [CLS] patch token.
@@ -74,18 +86,62 @@ class ViltForVQA(TaskHeadMixin, ViltForQuestionAnswering):
         return x, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                pixel_mask: torch.Tensor, **unused) -> torch.Tensor:
+                pixel_mask: torch.Tensor, img_pos: torch.Tensor | None = None, img_mask: torch.Tensor | None = None,
+                **unused) -> torch.Tensor:
         """Answer logits (B, num_labels) float32.
 
         Args:
             input_ids: (B, L) int64 token ids, [CLS] first (L <= max_position_embeddings, 40).
             attention_mask: (B, L) int64, 1 for real text tokens.
             pixel_values, pixel_mask: see :meth:`visual_embed`.
+            img_pos, img_mask: region head only: candidate boxes (B, N, 7) float32 (x1, y1, x2, y2 first,
+                normalised to the image) and their mask (B, N) int64.
         """
+        visual = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        if img_pos is not None:
+            visual.update(img_pos=img_pos, img_mask=img_mask)
+        return self.task_forward(self.classifier, input_ids, attention_mask, **visual)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+               pixel_mask: torch.Tensor, img_pos: torch.Tensor | None = None, img_mask: torch.Tensor | None = None):
+        """(pooled (B, h), box features (B, N, h) or None, img_mask or None): see :mod:`vlsparse.models.heads`."""
         image_embeds, image_mask = self.visual_embed(pixel_values, pixel_mask)
         out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                         pixel_mask=image_mask, return_dict=False)
-        return self.classifier(out[1])
+        if img_pos is None:
+            return out[1], None, None
+        patches = out[0][:, input_ids.shape[1] + 1:]
+        grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+        return out[1], self.box_pool(patches, grid, pixel_mask, img_pos), img_mask
+
+    def box_pool(self, patches: torch.Tensor, grid: tuple[int, int], pixel_mask: torch.Tensor,
+                 boxes: torch.Tensor) -> torch.Tensor:
+        """Box features for the region head: the mean last hidden state of the patches whose centres lie
+        in each box (the patch nearest to the box centre when none does). vlsparse's adaptation of
+        region selection to a patch model: ViLT itself has no referring-expression head.
+
+        Args:
+            patches: (B, P, h) float32 patch hidden states in raster order, P = rows x cols of ``grid``.
+            pixel_mask: (B, H, W) int64; the image is its unpadded top-left part.
+            boxes: (B, N, >=4) float32, x1, y1, x2, y2 normalised to the unpadded image.
+
+        Returns:
+            (B, N, h) float32.
+        """
+        rows, cols = grid
+        patch = self.config.patch_size
+        height = pixel_mask[:, :, 0].sum(1).clamp(min=1).to(patches.dtype)  # (B,) real image size, pixels
+        width = pixel_mask[:, 0, :].sum(1).clamp(min=1).to(patches.dtype)
+        cy = (torch.arange(rows, dtype=patches.dtype, device=patches.device) + 0.5) * patch
+        cx = (torch.arange(cols, dtype=patches.dtype, device=patches.device) + 0.5) * patch
+        cy = (cy[None, :, None] / height[:, None, None]).expand(-1, rows, cols).flatten(1)  # (B, P)
+        cx = (cx[None, None, :] / width[:, None, None]).expand(-1, rows, cols).flatten(1)
+        x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))  # (B, N, 1)
+        inside = ((cx[:, None] >= x1) & (cx[:, None] <= x2) & (cy[:, None] >= y1) & (cy[:, None] <= y2)).to(patches.dtype)
+        dist = (cx[:, None] - (x1 + x2) / 2) ** 2 + (cy[:, None] - (y1 + y2) / 2) ** 2  # (B, N, P)
+        nearest = torch.nn.functional.one_hot(dist.argmin(-1), dist.shape[-1]).to(patches.dtype)
+        weights = torch.where(inside.sum(-1, keepdim=True) > 0, inside, nearest)
+        return (weights / weights.sum(-1, keepdim=True)) @ patches
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
         """Random but valid inputs (for export and benchmarks): images of ``image_size`` pixels square;

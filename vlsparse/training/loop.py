@@ -1,7 +1,8 @@
 """One training loop with masked updates, and evaluation.
 
-Training follows the UNITER VQA recipe (ChenRocks/UNITER ``train_vqa.py``): binary cross-entropy
-on soft answer scores, scaled by the number of answers; AdamW with linear warm-up and linear decay.
+Training follows the UNITER recipe (ChenRocks/UNITER ``train_vqa.py`` and the other ``train_*.py``): the
+task's loss (the dataset's ``objective``, :mod:`vlsparse.data.objective`; binary cross-entropy on soft
+answer scores for VQA); AdamW with linear warm-up and linear decay.
 Parameters that are new for the task (image embeddings, head: the model's ``head_prefixes``) get
 ``head_lr``, the pre-trained ones ``lr`` (MEASURED.md: 1e-4 / 1e-3 reached 98.9% on easy-VQA).
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.vqa import vqa_score
+from ..data.objective import VQA_OBJECTIVE
 from ..io import cpu_state
 from ..pruning.mask import Mask, apply_mask
 
@@ -57,11 +58,6 @@ class TrainConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
-
-
-def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """UNITER's VQA loss: mean BCE-with-logits over (B, A) soft targets, times A (a scalar)."""
-    return F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
 
 
 def _batches(dataset: Dataset, collate: Callable, batch_size: int, seed: int) -> Iterator[dict]:
@@ -112,7 +108,8 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     Args:
         model: a vlsparse model (``forward(**batch) -> (B, A) logits``, ``head_prefixes``).
         mask: name -> bool tensor (True = kept) or None for dense training.
-        dataset: items batched by ``collate`` into dicts with ``targets`` (B, A) float32.
+        dataset: items batched by ``collate`` into dicts with ``targets`` (B, O) float32; its ``objective``
+            gives the loss (default: VQA's).
         progress: called with the number of finished steps after each step.
         snapshot_step: if given, a CPU copy of ``model.state_dict()`` taken after that many steps
             (θ_i for IMP rewinding, Frankle et al. 2020) is returned.
@@ -132,7 +129,8 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             dm = m.to(device, params[name].dtype)
             hooks.append(params[name].register_hook(lambda g, dm=dm: g * dm))
     snapshot = None
-    used = sorted({0} | {t for ids in getattr(dataset, "token_ids", []) for t in ids})  # 0: [PAD]
+    objective = getattr(dataset, "objective", VQA_OBJECTIVE)
+    used = sorted({0} | (dataset.used_token_ids() if hasattr(dataset, "used_token_ids") else set()))  # 0: [PAD]
     vocab = CompactVocab(model, torch.tensor(used)) if len(used) > 1 and cfg.compact_vocab else None
     torch.manual_seed(cfg.seed)  # after CompactVocab: dropout draws the same numbers either way
     try:
@@ -151,7 +149,7 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             if vocab is not None:
                 batch["input_ids"] = vocab.remap[batch["input_ids"]]
             targets = batch.pop("targets")
-            loss = vqa_loss(model(**batch), targets)
+            loss = objective.compute_loss(model(**batch), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -169,25 +167,38 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     return snapshot
 
 
+def _pad_cat(parts: list[torch.Tensor], value: float) -> torch.Tensor:
+    """Concatenate (b_i, O_i) tensors along dim 0, padding O to the largest with ``value``."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int = 256,
             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (Q, A) float32 and soft targets (Q, A) float32 for every question of ``dataset``, in order."""
+    """Logits (Q, O) float32 and targets (Q, O) float32 for every example of ``dataset``, in order.
+
+    Outputs that vary in number between batches (regions) are padded: logits with the float32
+    minimum, targets with 0."""
     model.to(device).eval()
     logits, targets = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         targets.append(batch.pop("targets"))
         logits.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
-    return torch.cat(logits), torch.cat(targets)
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    return _pad_cat(logits, torch.finfo(torch.float32).min), _pad_cat(targets, 0.0)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int = 256,
              device: str = "cpu") -> dict[str, float]:
-    """VQA score of ``model`` on ``dataset``: ``{"vqa_score": fraction in [0, 1], "n": questions}``.
+    """The task metrics of ``model`` on ``dataset``: ``{<headline metric>: fraction, <others>..., "n": examples}``.
 
-    The VQA score of a question is the soft target score of the arg-max answer (UNITER/LXMERT);
-    for single-answer data such as easy-VQA it equals accuracy.
+    The metrics are those of the dataset's ``objective`` (default VQA: ``{"vqa_score", "n"}``, the soft
+    target score of the arg-max answer, UNITER/LXMERT); a dataset with its own ``evaluate`` (retrieval:
+    :class:`vlsparse.data.vqa.RetrievalSet`) computes them itself.
     """
+    if hasattr(dataset, "evaluate"):
+        return dataset.evaluate(model, batch_size=batch_size, device=device)
     logits, targets = predict(model, dataset, collate, batch_size, device)
-    score = vqa_score(logits, targets)
-    return {"vqa_score": float(score.mean()) if len(score) else 0.0, "n": len(score)}
+    return getattr(dataset, "objective", VQA_OBJECTIVE).metrics(logits, targets)

@@ -1,0 +1,112 @@
+"""Reading the standard on-disk data sets: files with clear errors, image files, region features.
+
+Every task loader but easy-VQA reads ``--data-dir DIR`` laid out as the data set ships, plus
+
+* ``DIR/features/``: region features for UNITER and LXMERT, bottom-up-attention ``*.tsv`` files
+  and/or per-image ``*.npz`` files (:func:`vlsparse.data.features.open_region_features`), keyed by
+  the data set's image id;
+* ``DIR/images/``: the image files for ViLT, ``<image id>.jpg`` (or ``.jpeg``/``.png``).
+
+A missing file raises FileNotFoundError naming the file and what it should hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def data_root(data_dir: str | os.PathLike | None, task: str) -> Path:
+    """``data_dir`` as a Path; None or a missing directory -> FileNotFoundError naming the task."""
+    if data_dir is None:
+        raise FileNotFoundError(f"task {task!r} reads its data from --data-dir DIR (see README.md, 'Tasks')")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir {root}: not a directory (task {task!r})")
+    return root
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected {what})")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file. Missing -> FileNotFoundError; invalid -> ValueError; both name ``path`` and ``what``."""
+    path = _require(Path(path), what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); expected {what}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
+    """Parse a JSON-lines file (one object per non-empty line); errors as :func:`read_json`, with the line number."""
+    path = _require(Path(path), what)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc}); expected {what}") from None
+    return out
+
+
+def find_images(directory: str | os.PathLike, keys: Iterable[Hashable]) -> dict[Hashable, Path]:
+    """``key -> directory/<key><ext>`` for each key, ext in :data:`IMAGE_EXTENSIONS` (first that exists).
+
+    Raises:
+        FileNotFoundError: the directory or an image is missing (names the first few).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not found (expected the image files <image id>.jpg)")
+    names = {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    found, missing = {}, []
+    for k in keys:
+        p = names.get(str(k))
+        if p is None:
+            missing.append(str(k))
+        else:
+            found[k] = p
+    if missing:
+        raise FileNotFoundError(f"{directory}: {len(missing)} images not found, e.g. {', '.join(missing[:3])} "
+                                f"(expected <image id>{'|'.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size: int = 384,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[Mapping, int | None]:
+    """What the model reads about the images ``keys``: ``(mapping, region feature size D or None)``.
+
+    ``visual="regions"``: the lazy region-feature store of ``root/features`` (nothing is read but its
+    index); ``"pixels"``: :class:`~vlsparse.data.pixels.PixelImages` of ``root/images`` resized to
+    ``image_size`` (a multiple of 32).
+
+    Raises:
+        FileNotFoundError: no features / images, or some of ``keys`` missing (the message names them).
+    """
+    keys = sorted(set(keys), key=str)
+    if visual == "pixels":
+        from .pixels import PixelImages
+
+        return PixelImages(find_images(root / "images", keys), image_size), None
+    from .features import open_region_features
+
+    store = open_region_features(root / "features", cache_dir=cache_dir)
+    missing = [str(k) for k in keys if k not in store]
+    if missing:
+        raise FileNotFoundError(f"{root / 'features'}: no region features for {len(missing)} images, "
+                                f"e.g. {', '.join(missing[:3])}")
+    dim = store[keys[0]][0].shape[1] if keys else None
+    return store, dim
