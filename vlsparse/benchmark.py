@@ -866,11 +866,15 @@ def _latency(runners: dict[tuple[str, str], Runner], batch: dict, s: Settings) -
 def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, task, session: str,
                  say: Callable[[str], None]) -> list[dict]:
     """Measure one level: export, metric and agreement, interleaved latency, memory; return its rows."""
-    from .data import collate, vqa_score
+    from .data import collate
     from .pruning.mask import sparsity as mask_sparsity
 
     name = f"{lv.method} level {lv.level}"
     test = task.test
+    objective = task.objective
+    if objective.head != "answer":
+        raise BenchError(f"task {cfg['task']}: the bench times answer-head tasks (easy-vqa, vqa, gqa, snli-ve); "
+                         f"its {objective.head!r} head is not supported")
     net, mask = masked_model(cfg["model"], lv)
     if net.config.num_answers != len(task.answers):
         raise BenchError(f"{lv.weights}: the model has {net.config.num_answers} answers, the task "
@@ -899,7 +903,7 @@ def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings,
             for fd in want:
                 logits = ref_logits if runners[fd] is ref else torch.cat([runners[fd].logits(b) for b in batches])
                 quality[fd] = {"questions": n_eval,
-                               "metric": float(vqa_score(logits, targets).mean()) if lv.trained else None,
+                               "metric": objective.metrics(logits, targets)[objective.metric] if lv.trained else None,
                                "same_pred": float((logits.argmax(1) == ref_logits.argmax(1)).float().mean()),
                                "max_abs_diff": float((logits - ref_logits).abs().max())}
         del ref

@@ -255,7 +255,7 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
         info = json.loads(task_info.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{task_info}: unreadable task info ({exc})") from None
-    net = model_from_weights(model, weights)
+    net = model_from_weights(model, weights, info.get("objective"))
     tokenizer = load_tokenizer(model)
     extras = BundleExtras(task_info=info, tokenizer=tokenizer, ticket=ticket_metadata(t.meta, t.sparsity, weights))
     if format == "csr":

@@ -123,7 +123,35 @@ def _parse_tsv_line(line: bytes, path: Path) -> tuple[str, np.ndarray, np.ndarra
     return img_id, feats.reshape(n, -1).astype(np.float32), b7
 
 
-class TSVFeatures(Mapping):
+class _IndexedFeatures(Mapping):
+    """A lazily read feature mapping over an index ``self._index`` (image id -> where its record is)."""
+
+    _index: dict
+    _feature_dim: int | None = None
+
+    def _empty(self) -> str:
+        raise NotImplementedError
+
+    def __contains__(self, img_id: object) -> bool:
+        return img_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def feature_dim(self) -> int:
+        """D, read from the first record; ValueError when there is none."""
+        if self._feature_dim is None:
+            if not self._index:
+                raise ValueError(self._empty())
+            self._feature_dim = int(self[next(iter(self._index))][0].shape[1])
+        return self._feature_dim
+
+
+class TSVFeatures(_IndexedFeatures):
     """Region features in bottom-up-attention TSV files, one image per line, read lazily.
 
     Format: tab-separated, no header, ``boxes`` = base64 of float32 (num_boxes, 4) pixel
@@ -224,29 +252,14 @@ class TSVFeatures(Mapping):
                              f"delete {self.index_path(path)}")
         return feats, boxes
 
-    def __contains__(self, img_id: object) -> bool:
-        return img_id in self._index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def feature_dim(self) -> int:
-        """D, read from the first record; ValueError when the files hold no record."""
-        if self._feature_dim is None:
-            if not self._index:
-                raise ValueError(f"{', '.join(map(str, self.paths))}: no records")
-            self._feature_dim = int(self[next(iter(self._index))][0].shape[1])
-        return self._feature_dim
+    def _empty(self) -> str:
+        return f"{', '.join(map(str, self.paths))}: no records"
 
     def __repr__(self) -> str:
         return f"TSVFeatures({[str(p) for p in self.paths]}, {len(self)} images)"
 
 
-class NpzFeatures(Mapping):
+class NpzFeatures(_IndexedFeatures):
     """A directory of per-image ``.npz`` files (file stem = image id), read lazily.
 
     Each file holds ``features`` (N, D) float16/float32 and either ``norm_bb`` (N, 7)
@@ -305,23 +318,8 @@ class NpzFeatures(Mapping):
             raise ValueError(f"{path}: {feats.shape[0]} feature rows but {boxes.shape[0]} boxes")
         return feats.astype(np.float32), boxes
 
-    def __contains__(self, img_id: object) -> bool:
-        return img_id in self._index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def feature_dim(self) -> int:
-        """D, read from the first file; ValueError when the directory holds no .npz."""
-        if self._feature_dim is None:
-            if not self._index:
-                raise ValueError(f"{self.directory}: no .npz files")
-            self._feature_dim = int(self[next(iter(self._index))][0].shape[1])
-        return self._feature_dim
+    def _empty(self) -> str:
+        return f"{self.directory}: no .npz files"
 
     def __repr__(self) -> str:
         return f"NpzFeatures({str(self.directory)!r}, {len(self)} images)"

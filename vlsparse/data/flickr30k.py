@@ -18,7 +18,7 @@ import numpy as np
 
 from . import formats
 from .objective import Objective
-from .vqa import VISUALS, RetrievalSet, TaskData, VQADataset, VQAExample
+from .vqa import RetrievalSet, TaskData, VQADataset, VQAExample
 
 __all__ = ["load_flickr30k", "FLICKR30K_OBJECTIVE", "FLICKR30K_FILE", "karpathy_captions", "sample_negatives"]
 
@@ -124,8 +124,7 @@ def load_flickr30k(
             number of train images (names --negatives), ``eval_images`` < 1 (names --eval-images),
             a bad ``image_size``.
     """
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+    formats.check_visual(visual)
     if eval_images is not None and eval_images < 1:
         raise ValueError(f"--eval-images must be a positive number of images, got {eval_images}")
     root = formats.data_root(data_dir, "flickr30k")

@@ -8,17 +8,26 @@ Every task loader but easy-VQA reads ``--data-dir DIR`` laid out as the data set
 * ``DIR/images/``: the image files for ViLT, ``<image id>.jpg`` (or ``.jpeg``/``.png``).
 
 A missing file raises FileNotFoundError naming the file and what it should hold.
+
+:func:`task_data` turns a loader's (train, val, test) example lists into a
+:class:`~vlsparse.data.vqa.TaskData`; :func:`check_visual` validates the ``visual`` argument.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "IMAGE_EXTENSIONS"]
+import numpy as np
+
+from .objective import Objective
+from .vqa import VISUALS, TaskData, VQADataset, VQAExample
+
+__all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "check_visual", "task_data",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -110,3 +119,36 @@ def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size:
                                 f"e.g. {', '.join(missing[:3])}")
     dim = store[keys[0]][0].shape[1] if keys else None
     return store, dim
+
+
+def check_visual(visual: str) -> None:
+    """Raise ValueError unless ``visual`` is one of :data:`~vlsparse.data.vqa.VISUALS`."""
+    if visual not in VISUALS:
+        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+
+
+def task_data(name: str, root: Path, splits: Sequence[list[VQAExample]], answers: list[str],
+              objective: Objective, tokenizer: Any, visual: str = "regions", image_size: int = 384,
+              cache_dir: str | os.PathLike | None = None, max_text_len: int = 40,
+              boxes: Mapping[Hashable, np.ndarray] | None = None) -> TaskData:
+    """A :class:`~vlsparse.data.vqa.TaskData` named ``name`` from the (train, val, test) example lists of
+    a task read from ``root``: their images through :func:`visual_inputs` (region features of
+    ``root/features``, not standardised, or ``root/images`` pixels), one
+    :class:`~vlsparse.data.vqa.VQADataset` per split over ``answers`` (index = logit position; ``[]``
+    for a region task) with ``objective``.
+
+    ``boxes``: image_id -> (N, 7) float32 candidate boxes ``[x1, y1, x2, y2, w, h, w*h]`` normalised,
+    given to every VQADataset (a region task on pixels, e.g. RefCOCO+ with ViLT); None otherwise.
+
+    Raises:
+        FileNotFoundError: features / images missing for some example (names them).
+        ValueError: an example whose image (or candidate boxes) is missing, ``max_text_len`` < 2, a region
+            objective on pixels without ``boxes``, a bad ``image_size``.
+    """
+    keys = {k for examples in splits for e in examples for k in e.images}
+    visuals, dim = visual_inputs(root, keys, visual, image_size, cache_dir)
+    train, val, test = (VQADataset(ex, visuals, tokenizer, answers, max_text_len, objective, boxes=boxes)
+                        for ex in splits)
+    return TaskData(name, train, val, test, list(answers), region_feature_dim=dim, metric_name=objective.metric,
+                    visual=visual, image_processor=visuals.processor_config() if visual == "pixels" else None,
+                    objective=objective)

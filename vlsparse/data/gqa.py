@@ -13,7 +13,7 @@ from typing import Any
 from . import formats
 from .objective import Objective
 from .vqa import TaskData, VQAExample
-from .vqav2 import LABEL2ANS_FILE, answer_task_data, check_visual, read_label2ans
+from .vqav2 import LABEL2ANS_FILE, read_label2ans
 
 __all__ = ["load_gqa", "GQA_OBJECTIVE", "GQA_SPLITS"]
 
@@ -74,7 +74,7 @@ def load_gqa(
         ValueError: ``visual`` unknown, a file that is not valid JSON or lacks the fields above (names the file
             and question), an invalid label2ans file, bad ``image_size``.
     """
-    check_visual(visual)
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "gqa")
     splits = {name: _examples(root / f) for name, f in GQA_SPLITS.items()}
     if (root / LABEL2ANS_FILE).is_file():
@@ -83,5 +83,5 @@ def load_gqa(
         answers = sorted({a for e in splits["train"] for a in e.answers})
     known = set(answers)
     train = [e for e in splits["train"] if set(e.answers) <= known]
-    return answer_task_data("gqa", root, (train, splits["val"], splits["test"]), answers, GQA_OBJECTIVE,
-                            tokenizer, visual, image_size, cache_dir, max_text_len)
+    return formats.task_data("gqa", root, (train, splits["val"], splits["test"]), answers, GQA_OBJECTIVE,
+                             tokenizer, visual, image_size, cache_dir, max_text_len)

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import formats
 from .objective import Objective
-from .vqa import VISUALS, TaskData, VQADataset, VQAExample
+from .vqa import TaskData, VQAExample
 
 __all__ = ["load_nlvr2", "NLVR2_OBJECTIVE", "NLVR2_ANSWERS", "NLVR2_SPLITS", "nlvr2_image_keys"]
 
@@ -85,15 +85,8 @@ def load_nlvr2(
         ValueError: ``visual`` unknown, a line that is not JSON or lacks identifier/sentence/label, a
             label other than "True"/"False" (the message names the file and line), a bad ``image_size``.
     """
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "nlvr2")
-    splits = {name: _examples(root / f"{stem}.json") for name, stem in NLVR2_SPLITS.items()}
-    keys = {k for examples in splits.values() for e in examples for k in e.images}
-    visuals, dim = formats.visual_inputs(root, keys, visual, image_size, cache_dir)
-    ds = {name: VQADataset(examples, visuals, tokenizer, NLVR2_ANSWERS, max_text_len, NLVR2_OBJECTIVE)
-          for name, examples in splits.items()}
-    return TaskData(name="nlvr2", train=ds["train"], val=ds["val"], test=ds["test"], answers=list(NLVR2_ANSWERS),
-                    region_feature_dim=dim, metric_name=NLVR2_OBJECTIVE.metric, visual=visual,
-                    image_processor=visuals.processor_config() if visual == "pixels" else None,
-                    objective=NLVR2_OBJECTIVE)
+    splits = [_examples(root / f"{stem}.json") for stem in NLVR2_SPLITS.values()]
+    return formats.task_data("nlvr2", root, splits, NLVR2_ANSWERS, NLVR2_OBJECTIVE, tokenizer, visual,
+                             image_size, cache_dir, max_text_len)

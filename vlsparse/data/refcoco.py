@@ -41,7 +41,7 @@ import numpy as np
 from . import formats
 from .features import box7
 from .objective import Objective
-from .vqa import VISUALS, TaskData, VQADataset, VQAExample
+from .vqa import TaskData, VQAExample
 
 __all__ = ["load_refcoco_plus", "read_refs", "refcoco_image_key", "REFCOCO_OBJECTIVE", "TEST_SPLITS"]
 
@@ -163,8 +163,7 @@ def load_refcoco_plus(
     """
     if test_split not in TEST_SPLITS:
         raise ValueError(f"test_split must be one of {', '.join(TEST_SPLITS)}, got {test_split!r}")
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "refcoco+")
     refs = read_refs(root / "refcoco+")
     inst_path = root / "refcoco+" / "instances.json"
@@ -183,17 +182,9 @@ def load_refcoco_plus(
         key = refcoco_image_key(ref["image_id"])
         image_of[key] = ref["image_id"]
         splits[ref["split"]].extend(VQAExample(s["sent"], key, {}, gt_box=gt_box) for s in ref["sentences"])
-    keys = sorted({e.image_id for part in splits.values() for e in part})
-    visuals, dim = formats.visual_inputs(root, keys, visual, image_size, cache_dir)
     boxes = None
-    if visual == "pixels":
-        boxes = {}
-        for key in keys:
-            im = images[image_of[key]]
-            boxes[key] = box7(np.stack([_xyxy(a["bbox"]) for a in by_image[image_of[key]]]),
-                              float(im["width"]), float(im["height"]))
-    train, val, test = (VQADataset(splits[s], visuals, tokenizer, [], max_text_len, REFCOCO_OBJECTIVE, boxes=boxes)
-                        for s in ("train", "val", test_split))
-    return TaskData("refcoco+", train, val, test, [], region_feature_dim=dim, metric_name=REFCOCO_OBJECTIVE.metric,
-                    visual=visual, image_processor=visuals.processor_config() if visual == "pixels" else None,
-                    objective=REFCOCO_OBJECTIVE)
+    if visual == "pixels":  # ViLT has no detector regions: the image's COCO annotation boxes are the candidates
+        boxes = {key: box7(np.stack([_xyxy(a["bbox"]) for a in by_image[i]]),
+                           float(images[i]["width"]), float(images[i]["height"])) for key, i in image_of.items()}
+    return formats.task_data("refcoco+", root, [splits[s] for s in ("train", "val", test_split)], [],
+                             REFCOCO_OBJECTIVE, tokenizer, visual, image_size, cache_dir, max_text_len, boxes=boxes)

@@ -14,7 +14,6 @@ from typing import Any
 from . import formats
 from .objective import Objective
 from .vqa import TaskData, VQAExample
-from .vqav2 import answer_task_data, check_visual
 
 __all__ = ["load_snli_ve", "SNLI_VE_ANSWERS", "SNLI_VE_OBJECTIVE", "SNLI_VE_SPLITS"]
 
@@ -72,8 +71,8 @@ def load_snli_ve(
         ValueError: ``visual`` unknown, a line that is not JSON, a record without the fields above or with
             another gold_label (names the file and record), bad ``image_size``.
     """
-    check_visual(visual)
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "snli-ve")
     splits = [_examples(root / f) for f in SNLI_VE_SPLITS.values()]
-    return answer_task_data("snli-ve", root, splits, SNLI_VE_ANSWERS, SNLI_VE_OBJECTIVE, tokenizer, visual,
-                            image_size, cache_dir, max_text_len)
+    return formats.task_data("snli-ve", root, splits, SNLI_VE_ANSWERS, SNLI_VE_OBJECTIVE, tokenizer, visual,
+                             image_size, cache_dir, max_text_len)

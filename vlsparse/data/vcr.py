@@ -36,7 +36,7 @@ from typing import Any
 
 from . import formats
 from .objective import Objective
-from .vqa import VISUALS, TaskData, VQADataset, VQAExample, split_by_image
+from .vqa import TaskData, VQAExample, split_by_image
 
 __all__ = ["load_vcr", "render_tokens", "vcr_example", "VCR_ANSWERS", "VCR_OBJECTIVE", "NUM_CHOICES"]
 
@@ -145,16 +145,9 @@ def load_vcr(
         ValueError: malformed annotations (file:line and annot_id named), a bad ``visual`` or
             ``val_fraction``.
     """
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "vcr")
     train, val = split_by_image(_read(root / "train.jsonl"), val_fraction, seed)
     test = _read(root / "val.jsonl")
-    keys = {e.image_id for part in (train, val, test) for e in part}
-    visuals, dim = formats.visual_inputs(root, keys, visual, image_size, cache_dir)
-    train_ds, val_ds, test_ds = (VQADataset(part, visuals, tokenizer, VCR_ANSWERS, max_text_len, VCR_OBJECTIVE)
-                                 for part in (train, val, test))
-    return TaskData("vcr", train_ds, val_ds, test_ds, list(VCR_ANSWERS), region_feature_dim=dim,
-                    metric_name=VCR_OBJECTIVE.metric, visual=visual,
-                    image_processor=visuals.processor_config() if visual == "pixels" else None,
-                    objective=VCR_OBJECTIVE)
+    return formats.task_data("vcr", root, (train, val, test), VCR_ANSWERS, VCR_OBJECTIVE, tokenizer, visual,
+                             image_size, cache_dir, max_text_len)

@@ -4,10 +4,8 @@ Answers are normalised as the official evaluation does (:func:`normalize_answer`
 10 human answers become soft scores ``min(count / 3, 1)`` (:func:`~vlsparse.data.vqa.soft_score`) over
 an answer vocabulary (LXMERT's ``trainval_label2ans.json`` when present, else bottom-up-attention-vqa's
 frequency rule, :func:`answer_vocabulary`), and the model is trained with binary cross-entropy and
-scored with the VQA score.
-
-:func:`answer_task_data` (shared with :mod:`~vlsparse.data.gqa` and :mod:`~vlsparse.data.snli_ve`)
-turns three lists of examples into a :class:`~vlsparse.data.vqa.TaskData`.
+scored with the VQA score (the examples become a :class:`~vlsparse.data.vqa.TaskData` through
+:func:`vlsparse.data.formats.task_data`, as in every task loader).
 """
 
 from __future__ import annotations
@@ -16,16 +14,16 @@ import functools
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from . import formats
-from .objective import VQA_OBJECTIVE, Objective
-from .vqa import VISUALS, TaskData, VQADataset, VQAExample, soft_score, split_by_image
+from .objective import VQA_OBJECTIVE
+from .vqa import TaskData, VQAExample, soft_score, split_by_image
 
 __all__ = ["load_vqa", "normalize_answer", "answer_vocabulary", "read_label2ans", "coco_image_key",
-           "answer_task_data", "check_visual", "VQA_FILES", "LABEL2ANS_FILE"]
+           "VQA_FILES", "LABEL2ANS_FILE"]
 
 #: COCO split -> (questions file, annotations file), names as the VQA v2 release ships them
 VQA_FILES = {split: (f"v2_OpenEnded_mscoco_{split}2014_questions.json", f"v2_mscoco_{split}2014_annotations.json")
@@ -107,31 +105,6 @@ def read_label2ans(path: Path) -> list[str]:
     return answers
 
 
-def check_visual(visual: str) -> None:
-    """Raise ValueError unless ``visual`` is one of :data:`~vlsparse.data.vqa.VISUALS`."""
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
-
-
-def answer_task_data(name: str, root: Path, splits: Sequence[list[VQAExample]], answers: list[str],
-                     objective: Objective, tokenizer: Any, visual: str = "regions", image_size: int = 384,
-                     cache_dir: str | os.PathLike | None = None, max_text_len: int = 40) -> TaskData:
-    """A :class:`~vlsparse.data.vqa.TaskData` from the (train, val, test) example lists of a task read
-    from ``root``: their images through :func:`~vlsparse.data.formats.visual_inputs` (region features of
-    ``root/features``, not standardised, or ``root/images`` pixels), one :class:`VQADataset` per split
-    over ``answers``.
-
-    Raises:
-        FileNotFoundError: features / images missing for some example (names them).
-    """
-    keys = {k for examples in splits for e in examples for k in e.images}
-    visuals, dim = formats.visual_inputs(root, keys, visual, image_size, cache_dir)
-    train, val, test = (VQADataset(ex, visuals, tokenizer, answers, max_text_len, objective) for ex in splits)
-    return TaskData(name, train, val, test, list(answers), region_feature_dim=dim, metric_name=objective.metric,
-                    visual=visual, image_processor=visuals.processor_config() if visual == "pixels" else None,
-                    objective=objective)
-
-
 def _read_split(root: Path, split: str) -> list[tuple[dict, dict]]:
     """(question, annotation) pairs of one COCO split, in question-file order."""
     qpath, apath = (root / f for f in VQA_FILES[split])
@@ -207,7 +180,7 @@ def load_vqa(
             annotations that disagree (names the file), an invalid label2ans file, an empty vocabulary,
             ``num_answers`` / ``min_answer_count`` < 1, bad ``val_fraction`` / ``image_size``.
     """
-    check_visual(visual)
+    formats.check_visual(visual)
     root = formats.data_root(data_dir, "vqa")
     data = {split: _read_split(root, split) for split in VQA_FILES}
     examples = {split: [_example(q, a, split, root / VQA_FILES[split][1]) for q, a in pairs]
@@ -224,5 +197,5 @@ def load_vqa(
             raise ValueError(f"{root / VQA_FILES['train'][1]}: no answer is the multiple_choice_answer of "
                              f"{min_answer_count}+ questions; lower min_answer_count or add {LABEL2ANS_FILE}")
     train, val = split_by_image(examples["train"], val_fraction, seed)
-    return answer_task_data("vqa", root, (train, val, examples["val"]), answers, VQA_OBJECTIVE, tokenizer,
-                            visual, image_size, cache_dir, max_text_len)
+    return formats.task_data("vqa", root, (train, val, examples["val"]), answers, VQA_OBJECTIVE, tokenizer,
+                             visual, image_size, cache_dir, max_text_len)

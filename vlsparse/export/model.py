@@ -173,9 +173,10 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
     return model.eval()
 
 
-def model_from_weights(model: str, weights: str | Path) -> nn.Module:
+def model_from_weights(model: str, weights: str | Path, objective: dict | None = None) -> nn.Module:
     """Build ``model`` (preset, directory or checkpoint; see vlsparse.models.load_model) sized for a
-    trained state_dict (safetensors) and load that state_dict into it.
+    trained state_dict (safetensors) and load that state_dict into it. ``objective``: the task's
+    (task.json ``objective``: ``head``, ``images``); None is the answer head.
 
     Raises:
         ExportError: ``weights`` is unreadable or not a vlsparse model's state_dict.
@@ -188,7 +189,9 @@ def model_from_weights(model: str, weights: str | Path) -> nn.Module:
         img_dim, num_answers = dims_from_state(load_file(str(weights)))
     except Exception as exc:
         raise ExportError(f"{weights}: not a readable state_dict of a vlsparse model ({str(exc)[:120]})") from None
-    net, _ = load_model(model, img_dim=img_dim, num_answers=num_answers)
+    objective = objective or {}
+    net, _ = load_model(model, img_dim=img_dim, num_answers=num_answers, head=objective.get("head", "answer"),
+                        num_images=objective.get("images", 1))
     load_weights(weights, net)
     return net
 
@@ -215,11 +218,16 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
     ``bundle_extras``: as for :func:`export_csr` (bundle kind "onnx" or "onnx-sparse").
 
     Raises:
-        ExportError: mask does not fit or ``out`` exists.
+        ExportError: mask does not fit, ``out`` exists, or the model has another head than the answer
+            head (``config.task_head``; export those with :func:`export_csr`).
         BundleError: ``bundle_extras`` that do not fit the model.
     """
     import onnx
 
+    head = getattr(model.config, "task_head", "answer")
+    if head != "answer":
+        raise ExportError(f"ONNX export covers the answer head (VQA, GQA, SNLI-VE, easy-VQA); this model has the "
+                          f"{head!r} head: use --format csr")
     net = masked_copy(model, mask)
     out = Path(out)
     tmp = _new_dir(out)

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoints import CheckpointError
+from .heads import head_outputs, widen_head
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -58,12 +59,29 @@ class TaskHeadMixin:
 
     A subclass sets ``head_prefixes`` (its answer head's state_dict prefixes), ``qa_architectures``
     (transformers class names whose head is a VQA answer head), ``answers_field`` (the config field
-    holding the number of answers) and implements ``_fit_visual``.
+    holding the number of answers), ``head_input`` (the head's first Linear, a module path) and
+    implements ``_fit_visual``.
+
+    Building the model honours ``config.task_head`` and ``config.task_images``
+    (:mod:`vlsparse.models.heads`): the head has 1 output for ``rank`` and ``region``, and its first
+    Linear takes K pooled vectors for ``pair``.
     """
 
     head_prefixes: tuple[str, ...] = ()
     qa_architectures: tuple[str, ...] = ()
     answers_field: str = ""
+    head_input: str = ""
+
+    def __init__(self, config):
+        kind = getattr(config, "task_head", "answer")
+        answers = getattr(config, self.answers_field)
+        setattr(config, self.answers_field, head_outputs(kind, answers))
+        super().__init__(config)
+        setattr(config, self.answers_field, answers)
+        images = getattr(config, "task_images", 1) if kind == "pair" else 1
+        parent, _, child = self.head_input.rpartition(".")
+        module = self.get_submodule(parent)
+        setattr(module, child, widen_head(self.get_submodule(self.head_input), images, config.initializer_range))
 
     @classmethod
     def read_directory(cls, path: Path):

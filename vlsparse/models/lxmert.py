@@ -27,7 +27,7 @@ from transformers import LxmertConfig, LxmertForQuestionAnswering
 
 from .checkpoints import CheckpointError
 from .inputs import REGION_INPUT_AXES, region_example_inputs
-from .heads import TaskForwardMixin, head_outputs, widen_head
+from .heads import TaskForwardMixin
 from .hf import TaskHeadMixin
 
 #: Linear modules of one single-stream (language or visual) layer, as state_dict name suffixes
@@ -57,18 +57,9 @@ class LxmertForVQA(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
     head_prefixes = ("answer_head.",)
     qa_architectures = ("LxmertForQuestionAnswering",)
     answers_field = "num_qa_labels"
+    head_input = "answer_head.logit_fc.0"
     #: model inputs in order, with their dynamic axes (ONNX export)
     input_axes = REGION_INPUT_AXES
-
-    def __init__(self, config: LxmertConfig):
-        kind = getattr(config, "task_head", "answer")
-        answers = config.num_qa_labels
-        config.num_qa_labels = head_outputs(kind, answers)
-        super().__init__(config)
-        config.num_qa_labels = answers
-        images = getattr(config, "task_images", 1) if kind == "pair" else 1
-        fc = self.answer_head.logit_fc
-        fc[0] = widen_head(fc[0], images, config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                 img_pos: torch.Tensor, img_mask: torch.Tensor, **unused) -> torch.Tensor:

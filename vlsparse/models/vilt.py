@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import ViltConfig, ViltForQuestionAnswering
 
-from .heads import TaskForwardMixin, head_outputs, widen_head
+from .heads import TaskForwardMixin
 from .hf import TaskHeadMixin
 
 #: Linear modules of one encoder layer, as state_dict name suffixes
@@ -44,19 +44,11 @@ class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
     head_prefixes = ("classifier.",)
     qa_architectures = ("ViltForQuestionAnswering",)
     answers_field = "num_labels"
+    head_input = "classifier.0"
     #: model inputs in order, with their dynamic axes (ONNX export; any image size, a multiple of patch_size)
     input_axes = {"input_ids": ("batch", "text"), "attention_mask": ("batch", "text"),
                   "pixel_values": ("batch", "channels", "height", "width"),
                   "pixel_mask": ("batch", "height", "width")}
-
-    def __init__(self, config: ViltConfig):
-        kind = getattr(config, "task_head", "answer")
-        answers = config.num_labels
-        config.num_labels = head_outputs(kind, answers)
-        super().__init__(config)
-        config.num_labels = answers
-        images = getattr(config, "task_images", 1) if kind == "pair" else 1
-        self.classifier[0] = widen_head(self.classifier[0], images, config.initializer_range)
 
     def visual_embed(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings of every patch, in raster order after the [CLS] patch token.
