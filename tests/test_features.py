@@ -245,3 +245,23 @@ def test_open_region_features(tmp_path, cache):
         open_region_features(empty, cache_dir=cache)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         open_region_features(tmp_path / "nowhere", cache_dir=cache)
+
+
+def test_dataset_reads_features_only_when_an_item_is_taken(tmp_path, cache, tokenizer, monkeypatch):
+    from vlsparse.data.vqa import VQADataset, VQAExample, collate
+
+    recs = make_records(np.random.default_rng(3), n_images=4)
+    write_tsv(tmp_path / "f.tsv", recs)
+    store = open_region_features(tmp_path, cache_dir=cache)
+    reads = []
+    original = TSVFeatures.__getitem__
+    monkeypatch.setattr(TSVFeatures, "__getitem__", lambda self, k: reads.append(k) or original(self, k))
+    ds = VQADataset([VQAExample("is it red?", f"img{i}", {"yes": 1.0}) for i in range(4)], store, tokenizer,
+                    ["yes", "no"])
+    assert reads == []  # building the dataset looks at the index only
+    batch = collate([ds[2], ds[0]])
+    assert reads == ["img2", "img0"]
+    n = len(recs[2][4])
+    np.testing.assert_array_equal(batch["img_feat"][0, :n].numpy(), recs[2][4])
+    np.testing.assert_allclose(batch["img_pos"][0, :n].numpy(), ref_box7(recs[2][3], recs[2][2], recs[2][1]), rtol=1e-6)
+    assert batch["img_mask"][0].sum() == n

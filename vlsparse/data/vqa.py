@@ -1,4 +1,8 @@
-"""VQA-style data: soft answer targets, the VQA score, a torch Dataset and its collate.
+"""Datasets of every task: examples, soft answer targets, a torch Dataset, its collate, retrieval sets.
+
+Every task is framed VQA-style, as a choice among outputs (:mod:`vlsparse.data.objective`): a
+:class:`VQAExample` holds one text or C candidate texts, one image or K images, and soft scores of
+its labels (or the referred box, for region tasks).
 
 Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
 
@@ -14,10 +18,11 @@ Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
   evaluated with the "VQA score": the target score of the arg-max answer, averaged over
   questions (``compute_score_with_logits`` in the UNITER/LXMERT/bottom-up trainers).
 
-Batches (see :func:`collate`) hold exactly ``input_ids``, ``attention_mask``, ``img_feat``,
-``img_pos``, ``img_mask`` and ``targets`` (region tasks, ``visual="regions"``), or
-``input_ids``, ``attention_mask``, ``pixel_values``, ``pixel_mask`` and ``targets`` (image
-pixels for ViLT, ``visual="pixels"``, see :mod:`vlsparse.data.pixels`).
+Batches (see :func:`collate`) hold ``input_ids``, ``attention_mask``, ``img_feat``, ``img_pos``,
+``img_mask`` and ``targets`` (region features, ``visual="regions"``), or ``input_ids``,
+``attention_mask``, ``pixel_values``, ``pixel_mask`` and ``targets`` (image pixels for ViLT,
+``visual="pixels"``, see :mod:`vlsparse.data.pixels`; plus ``img_pos``/``img_mask`` candidate boxes
+for a region task), with extra candidate (C) or image (K) axes as :class:`VQADataset` describes.
 """
 
 from __future__ import annotations
@@ -236,13 +241,23 @@ class VQADataset(Dataset):
         cls_id = getattr(tokenizer, "cls_token_id", None)
         if cls_id is not None and self.token_ids and self.token_ids[0][0][0] != cls_id:
             raise ValueError("the tokenizer did not add [CLS]")
-        #: (Q, A) float32 soft targets (None for region tasks: their targets depend on each image's boxes)
-        self.targets = None if objective.head == "region" else (torch.stack(
-            [_score_vector(e.answers, self.answer_index, self.num_answers) for e in self.examples]
-        ) if self.examples else torch.zeros(0, self.num_answers))
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(Q, A) float32 soft targets of every example (built on demand: items build their own row,
+        so a data set with many questions and answers never holds the dense matrix).
+
+        Raises:
+            ValueError: a region task, whose targets depend on each image's boxes.
+        """
+        if self.objective.head == "region":
+            raise ValueError("region tasks have per-item IoU targets; read them from the items")
+        if not self.examples:
+            return torch.zeros(0, self.num_answers)
+        return torch.stack([_score_vector(e.answers, self.answer_index, self.num_answers) for e in self.examples])
 
     def used_token_ids(self) -> set[int]:
         """Every token id of every text of the data set."""
@@ -273,7 +288,7 @@ class VQADataset(Dataset):
             box = np.asarray(e.gt_box, dtype=np.float64)[None]
             item["targets"] = torch.as_tensor(box_iou(item["img_pos"].numpy(), box)[:, 0], dtype=torch.float32)
         else:
-            item["targets"] = self.targets[i]
+            item["targets"] = _score_vector(e.answers, self.answer_index, self.num_answers)
         return item
 
     @property
