@@ -30,7 +30,8 @@ def test_pair_head_concatenates_the_two_pooled_vectors(name):
     with torch.no_grad():
         got = m(**x)
         pa = m.encode(a["input_ids"], a["attention_mask"], **_visual(a))[0]
-        pb = m.encode(a["input_ids"], a["attention_mask"], **_visual(b))[0]
+        second = {"image_index": torch.ones(3, dtype=torch.long)} if name.startswith("vilt") else {}
+        pb = m.encode(a["input_ids"], a["attention_mask"], **_visual(b), **second)[0]
         want = head(torch.cat([pa, pb], 1))
     assert got.shape == (3, 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -147,6 +147,23 @@ def test_original_lxmert_checkpoints(tmp_path):
     assert not torch.equal(model.answer_head.logit_fc[0].weight, state["answer_head.logit_fc.0.weight"])
 
 
+def test_original_nlvr2_checkpoint_loads_as_the_pair_head(tmp_path):
+    # airsplay/lxmert src/tasks/nlvr2_model.py: lxrt_encoder.model.bert.*, logit_fc over 2 x hidden
+    torch.manual_seed(5)  # original files carry no config: 64-d attention heads (see above)
+    src = LxmertForVQA(LxmertConfig(**dict(TINY, num_attention_heads=1), num_qa_labels=2, task_head="pair",
+                                    task_images=2))
+    state = src.state_dict()
+    nlvr2 = {"lxrt_encoder.model.bert." + k.removeprefix("lxmert."): v for k, v in state.items() if k.startswith("lxmert.")}
+    nlvr2 |= {k.removeprefix("answer_head."): v for k, v in state.items() if k.startswith("answer_head.")}
+    torch.save(nlvr2, tmp_path / "nlvr2.pth")
+    model, _ = load_model(str(tmp_path / "nlvr2.pth"), img_dim=IMG_DIM, num_answers=2, head="pair", num_images=2)
+    a, b = src.example_inputs(batch=3, seed=1), src.example_inputs(batch=3, seed=2)
+    x = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"],
+         **{k: torch.stack([a[k], b[k]], 1) for k in ("img_feat", "img_pos", "img_mask")}}
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**x), src.eval()(**x), atol=0, rtol=0)
+
+
 def test_imp_round_retraining_and_export(tmp_path, tiny_task):
     model, mask = imp_round(tmp_path, _tiny, tiny_task, "lxmert-tiny")
     # the visual half of the last cross-modality layer does not reach the logits (pooled from language)

@@ -142,3 +142,35 @@ def test_imp_round_retraining_and_export(tmp_path, pixel_task):
 def test_load_task_pixels_rejects_unknown_visual(tokenizer):
     with pytest.raises(ValueError, match="visual"):
         load_task("easy-vqa", tokenizer, visual="patches")
+
+
+def test_nlvr2_directory_of_transformers_loads_as_the_pair_head(tmp_path):
+    """ViltForImagesAndTextClassification (ViLT's NLVR2 model) -> vlsparse's pair head, identical outputs."""
+    from transformers import ViltForImagesAndTextClassification
+
+    torch.manual_seed(0)
+    ref = ViltForImagesAndTextClassification(ViltConfig(**TINY, num_images=2, modality_type_vocab_size=3,
+                                                        num_labels=2)).eval()
+    ref.save_pretrained(tmp_path / "nlvr2")
+    model, _ = load_model(str(tmp_path / "nlvr2"), num_answers=2, head="pair", num_images=2, seed=3)
+    a, b = _inputs(model, seed=1), _inputs(model, seed=2)
+    pixels = torch.stack([a["pixel_values"], b["pixel_values"]], 1)  # (3, 2, 3, 96, 96)
+    masks = torch.stack([a["pixel_mask"], b["pixel_mask"]], 1)
+    with torch.no_grad():
+        ours = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"], pixel_values=pixels, pixel_mask=masks)
+        want = ref(input_ids=a["input_ids"], attention_mask=a["attention_mask"], pixel_values=pixels,
+                   pixel_mask=masks).logits
+        swapped = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"], pixel_values=pixels.flip(1),
+                        pixel_mask=masks)
+    assert ours.shape == (3, 2)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, swapped, atol=1e-4)  # left and right images have their own token types
+
+
+def test_pair_head_from_a_two_type_checkpoint_copies_the_image_type(tmp_path):
+    torch.manual_seed(0)
+    ViltForQuestionAnswering(ViltConfig(**TINY, num_labels=5)).save_pretrained(tmp_path / "qa")
+    model, _ = load_model(str(tmp_path / "qa"), num_answers=2, head="pair", num_images=2)
+    types = model.vilt.embeddings.token_type_embeddings.weight
+    assert types.shape[0] == 3 and torch.equal(types[2], types[1])  # ViLT's NLVR2 fine-tuning starts so
+    assert model.classifier[0].in_features == 2 * TINY["hidden_size"]

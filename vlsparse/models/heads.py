@@ -62,13 +62,16 @@ class TaskForwardMixin:
             raise ValueError("an example has either several candidate texts or several images, not both")
         if input_ids.dim() == 3:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
+        extra = {}
         if images > 1:
             input_ids = input_ids.repeat_interleave(images, 0)
             attention_mask = attention_mask.repeat_interleave(images, 0)
             visual = {k: v.flatten(0, 1) for k, v in visual.items()}
+            if getattr(self, "numbered_images", False):  # ViLT: image k of an example has token type k + 1
+                extra["image_index"] = torch.arange(images, device=input_ids.device).repeat(batch)
         elif texts > 1:
             visual = {k: v.repeat_interleave(texts, 0) for k, v in visual.items()}
-        pooled, visual_hidden, visual_mask = self.encode(input_ids, attention_mask, **visual)
+        pooled, visual_hidden, visual_mask = self.encode(input_ids, attention_mask, **visual, **extra)
         if kind == "answer":
             return head(pooled)
         if kind == "pair":

@@ -57,8 +57,8 @@ def read_pretrained(path: Path, model_type: str) -> tuple[dict, dict[str, torch.
 class TaskHeadMixin:
     """Loading and task fitting for a transformers QA model used as a vlsparse model.
 
-    A subclass sets ``head_prefixes`` (its answer head's state_dict prefixes), ``qa_architectures``
-    (transformers class names whose head is a VQA answer head), ``answers_field`` (the config field
+    A subclass sets ``head_prefixes`` (its answer head's state_dict prefixes), ``head_architectures``
+    (transformers class name -> the vlsparse head kind its head is, :mod:`vlsparse.models.heads`), ``answers_field`` (the config field
     holding the number of answers), ``head_input`` (the head's first Linear, a module path) and
     implements ``_fit_visual``.
 
@@ -68,7 +68,7 @@ class TaskHeadMixin:
     """
 
     head_prefixes: tuple[str, ...] = ()
-    qa_architectures: tuple[str, ...] = ()
+    head_architectures: dict[str, str] = {}
     answers_field: str = ""
     head_input: str = ""
 
@@ -87,17 +87,24 @@ class TaskHeadMixin:
     def read_directory(cls, path: Path):
         """(config, state_dict) of a transformers ``save_pretrained`` directory of this backbone.
 
-        The backbone (``<base_model_prefix>.*``) is kept; the answer head only when the directory's
-        architecture is a question-answering one (``qa_architectures`` or this class), other heads
-        (pre-training, retrieval, NLVR2 classifiers) are dropped: the task gets a new head φ0.
+        The backbone (``<base_model_prefix>.*``) is kept; the head only when the directory's
+        architecture is one of ``head_architectures`` (or this class), whose head kind and image count
+        are then set on the config (``task_head``, ``task_images``: a pair head reads ``num_images``
+        images); other heads (pre-training, retrieval) are dropped: the task gets a new head φ0.
 
         Raises:
             CheckpointError: see :func:`read_pretrained`.
         """
         raw, state = read_pretrained(path, cls.config_class.model_type)
-        keep_head = bool(set(raw.get("architectures") or ()) & {*cls.qa_architectures, cls.__name__})
-        keep = (cls.base_model_prefix + ".",) + (cls.head_prefixes if keep_head else ())
-        return cls.config_class.from_pretrained(str(path)), {k: v for k, v in state.items() if k.startswith(keep)}
+        config = cls.config_class.from_pretrained(str(path))
+        kinds = [cls.head_architectures.get(a) for a in raw.get("architectures") or ()]
+        kind = next((k for k in kinds if k), "answer" if cls.__name__ in (raw.get("architectures") or ()) else None)
+        keep = (cls.base_model_prefix + ".",)
+        if kind is not None:
+            keep += cls.head_prefixes
+            config.task_head = getattr(config, "task_head", kind)
+            config.task_images = getattr(config, "task_images", getattr(config, "num_images", 1) if kind == "pair" else 1)
+        return config, {k: v for k, v in state.items() if k.startswith(keep)}
 
     @classmethod
     def fit_task(cls, config, state: dict, img_dim: int | None, num_answers: int | None, source: str):

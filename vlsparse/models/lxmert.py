@@ -55,7 +55,7 @@ class LxmertForVQA(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
     visual_input = "regions"
     #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
     head_prefixes = ("answer_head.",)
-    qa_architectures = ("LxmertForQuestionAnswering",)
+    head_architectures = {"LxmertForQuestionAnswering": "answer"}
     answers_field = "num_qa_labels"
     head_input = "answer_head.logit_fc.0"
     #: model inputs in order, with their dynamic axes (ONNX export)
@@ -163,7 +163,8 @@ def map_original_lxmert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def config_from_original(state: dict[str, torch.Tensor]) -> dict:
-    """LxmertConfig fields read off the shapes of a mapped original state_dict (64-d heads).
+    """LxmertConfig fields read off the shapes of a mapped original state_dict (64-d heads); a
+    ``logit_fc`` over K x hidden inputs (the NLVR2 model) is the pair head of K images.
 
     Raises:
         CheckpointError: a needed key is missing.
@@ -186,4 +187,7 @@ def config_from_original(state: dict[str, torch.Tensor]) -> dict:
         raise CheckpointError(f"LXMERT checkpoint lacks {exc.args[0]!r}") from None
     if "answer_head.logit_fc.3.weight" in state:
         fields["num_qa_labels"] = state["answer_head.logit_fc.3.weight"].shape[0]
+        images = state["answer_head.logit_fc.0.weight"].shape[1] // hidden
+        if images > 1:  # airsplay/lxmert NLVR2Model: logit_fc over the two images' pooled vectors concatenated
+            fields.update(task_head="pair", task_images=images)
     return fields

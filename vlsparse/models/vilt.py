@@ -42,7 +42,7 @@ class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
     visual_input = "pixels"
     #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
     head_prefixes = ("classifier.",)
-    qa_architectures = ("ViltForQuestionAnswering",)
+    head_architectures = {"ViltForQuestionAnswering": "answer", "ViltForImagesAndTextClassification": "pair"}
     answers_field = "num_labels"
     head_input = "classifier.0"
     #: model inputs in order, with their dynamic axes (ONNX export; any image size, a multiple of patch_size)
@@ -94,10 +94,21 @@ class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
             visual.update(img_pos=img_pos, img_mask=img_mask)
         return self.task_forward(self.classifier, input_ids, attention_mask, **visual)
 
+    #: several images per example get token types 1, 2, ... (ViLT's NLVR2 model)
+    numbered_images = True
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-               pixel_mask: torch.Tensor, img_pos: torch.Tensor | None = None, img_mask: torch.Tensor | None = None):
-        """(pooled (B, h), box features (B, N, h) or None, img_mask or None): see :mod:`vlsparse.models.heads`."""
+               pixel_mask: torch.Tensor, img_pos: torch.Tensor | None = None, img_mask: torch.Tensor | None = None,
+               image_index: torch.Tensor | None = None):
+        """(pooled (B, h), box features (B, N, h) or None, img_mask or None): see :mod:`vlsparse.models.heads`.
+
+        ``image_index`` (B,) int64: which image of its example each row is (pair head); image k gets
+        modality token type k + 1, as ViLT's NLVR2 model (``ViltForImagesAndTextClassification``) does.
+        """
         image_embeds, image_mask = self.visual_embed(pixel_values, pixel_mask)
+        if image_index is not None:  # transformers adds token type 1 to every image: move image k to type k + 1
+            types = self.vilt.embeddings.token_type_embeddings
+            image_embeds = image_embeds + (types(image_index + 1) - types.weight[1])[:, None, :]
         out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                         pixel_mask=image_mask, return_dict=False)
         if img_pos is None:
@@ -151,6 +162,21 @@ class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
         text and position embeddings, the final LayerNorm, pooler and classifier."""
         return [f"vilt.encoder.layer.{i}.{s}.weight" for i in range(self.config.num_hidden_layers)
                 for s in LAYER_LINEARS]
+
+    @classmethod
+    def fit_task(cls, config: ViltConfig, state: dict, img_dim: int | None, num_answers: int | None, source: str):
+        """:meth:`TaskHeadMixin.fit_task`, and for the pair head of K images K + 1 modality token types:
+        a checkpoint with fewer gets the missing rows copied from the image row 1 (ViLT's NLVR2
+        fine-tuning, dandelin/ViLT ``vilt_module.py``)."""
+        config, state = super().fit_task(config, state, img_dim, num_answers, source)
+        need = 1 + (getattr(config, "task_images", 1) if getattr(config, "task_head", "answer") == "pair" else 1)
+        if config.modality_type_vocab_size < need:
+            config.modality_type_vocab_size = need
+            key = "vilt.embeddings.token_type_embeddings.weight"
+            if key in state:
+                old = state[key]
+                state = {**state, key: torch.cat([old, old[1:2].expand(need - len(old), -1)])}
+        return config, state
 
     @classmethod
     def _fit_visual(cls, config: ViltConfig, state: dict, img_dim: int | None, source: str) -> None:
