@@ -98,3 +98,17 @@ def test_several_texts_and_several_images_refused():
     with pytest.raises(ValueError, match="not both"):
         m(input_ids=x["input_ids"][:, None].expand(2, 2, -1), attention_mask=x["attention_mask"][:, None].expand(2, 2, -1),
           **{k: v[:, None].expand(2, 2, *v.shape[1:]) for k, v in _visual(x).items()})
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_rank_head_scores_each_candidate_image_alone(name):
+    m = _model(name, "rank", 1)
+    cands = [m.example_inputs(batch=2, seed=s) for s in range(4)]  # 4 candidate images per caption
+    x = {"input_ids": cands[0]["input_ids"], "attention_mask": cands[0]["attention_mask"],
+         **{k: torch.stack([c[k] for c in cands], 1) for k in _visual(cands[0])}}
+    with torch.no_grad():
+        got = m(**x)
+        want = torch.stack([m(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **_visual(c))[:, 0]
+                            for c in cands], 1)
+    assert got.shape == (2, 4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -8,25 +8,27 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.common import LAYOUTS, cached_loader, layout_root
 from tests.fixtures.flickr30k import write_flickr30k
 from vlsparse.data.flickr30k import load_flickr30k, sample_negatives
 from vlsparse.data.regions import extract_regions, load_image
 from vlsparse.data.vqa import RetrievalSet, collate
 
 
-@pytest.fixture(scope="module", params=["npz", "tsv"])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def root(request, tmp_path_factory):
-    return write_flickr30k(tmp_path_factory.mktemp(f"flickr-{request.param}"), request.param)
+    return layout_root(tmp_path_factory, write_flickr30k, "flickr", request.param)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def load(tokenizer, tmp_path_factory):
+    """load_flickr30k with the session tokenizer and a private feature-index cache."""
+    return cached_loader(load_flickr30k, tokenizer, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def task(root, cache, tokenizer):
-    return load_flickr30k(tokenizer, root, cache_dir=cache)
+def task(root, load):
+    return load(root)
 
 
 def annotations(root) -> dict[str, list[tuple[str, str]]]:
@@ -87,17 +89,17 @@ def test_items_and_batch(task, root):
     assert b["targets"].shape == (5, 4) and b["input_ids"].shape[0] == 5
 
 
-def test_eval_images_and_errors(root, cache, tokenizer):
-    task = load_flickr30k(tokenizer, root, cache_dir=cache, eval_images=2, negatives=1, seed=3)
+def test_eval_images_and_errors(root, load):
+    task = load(root, eval_images=2, negatives=1, seed=3)
     ref = annotations(root)
     for rs, split in ((task.val, "val"), (task.test, "test")):
         keep = sorted({k for _, k in ref[split]})[:2]
         assert rs.image_ids == keep and len(rs) == 10
     assert task.answers == ["0", "1"] and task.train.targets.shape == (20, 2)
     with pytest.raises(ValueError, match="--negatives"):
-        load_flickr30k(tokenizer, root, cache_dir=cache, negatives=4)  # only 4 train images
+        load(root, negatives=4)  # only 4 train images
     with pytest.raises(ValueError, match="--eval-images"):
-        load_flickr30k(tokenizer, root, cache_dir=cache, eval_images=0)
+        load(root, eval_images=0)
 
 
 def test_missing_files(tmp_path, tokenizer):

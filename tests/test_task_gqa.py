@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 
 import pytest
 import torch
 
+from tests.fixtures.common import assert_missing_file_named, cached_loader, layout_roots
 from tests.fixtures.gqa import write_gqa
 from vlsparse.data.gqa import load_gqa
 from vlsparse.data.objective import Objective
@@ -20,13 +20,13 @@ FILES = ["train_balanced_questions.json", "val_balanced_questions.json", "testde
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    return {layout: write_gqa(tmp_path_factory.mktemp(f"gqa-{layout}"), layout) for layout in ("npz", "tsv")}
+    return layout_roots(tmp_path_factory, write_gqa, "gqa")
 
 
 @pytest.fixture(scope="module")
 def load(tokenizer, tmp_path_factory):
     """load_gqa with the session tokenizer and a private feature-index cache."""
-    return functools.partial(load_gqa, tokenizer, cache_dir=tmp_path_factory.mktemp("cache"))
+    return cached_loader(load_gqa, tokenizer, tmp_path_factory)
 
 
 def labels(ds, answers) -> list[str | None]:
@@ -75,10 +75,7 @@ def test_label2ans_vocabulary(roots, load, tmp_path):
 
 @pytest.mark.parametrize("name", FILES)
 def test_missing_file(roots, load, tmp_path, name):
-    root = shutil.copytree(roots["npz"], tmp_path / "d")
-    (root / name).unlink()
-    with pytest.raises(FileNotFoundError, match=name):
-        load(root)
+    assert_missing_file_named(roots["npz"], tmp_path, name, load)
 
 
 def test_bad_question(roots, load, tmp_path):

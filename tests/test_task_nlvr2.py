@@ -10,26 +10,28 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.fixtures.common import easy_facts, easy_images
+from tests.fixtures.common import (LAYOUTS, assert_missing_file_named, cached_loader, easy_facts, easy_images,
+                                   layout_root)
 from tests.fixtures.nlvr2 import image_pairs, write_nlvr2
 from vlsparse.data.nlvr2 import load_nlvr2, nlvr2_image_keys
 from vlsparse.data.regions import extract_regions, load_image
 from vlsparse.data.vqa import collate
 
 
-@pytest.fixture(scope="module", params=["npz", "tsv"])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def root(request, tmp_path_factory):
-    return write_nlvr2(tmp_path_factory.mktemp(f"nlvr2-{request.param}"), request.param)
+    return layout_root(tmp_path_factory, write_nlvr2, "nlvr2", request.param)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def load(tokenizer, tmp_path_factory):
+    """load_nlvr2 with the session tokenizer and a private feature-index cache."""
+    return cached_loader(load_nlvr2, tokenizer, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def task(root, cache, tokenizer):
-    return load_nlvr2(tokenizer, root, cache_dir=cache)
+def task(root, load):
+    return load(root)
 
 
 def truth(sentence: str, left: dict, right: dict) -> bool:
@@ -114,11 +116,8 @@ def test_pixels(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("name", ["train.json", "dev.json", "test1.json"])
-def test_missing_split_file(tmp_path, tokenizer, name):
-    root = write_nlvr2(tmp_path / "d")
-    (root / name).unlink()
-    with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
-        load_nlvr2(tokenizer, root, cache_dir=tmp_path / "c")
+def test_missing_split_file(tmp_path, load, name):
+    assert_missing_file_named(write_nlvr2(tmp_path / "src"), tmp_path, name, load)
 
 
 def test_missing_visuals_and_bad_input(tmp_path, tokenizer):

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import pickle
-import shutil
 
 import pytest
 import torch
 
+from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.refcoco import DISTRACTOR, IMAGE_ID_OFFSET, IMAGES, object_bbox, sentences, write_refcoco_plus
 from vlsparse.data.refcoco import load_refcoco_plus, read_refs, refcoco_image_key
 from vlsparse.data.vqa import collate
 
 
-@pytest.fixture(scope="module", params=["npz", "tsv"])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def data(request, tmp_path_factory):
-    return write_refcoco_plus(tmp_path_factory.mktemp(f"refcoco-{request.param}"), request.param)
+    return layout_root(tmp_path_factory, write_refcoco_plus, "refcoco", request.param)
 
 
 def iou(a, b):
@@ -135,12 +136,8 @@ def test_bad_refs_and_annotations(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("missing", ["refcoco+/refs(unc).p", "refcoco+/instances.json", "features"])
 def test_missing_files(tokenizer, tmp_path, missing):
-    root = write_refcoco_plus(tmp_path)
-    target = root / missing
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    with pytest.raises(FileNotFoundError) as err:
-        load_refcoco_plus(tokenizer, root)
-    assert missing.split("/")[-1] in str(err.value)
+    err = assert_missing_file_named(write_refcoco_plus(tmp_path / "src"), tmp_path, missing,
+                                    functools.partial(load_refcoco_plus, tokenizer))
     if missing.endswith(".p"):
         assert "refs(unc).json" in str(err.value)
     with pytest.raises(FileNotFoundError, match="refcoco"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 
 import pytest
 import torch
 
+from tests.fixtures.common import assert_missing_file_named, cached_loader, layout_roots
 from tests.fixtures.snli_ve import write_snli_ve
 from vlsparse.data.objective import Objective
 from vlsparse.data.snli_ve import load_snli_ve
@@ -19,13 +19,13 @@ FILES = ["snli_ve_train.jsonl", "snli_ve_dev.jsonl", "snli_ve_test.jsonl"]
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    return {layout: write_snli_ve(tmp_path_factory.mktemp(f"ve-{layout}"), layout) for layout in ("npz", "tsv")}
+    return layout_roots(tmp_path_factory, write_snli_ve, "ve")
 
 
 @pytest.fixture(scope="module")
 def load(tokenizer, tmp_path_factory):
     """load_snli_ve with the session tokenizer and a private feature-index cache."""
-    return functools.partial(load_snli_ve, tokenizer, cache_dir=tmp_path_factory.mktemp("cache"))
+    return cached_loader(load_snli_ve, tokenizer, tmp_path_factory)
 
 
 @pytest.mark.parametrize("layout", ["npz", "tsv"])
@@ -59,10 +59,7 @@ def test_load_pixels(roots, load):
 
 @pytest.mark.parametrize("name", FILES)
 def test_missing_file(roots, load, tmp_path, name):
-    root = shutil.copytree(roots["npz"], tmp_path / "d")
-    (root / name).unlink()
-    with pytest.raises(FileNotFoundError, match=name):
-        load(root)
+    assert_missing_file_named(roots["npz"], tmp_path, name, load)
 
 
 def test_bad_label(roots, load, tmp_path):

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 
+from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.vcr import IMAGES, write_vcr
 from vlsparse.data.vcr import VCR_ANSWERS, load_vcr, render_tokens, vcr_example
 from vlsparse.data.vqa import collate
 
 
-@pytest.fixture(scope="module", params=["npz", "tsv"])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def data(request, tmp_path_factory):
-    return write_vcr(tmp_path_factory.mktemp(f"vcr-{request.param}"), request.param)
+    return layout_root(tmp_path_factory, write_vcr, "vcr", request.param)
 
 
 def test_render_tokens_hand_checked():
@@ -106,12 +108,6 @@ def test_bad_annotation_names_line(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("missing", ["train.jsonl", "val.jsonl", "features"])
 def test_missing_files(tokenizer, tmp_path, missing):
-    import shutil
-
-    root = write_vcr(tmp_path)
-    target = root / missing
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    with pytest.raises(FileNotFoundError, match=missing):
-        load_vcr(tokenizer, root)
+    assert_missing_file_named(write_vcr(tmp_path / "src"), tmp_path, missing, functools.partial(load_vcr, tokenizer))
     with pytest.raises(FileNotFoundError, match="vcr"):
         load_vcr(tokenizer, None)

@@ -3,13 +3,13 @@ answer normalisation are checked against hand-computed values."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 
 import pytest
 import torch
 
+from tests.fixtures.common import assert_missing_file_named, cached_loader, layout_roots
 from tests.fixtures.vqav2 import write_vqa
 from vlsparse.data.objective import Objective
 from vlsparse.data.vqa import collate
@@ -23,13 +23,13 @@ FILES = ["v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_an
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    return {layout: write_vqa(tmp_path_factory.mktemp(f"vqa-{layout}"), layout) for layout in ("npz", "tsv")}
+    return layout_roots(tmp_path_factory, write_vqa, "vqa")
 
 
 @pytest.fixture(scope="module")
 def load(tokenizer, tmp_path_factory):
     """load_vqa with the session tokenizer and a private feature-index cache."""
-    return functools.partial(load_vqa, tokenizer, cache_dir=tmp_path_factory.mktemp("cache"))
+    return cached_loader(load_vqa, tokenizer, tmp_path_factory)
 
 
 def targets_of(task, key: str, question: str) -> dict[str, float]:
@@ -107,10 +107,7 @@ def test_vocabulary_from_train_answers(roots, load, tmp_path):
 
 @pytest.mark.parametrize("name", FILES)
 def test_missing_file(roots, load, tmp_path, name):
-    root = shutil.copytree(roots["npz"], tmp_path / "d")
-    (root / name).unlink()
-    with pytest.raises(FileNotFoundError, match=name):
-        load(root)
+    assert_missing_file_named(roots["npz"], tmp_path, name, load)
 
 
 def test_questions_and_annotations_must_agree(roots, load, tmp_path):

@@ -67,7 +67,7 @@ class TaskForwardMixin:
             input_ids = input_ids.repeat_interleave(images, 0)
             attention_mask = attention_mask.repeat_interleave(images, 0)
             visual = {k: v.flatten(0, 1) for k, v in visual.items()}
-            if getattr(self, "numbered_images", False):  # ViLT: image k of an example has token type k + 1
+            if kind == "pair" and getattr(self, "numbered_images", False):  # ViLT NLVR2: image k has token type k + 1
                 extra["image_index"] = torch.arange(images, device=input_ids.device).repeat(batch)
         elif texts > 1:
             visual = {k: v.repeat_interleave(texts, 0) for k, v in visual.items()}
