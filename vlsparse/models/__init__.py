@@ -74,12 +74,10 @@ def load_tokenizer(name: str) -> BertTokenizerFast:
     return default_tokenizer()
 
 
-def _check_task_fit(config: UniterConfig, img_dim: int | None, num_answers: int | None, source: str) -> None:
+def _check_img_dim(config: UniterConfig, img_dim: int | None, source: str) -> None:
     if img_dim is not None and config.img_dim != img_dim:
         raise CheckpointError(f"{source}: model expects region features of size {config.img_dim}, "
                               f"the task gives {img_dim}")
-    if num_answers is not None and config.num_answers != num_answers:
-        raise CheckpointError(f"{source}: VQA head has {config.num_answers} answers, the task has {num_answers}")
 
 
 def load_model(name: str, img_dim: int | None = None, num_answers: int | None = None,
@@ -121,14 +119,9 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     if not path.exists():
         raise ValueError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}) nor an existing path")
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: expected a save_pretrained directory with config.json")
+        state = read_pretrained(path, "uniter")[1]
         config = UniterConfig.from_pretrained(str(path))
-        try:
-            state = read_pretrained(path, "uniter")[1]
-        except CheckpointError:
-            raise
-        _check_task_fit(config, img_dim, None, str(path))
+        _check_img_dim(config, img_dim, str(path))
         if _new_head(config, num_answers, task_head):
             state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
             config.update(task_head)
@@ -147,7 +140,7 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     if num_answers is not None:
         fields["num_answers"] = num_answers
     config = UniterConfig(pooling="cls", **task_head, **fields)
-    _check_task_fit(config, img_dim, num_answers, str(path))
+    _check_img_dim(config, img_dim, str(path))
     model = UniterForVQA(config)
     _load_state(model, state, strict_prefix="uniter.encoder.")
     tokenizer = default_tokenizer()
