@@ -57,13 +57,14 @@ class TaskForwardMixin:
         kind = getattr(self.config, "task_head", "answer")
         batch = input_ids.shape[0]
         texts = input_ids.shape[1] if input_ids.dim() == 3 else 1
-        images = next((v.shape[1] for k, v in visual.items() if v.dim() == VISUAL_RANKS[k] + 1), 1)
+        image_axis = next((v.shape[1] for k, v in visual.items() if v.dim() == VISUAL_RANKS[k] + 1), None)
+        images = image_axis or 1
         if texts > 1 and images > 1:
             raise ValueError("an example has either several candidate texts or several images, not both")
         if input_ids.dim() == 3:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
         extra = {}
-        if images > 1:
+        if image_axis is not None:
             input_ids = input_ids.repeat_interleave(images, 0)
             attention_mask = attention_mask.repeat_interleave(images, 0)
             visual = {k: v.flatten(0, 1) for k, v in visual.items()}
