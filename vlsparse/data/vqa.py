@@ -331,19 +331,24 @@ class RetrievalSet:
 
     @torch.no_grad()
     def score_matrix(self, model: Any, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
-        """(captions, images) float64 scores of the model's rank head."""
+        """(captions, images) float64 scores of the model's rank head. The images are batched once
+        (``batch_size`` per batch, kept on ``device``); each caption is then scored against every batch."""
         model.to(device).eval()
-        images = [self.images[k] for k in range(len(self.images))]
-        scores = np.zeros((len(self.texts), len(images)))
+        n = len(self.images)
+        chunks = []
+        for s in range(0, n, batch_size):
+            batch = collate([self.images[k] for k in range(s, min(s + batch_size, n))])
+            chunks.append({k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")})
+        scores = np.zeros((len(self.texts), n))
         for t in range(len(self.texts)):
             text = self.texts[t]
-            for s in range(0, len(images), batch_size):
-                part = images[s:s + batch_size]
-                batch = collate([{**im, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
-                                 for im in part])
-                batch.pop("targets")
-                out = model(**{k: v.to(device) for k, v in batch.items()})
-                scores[t, s:s + len(part)] = out.reshape(-1).double().cpu().numpy()
+            start = 0
+            for chunk in chunks:
+                m = next(iter(chunk.values())).shape[0]
+                ids = text["input_ids"].to(device).expand(m, -1)
+                out = model(input_ids=ids, attention_mask=text["attention_mask"].to(device).expand(m, -1), **chunk)
+                scores[t, start:start + m] = out.reshape(-1).double().cpu().numpy()
+                start += m
         return scores
 
     def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:

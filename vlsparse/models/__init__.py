@@ -122,7 +122,7 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
         state = read_pretrained(path, "uniter")[1]
         config = UniterConfig.from_pretrained(str(path))
         _check_img_dim(config, img_dim, str(path))
-        if _new_head(config, num_answers, task_head):
+        if _new_head(config, "num_answers", num_answers, task_head):
             state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
             config.update(task_head)
             config.num_answers = num_answers or config.num_answers
@@ -135,7 +135,7 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
         return _load_hf(LxmertForVQA, name, img_dim, num_answers, seed, task_head, original=raw)
     state = map_official_uniter(raw)
     fields = config_from_official(state)
-    if _new_head(UniterConfig(**fields), num_answers, task_head):
+    if _new_head(UniterConfig(**fields), "num_answers", num_answers, task_head):
         state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
     if num_answers is not None:
         fields["num_answers"] = num_answers
@@ -173,13 +173,12 @@ def visual_input(name: str) -> str:
     return getattr(model_class(name), "visual_input", "regions")
 
 
-def _new_head(config, num_answers: int | None, task_head: dict) -> bool:
-    """Whether a checkpoint's head (``config``) cannot serve the task: another kind, image count or size."""
-    answers = getattr(config, "num_answers", None) or getattr(config, "num_qa_labels", None) or getattr(
-        config, "num_labels", None)
+def _new_head(config, answers_field: str, num_answers: int | None, task_head: dict) -> bool:
+    """Whether a checkpoint's head (``config``; its size in the field ``answers_field``) cannot serve the
+    task: another kind, image count or size."""
     return (getattr(config, "task_head", "answer") != task_head["task_head"]
             or getattr(config, "task_images", 1) != task_head["task_images"]
-            or (num_answers is not None and answers != num_answers))
+            or (num_answers is not None and getattr(config, answers_field) != num_answers))
 
 
 def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed: int, task_head: dict,
@@ -192,7 +191,7 @@ def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed:
         config, state = cls.from_original_state(original)
     else:
         config, state = cls.read_directory(Path(name))
-    if _new_head(config, num_answers, task_head):
+    if _new_head(config, cls.answers_field, num_answers, task_head):
         state = {k: v for k, v in state.items() if not k.startswith(cls.head_prefixes)}
     config.update(task_head)
     config, state = cls.fit_task(config, state, img_dim, num_answers, source=name)
