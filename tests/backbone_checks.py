@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from vlsparse.data import collate
-from vlsparse.export.model import export_csr, export_onnx, load_sparse, masked_copy
-from vlsparse.export.sparse_linear import SparseLinear
-from vlsparse.pruning.imp import IMPConfig, run_imp
+from vlsparse.export.exporters import export_csr, export_onnx, masked_copy
+from vlsparse.runtime.load import load_sparse
+from vlsparse.sparse.linear import SparseLinear
+from vlsparse.lottery.imp import IMPConfig, run_imp
 from vlsparse.pruning.magnitude import random_prune
 from vlsparse.pruning.mask import Mask, ones_mask
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.loop import TrainConfig
-from vlsparse.training.retrain import retrain_ticket
+from vlsparse.lottery.retrain import retrain_ticket
 
 
 def imp_round(tmp_path: Path, make_model: Callable[[], torch.nn.Module], task,
@@ -64,7 +65,7 @@ def export_parity(tmp_path: Path, model: torch.nn.Module, mask: Mask, inputs: li
     import onnx
     import onnxruntime as ort
 
-    from vlsparse.export.onnx_sparse import ort_session
+    from vlsparse.runtime.ort import ort_session
 
     ref = masked_copy(model, mask)
     sparse = load_sparse(export_csr(model, mask, tmp_path / "csr"), backend="dense")

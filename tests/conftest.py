@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlsparse.data.vqa import TaskData, VQADataset, VQAExample
+from vlsparse.data.dataset import TaskData, VLDataset, VLExample
 from vlsparse.models import default_tokenizer, load_model
 
 IMG_DIM = 12
@@ -17,7 +17,7 @@ def _split(rng: np.random.Generator, n_images: int, n_questions: int, offset: in
     regions = {offset + i: (rng.standard_normal((3, IMG_DIM)).astype(np.float32),
                             rng.random((3, 7)).astype(np.float32)) for i in range(n_images)}
     qs = ["is it red?", "what color is the shape?", "is there a blue circle?", "what is the color?"]
-    examples = [VQAExample(qs[j % 4], offset + j % n_images, {ANSWERS[(j * 7) % 4]: 1.0}) for j in range(n_questions)]
+    examples = [VLExample(qs[j % 4], offset + j % n_images, {ANSWERS[(j * 7) % 4]: 1.0}) for j in range(n_questions)]
     return examples, regions
 
 
@@ -31,7 +31,7 @@ def tiny_task(tokenizer) -> TaskData:
     """A 48/16/16-question task over random region features (3 regions of dim 12), 4 answers."""
     rng = np.random.default_rng(0)
     parts = [_split(rng, 8, n, off) for n, off in ((48, 0), (16, 100), (16, 200))]
-    ds = [VQADataset(ex, reg, tokenizer, ANSWERS, max_text_len=12) for ex, reg in parts]
+    ds = [VLDataset(ex, reg, tokenizer, ANSWERS, max_text_len=12) for ex, reg in parts]
     return TaskData("tiny", ds[0], ds[1], ds[2], ANSWERS, IMG_DIM)
 
 

@@ -1,4 +1,4 @@
-"""vlsparse.benchmark / `vlsparse bench`: a uniter-tiny run benchmarked in every format.
+"""vlsparse.bench.run / `vlsparse bench`: a uniter-tiny run benchmarked in every format.
 
 The references are independent of the benchmark code: the run's own metrics.json (written by IMP's
 evaluate on the trained model), the dense fp32 size of the pruned weights, hand-computed CSR/bitmask
@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-from vlsparse.benchmark import COLUMNS, BenchError, bench_run, read_rows
+from vlsparse.bench.run import COLUMNS, BenchError, bench_run, read_rows
 from vlsparse.data import collate
 from vlsparse.models import load_model
-from vlsparse.pruning.imp import IMPConfig, run_imp
+from vlsparse.lottery.imp import IMPConfig, run_imp
 from vlsparse.pruning.magnitude import random_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
@@ -148,7 +148,7 @@ def test_resume_keeps_measured_rows(tiny_run, tiny_task, tmp_path):
 
 
 def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path):
-    from vlsparse.benchmark import Level, export_formats, masked_model, measure_memory
+    from vlsparse.bench.run import Level, export_formats, masked_model, measure_memory
 
     level = Level("imp", 1, tiny_run / "imp" / "level_01" / "ticket.safetensors",
                   tiny_run / "imp" / "level_01" / "weights.safetensors", True)

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from vlsparse import __version__
 from vlsparse.data import task_info
-from vlsparse.export.bundle import BundleError, BundleExtras, read_bundle, ticket_metadata
-from vlsparse.export.model import export_csr, export_onnx
+from vlsparse.runtime.bundle import BundleError, BundleExtras, read_bundle, ticket_metadata
+from vlsparse.export.exporters import export_csr, export_onnx
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask, sparsity
 from vlsparse.pruning.ticket import Ticket

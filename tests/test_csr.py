@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from vlsparse.export.csr import BitmaskMatrix, CSRMatrix, decode_sparse, encode_sparse
+from vlsparse.sparse.csr import BitmaskMatrix, CSRMatrix, decode_sparse, encode_sparse
 
 
 def _random(out_f, in_f, sparsity, seed=0):

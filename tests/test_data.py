@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from vlsparse.data import TASKS, load_task
-from vlsparse.data import regions as R
-from vlsparse.data.regions import (
+from vlsparse.data.visual import regions as R
+from vlsparse.data.visual.regions import (
     FEATURE_SLICES,
     NUM_REGIONS,
     REGION_FEATURE_DIM,
@@ -22,10 +22,10 @@ from vlsparse.data.regions import (
     extract_regions,
     foreground_object,
 )
-from vlsparse.data.vqa import (
+from vlsparse.data.dataset import (
     TaskData,
-    VQADataset,
-    VQAExample,
+    VLDataset,
+    VLExample,
     answer_targets,
     collate,
     region_feature_stats,
@@ -96,7 +96,7 @@ def test_answer_targets_and_vqa_score():
 # --------------------------------------------------------------------------- split
 def test_split_by_image():
     rng = np.random.default_rng(1)
-    ex = [VQAExample(f"q{i}", int(rng.integers(200)), {"yes": 1.0}) for i in range(3000)]
+    ex = [VLExample(f"q{i}", int(rng.integers(200)), {"yes": 1.0}) for i in range(3000)]
     n_images = len({e.image_id for e in ex})
     train, val = split_by_image(ex, 0.1, seed=0)
     assert len(train) + len(val) == len(ex)
@@ -333,11 +333,11 @@ def test_collate_shapes_and_dtypes(tokenizer):
         "b": (np.full((3, D), 2.0, np.float32), np.full((3, 7), 0.25, np.float32)),  # fewer regions
     }
     ex = [
-        VQAExample("what color is the shape?", "a", {"red": 1.0}),
-        VQAExample("is there a circle in the image at the very bottom left corner?", "b", {"yes": 1.0, "no": 1 / 3}),
-        VQAExample("what shape?", "a", {"unknown-answer": 1.0}),
+        VLExample("what color is the shape?", "a", {"red": 1.0}),
+        VLExample("is there a circle in the image at the very bottom left corner?", "b", {"yes": 1.0, "no": 1 / 3}),
+        VLExample("what shape?", "a", {"unknown-answer": 1.0}),
     ]
-    ds = VQADataset(ex, regions, tokenizer, ["red", "yes", "no", "circle"], max_text_len=8)
+    ds = VLDataset(ex, regions, tokenizer, ["red", "yes", "no", "circle"], max_text_len=8)
     assert len(ds) == 3
     batch = collate([ds[i] for i in range(3)])
     assert list(batch) == ["input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "targets"]
@@ -365,7 +365,7 @@ def test_collate_shapes_and_dtypes(tokenizer):
     assert (batch["img_pos"][1, 3:] == 0).all()
     assert torch.allclose(batch["targets"], torch.tensor([[1, 0, 0, 0], [0, 1, 1 / 3, 0], [0, 0, 0, 0.0]]))
     with pytest.raises(ValueError, match="region features"):
-        VQADataset([VQAExample("q", "zzz", {})], regions, tokenizer, ["red"])
+        VLDataset([VLExample("q", "zzz", {})], regions, tokenizer, ["red"])
 
 
 # --------------------------------------------------------------------------- easy-VQA

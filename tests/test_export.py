@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlsparse.export.model import ExportError, export_csr, export_onnx, load_sparse, masked_copy
-from vlsparse.export.sparse_linear import SparseLinear
+from vlsparse.export.exporters import export_csr, export_onnx, masked_copy
+from vlsparse.runtime.load import ExportError, load_sparse
+from vlsparse.sparse.linear import SparseLinear
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 
@@ -69,7 +70,7 @@ def test_onnx_export_matches_masked_model(tmp_path, tiny_model, ticket_mask, spa
     import onnx
     import onnxruntime as ort
 
-    from vlsparse.export.onnx_sparse import ort_session
+    from vlsparse.runtime.ort import ort_session
 
     out = export_onnx(tiny_model, ticket_mask, tmp_path / "onnx", sparse=sparse)
     path = str(out / "model.onnx")

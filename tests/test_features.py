@@ -1,4 +1,4 @@
-"""Region-feature readers (vlsparse.data.features) against the arrays written into fixtures."""
+"""Region-feature readers (vlsparse.data.visual.features) against the arrays written into fixtures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from vlsparse.data.features import (
+from vlsparse.data.visual.features import (
     NpzFeatures,
     RegionStore,
     TSVFeatures,
@@ -248,7 +248,7 @@ def test_open_region_features(tmp_path, cache):
 
 
 def test_dataset_reads_features_only_when_an_item_is_taken(tmp_path, cache, tokenizer, monkeypatch):
-    from vlsparse.data.vqa import VQADataset, VQAExample, collate
+    from vlsparse.data.dataset import VLDataset, VLExample, collate
 
     recs = make_records(np.random.default_rng(3), n_images=4)
     write_tsv(tmp_path / "f.tsv", recs)
@@ -256,7 +256,7 @@ def test_dataset_reads_features_only_when_an_item_is_taken(tmp_path, cache, toke
     reads = []
     original = TSVFeatures.__getitem__
     monkeypatch.setattr(TSVFeatures, "__getitem__", lambda self, k: reads.append(k) or original(self, k))
-    ds = VQADataset([VQAExample("is it red?", f"img{i}", {"yes": 1.0}) for i in range(4)], store, tokenizer,
+    ds = VLDataset([VLExample("is it red?", f"img{i}", {"yes": 1.0}) for i in range(4)], store, tokenizer,
                     ["yes", "no"])
     assert reads == []  # building the dataset looks at the index only
     batch = collate([ds[2], ds[0]])

@@ -9,10 +9,11 @@ import torch
 
 from vlsparse.data import collate
 from vlsparse.models import load_model
-from vlsparse.pruning.imp import IMPConfig, RunError, run_imp
+from vlsparse.lottery.imp import IMPConfig, run_imp
+from vlsparse.lottery.runs import RunError
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.loop import TrainConfig
-from vlsparse.training.retrain import retrain_ticket
+from vlsparse.lottery.retrain import retrain_ticket
 
 from .conftest import ANSWERS, IMG_DIM
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering
 
-from vlsparse.models import PRESETS, CheckpointError, LxmertForVQA, dims_from_state, load_model, visual_input
+from vlsparse.models import PRESETS, CheckpointError, LxmertForTask, dims_from_state, load_model, visual_input
 
 from .backbone_checks import export_parity, imp_round
 from .conftest import ANSWERS, IMG_DIM
@@ -79,7 +79,7 @@ def test_prune_scope_counts_the_shared_cross_attention_once():
 
 def test_base_preset_scope():
     with torch.device("meta"):  # shapes only
-        model = LxmertForVQA(LxmertConfig(**PRESETS["lxmert-base"].config))
+        model = LxmertForTask(LxmertConfig(**PRESETS["lxmert-base"].config))
     scope = model.prune_scope()
     per_single = 4 * 768 * 768 + 2 * 768 * 3072
     per_cross = 12 * 768 * 768 + 4 * 768 * 3072
@@ -91,7 +91,7 @@ def test_transformers_qa_directory_loads_with_identical_outputs(tmp_path):
     ref = LxmertForQuestionAnswering(LxmertConfig(**TINY, num_qa_labels=len(ANSWERS))).eval()
     ref.save_pretrained(tmp_path / "qa")
     model, tok = load_model(str(tmp_path / "qa"), img_dim=IMG_DIM, num_answers=len(ANSWERS), seed=5)
-    assert isinstance(model, LxmertForVQA) and visual_input(str(tmp_path / "qa")) == "regions"
+    assert isinstance(model, LxmertForTask) and visual_input(str(tmp_path / "qa")) == "regions"
     inp = _inputs(model)
     with torch.no_grad():
         got = model(**inp)
@@ -150,7 +150,7 @@ def test_original_lxmert_checkpoints(tmp_path):
 def test_original_nlvr2_checkpoint_loads_as_the_pair_head(tmp_path):
     # airsplay/lxmert src/tasks/nlvr2_model.py: lxrt_encoder.model.bert.*, logit_fc over 2 x hidden
     torch.manual_seed(5)  # original files carry no config: 64-d attention heads (see above)
-    src = LxmertForVQA(LxmertConfig(**dict(TINY, num_attention_heads=1), num_qa_labels=2, task_head="pair",
+    src = LxmertForTask(LxmertConfig(**dict(TINY, num_attention_heads=1), num_qa_labels=2, task_head="pair",
                                     task_images=2))
     state = src.state_dict()
     nlvr2 = {"lxrt_encoder.model.bert." + k.removeprefix("lxmert."): v for k, v in state.items() if k.startswith("lxmert.")}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vlsparse.data.metrics import box_iou, choice_accuracy, recall_at_k, vqa_score
 from vlsparse.data.objective import Objective
-from vlsparse.data.vqa import answer_targets
+from vlsparse.data.dataset import answer_targets
 
 
 def test_vqa_score_on_ten_annotator_answers():

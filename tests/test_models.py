@@ -68,10 +68,10 @@ def _official_style(state):
 
 
 def test_official_checkpoint_key_mapping(tmp_path, batch):
-    from vlsparse.models import UniterConfig, UniterForVQA
+    from vlsparse.models import UniterConfig, UniterForTask
 
     torch.manual_seed(0)  # official heads are 64 wide: heads = hidden / 64
-    tiny_model = UniterForVQA(UniterConfig(img_dim=IMG_DIM, num_answers=len(ANSWERS), hidden_size=128,
+    tiny_model = UniterForTask(UniterConfig(img_dim=IMG_DIM, num_answers=len(ANSWERS), hidden_size=128,
                                            num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)).eval()
     state = _official_style(tiny_model.state_dict())
     assert "module.uniter.embeddings.LayerNorm.gamma" in state

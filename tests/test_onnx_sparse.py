@@ -16,15 +16,9 @@ scipy_sparse = pytest.importorskip("scipy.sparse")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from vlsparse.export.onnx_sparse import (  # noqa: E402
-    DOMAIN,
-    OP_TYPE,
-    csr_from_dense,
-    ort_session,
-    requires_vlsparse,
-    sparsify_onnx,
-)
-from vlsparse.kernels.ort import custom_op_library  # noqa: E402
+from vlsparse.export.onnx_sparse import csr_from_dense, sparsify_onnx  # noqa: E402
+from vlsparse.runtime.ort import DOMAIN, OP_TYPE, ort_session, requires_vlsparse  # noqa: E402
+from vlsparse.sparse.kernels.ort import custom_op_library  # noqa: E402
 
 TOL = 1e-4
 
@@ -322,8 +316,9 @@ def test_runtime_modules_do_not_import_torch():
 
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        "from vlsparse.export.onnx_sparse import ort_session, sparsify_onnx\n"
-        "from vlsparse.kernels.ort import custom_op_library\n"
+        "from vlsparse.export.onnx_sparse import sparsify_onnx\n"
+        "from vlsparse.runtime.ort import ort_session\n"
+        "from vlsparse.sparse.kernels.ort import custom_op_library\n"
         "print(custom_op_library())\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -365,7 +360,7 @@ def test_constants_behind_identity_and_constant_nodes():
 
 
 def test_library_build_cache_and_compiler_errors(tmp_path, monkeypatch):
-    from vlsparse.kernels import ort as ort_lib
+    from vlsparse.sparse.kernels import ort as ort_lib
 
     monkeypatch.setenv("VLSPARSE_CACHE", str(tmp_path / "own-cache"))  # not the cache other processes share
     lib = custom_op_library()

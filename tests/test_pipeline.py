@@ -1,6 +1,6 @@
 """vlsparse.Pipeline and `vlsparse predict` on easy-VQA test images, for every bundle kind.
 
-Reference: the masked PyTorch model fed by the training-time data path (VQADataset + collate: region
+Reference: the masked PyTorch model fed by the training-time data path (VLDataset + collate: region
 features from RegionFeatureCache, standardised with train statistics, questions tokenized by the
 transformers tokenizer). The pipeline goes from image files and question strings through the bundle
 alone (task.json, tokenizer.json, model file). The model is uniter-tiny with a 70% magnitude mask and
@@ -24,10 +24,10 @@ import torch
 from vlsparse import Pipeline
 from vlsparse.data import collate, task_info
 from vlsparse.data.easy_vqa import _examples
-from vlsparse.data.regions import RegionFeatureCache
-from vlsparse.data.vqa import TaskData, VQADataset, region_feature_stats, standardize_regions
-from vlsparse.export.bundle import BundleError, BundleExtras, ticket_metadata
-from vlsparse.export.model import export_csr, export_onnx
+from vlsparse.data.visual.regions import RegionFeatureCache
+from vlsparse.data.dataset import TaskData, VLDataset, region_feature_stats, standardize_regions
+from vlsparse.runtime.bundle import BundleError, BundleExtras, ticket_metadata
+from vlsparse.export.exporters import export_csr, export_onnx
 from vlsparse.models import load_model
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
@@ -58,7 +58,7 @@ def easy(tmp_path_factory):
     train_regions, test_regions = _regions(train, easy_vqa.get_train_image_paths()), _regions(test, test_paths)
     mean, std = region_feature_stats(np.stack([f for f, _ in train_regions.values()]))
     net, tokenizer = load_model("uniter-tiny", img_dim=294, num_answers=len(answers), seed=0)
-    ds_train, ds_test = (VQADataset(ex, standardize_regions(reg, mean, std), tokenizer, answers, max_text_len=40)
+    ds_train, ds_test = (VLDataset(ex, standardize_regions(reg, mean, std), tokenizer, answers, max_text_len=40)
                          for ex, reg in ((train, train_regions), (test, test_regions)))
     mask = global_magnitude_prune(dict(net.named_parameters()), ones_mask(net, net.prune_scope()), 0.7)
     with torch.no_grad():

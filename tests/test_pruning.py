@@ -7,7 +7,7 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from vlsparse.pruning.imp import schedule
+from vlsparse.lottery.imp import schedule
 from vlsparse.pruning.magnitude import global_magnitude_prune, random_prune
 from vlsparse.pruning.mask import layer_sparsity, ones_mask, overlap, sparsity, to_torch_prune_names
 from vlsparse.pruning.ticket import Ticket, TicketError

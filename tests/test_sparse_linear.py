@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsparse.export.csr import CSRMatrix
-from vlsparse.export.sparse_linear import SparseLinear, sparsify_linears
+from vlsparse.sparse.csr import CSRMatrix
+from vlsparse.sparse.linear import SparseLinear, sparsify_linears
 
 ATOL = 1e-4
 CPU_BACKENDS = ["cpu", "dense", "torch-sparse"]
@@ -14,7 +14,7 @@ CPU_BACKENDS = ["cpu", "dense", "torch-sparse"]
 
 @pytest.fixture(scope="module")
 def cpu_kernel():
-    from vlsparse.kernels import cpu
+    from vlsparse.sparse.kernels import cpu
 
     try:
         cpu.load_extension()
@@ -279,7 +279,7 @@ def test_threads_follow_torch(cpu_kernel, threads):
 def test_build_key_tracks_sources_and_cache_dir(tmp_path, monkeypatch):
     import shutil
 
-    from vlsparse.kernels import cpu
+    from vlsparse.sparse.kernels import cpu
 
     key = cpu._build_key()
     src = tmp_path / "csrc"
@@ -295,7 +295,7 @@ def test_build_key_tracks_sources_and_cache_dir(tmp_path, monkeypatch):
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
-    from vlsparse.kernels import cpu
+    from vlsparse.sparse.kernels import cpu
 
     monkeypatch.setenv("CXX", "/nonexistent/bin/c++")
     with pytest.raises(cpu.CompilerNotFoundError, match="no C\\+\\+ compiler"):
@@ -303,8 +303,8 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
 
 
 def test_auto_falls_back_to_dense_without_compiler(monkeypatch):
-    from vlsparse.export import sparse_linear as sl
-    from vlsparse.kernels import cpu
+    from vlsparse.sparse import linear as sl
+    from vlsparse.sparse.kernels import cpu
 
     def no_compiler(*a, **k):
         raise cpu.CompilerNotFoundError("vlsparse: no C++ compiler found")

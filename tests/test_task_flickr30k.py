@@ -11,8 +11,8 @@ import torch
 from tests.fixtures.common import LAYOUTS, cached_loader, layout_root
 from tests.fixtures.flickr30k import write_flickr30k
 from vlsparse.data.flickr30k import load_flickr30k, sample_negatives
-from vlsparse.data.regions import extract_regions, load_image
-from vlsparse.data.vqa import RetrievalSet, collate
+from vlsparse.data.visual.regions import extract_regions, load_image
+from vlsparse.data.dataset import RetrievalSet, collate
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)

@@ -11,7 +11,7 @@ from tests.fixtures.common import assert_missing_file_named, cached_loader, layo
 from tests.fixtures.gqa import write_gqa
 from vlsparse.data.gqa import load_gqa
 from vlsparse.data.objective import Objective
-from vlsparse.data.vqa import collate
+from vlsparse.data.dataset import collate
 
 #: sorted answers of the train questions (images 0, 2, 3, 4: blue/red/brown/red, rectangle/triangle/circle, yes/no)
 TRAIN_ANSWERS = ["blue", "brown", "circle", "no", "rectangle", "red", "triangle", "yes"]

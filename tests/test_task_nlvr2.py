@@ -14,8 +14,8 @@ from tests.fixtures.common import (LAYOUTS, assert_missing_file_named, cached_lo
                                    layout_root)
 from tests.fixtures.nlvr2 import image_pairs, write_nlvr2
 from vlsparse.data.nlvr2 import load_nlvr2, nlvr2_image_keys
-from vlsparse.data.regions import extract_regions, load_image
-from vlsparse.data.vqa import collate
+from vlsparse.data.visual.regions import extract_regions, load_image
+from vlsparse.data.dataset import collate
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)

@@ -13,7 +13,7 @@ import torch
 from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.refcoco import DISTRACTOR, IMAGE_ID_OFFSET, IMAGES, object_bbox, sentences, write_refcoco_plus
 from vlsparse.data.refcoco import load_refcoco_plus, read_refs, refcoco_image_key
-from vlsparse.data.vqa import collate
+from vlsparse.data.dataset import collate
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -39,7 +39,7 @@ def test_regions_targets_hand_checked(data, tokenizer):
     assert ex.question == sentences(easy)[0] and ex.image_id == refcoco_image_key(IMAGE_ID_OFFSET + easy)
     assert ex.gt_box == pytest.approx((x / 64, y / 64, (x + w) / 64, (y + h) / 64))
     t = task.train[0]["targets"]
-    # regions: object box, 2x2 grid cells (tl, tr, bl, br), whole image (vlsparse.data.regions)
+    # regions: object box, 2x2 grid cells (tl, tr, bl, br), whole image (vlsparse.data.visual.regions)
     cells = [[0, 0, 32, 32], [32, 0, 32, 32], [0, 32, 32, 32], [32, 32, 32, 32], [0, 0, 64, 64]]
     assert t[0] == 1.0
     assert t[1:].tolist() == pytest.approx([iou([x, y, w, h], c) for c in cells], abs=1e-6)

@@ -12,7 +12,7 @@ from tests.fixtures.common import assert_missing_file_named, cached_loader, layo
 from tests.fixtures.snli_ve import write_snli_ve
 from vlsparse.data.objective import Objective
 from vlsparse.data.snli_ve import load_snli_ve
-from vlsparse.data.vqa import collate
+from vlsparse.data.dataset import collate
 
 FILES = ["snli_ve_train.jsonl", "snli_ve_dev.jsonl", "snli_ve_test.jsonl"]
 

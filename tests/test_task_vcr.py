@@ -11,7 +11,7 @@ import torch
 from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.vcr import IMAGES, write_vcr
 from vlsparse.data.vcr import VCR_ANSWERS, load_vcr, render_tokens, vcr_example
-from vlsparse.data.vqa import collate
+from vlsparse.data.dataset import collate
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)

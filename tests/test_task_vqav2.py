@@ -12,7 +12,7 @@ import torch
 from tests.fixtures.common import assert_missing_file_named, cached_loader, layout_roots
 from tests.fixtures.vqav2 import write_vqa
 from vlsparse.data.objective import Objective
-from vlsparse.data.vqa import collate
+from vlsparse.data.dataset import collate
 from vlsparse.data.vqav2 import answer_vocabulary, load_vqa, normalize_answer
 
 EASY_ANSWERS = ["circle", "green", "red", "gray", "yes", "teal", "black", "rectangle", "yellow", "triangle",

@@ -1,4 +1,4 @@
-"""Tests for vlsparse.kernels.triton_spmm (CSR SpMM in Triton).
+"""Tests for vlsparse.sparse.kernels.triton_spmm (CSR SpMM in Triton).
 
 Correctness is checked everywhere through Triton's interpreter on CPU tensors. Interpreter mode is
 fixed when triton is first imported: ``triton.language`` decorates its library functions
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-import vlsparse.kernels.triton_spmm as ts
+import vlsparse.sparse.kernels.triton_spmm as ts
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
@@ -301,7 +301,7 @@ def test_import_and_call_without_triton(monkeypatch):
         ts.spmm_triton(*_good())
     # the module itself imports without triton
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['triton'] = None; import vlsparse.kernels.triton_spmm as m; "
+        [sys.executable, "-c", "import sys; sys.modules['triton'] = None; import vlsparse.sparse.kernels.triton_spmm as m; "
          "print(m.triton_available()[0])"],
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=120,
     )

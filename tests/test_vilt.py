@@ -10,9 +10,9 @@ from transformers import (ViltConfig, ViltForImageAndTextRetrieval, ViltForImage
                           ViltForQuestionAnswering)
 
 from vlsparse.data import collate, load_task
-from vlsparse.data.pixels import PixelImages, image_processor
-from vlsparse.data.vqa import TaskData, VQADataset, VQAExample
-from vlsparse.models import PRESETS, ViltForVQA, dims_from_state, load_model, visual_input
+from vlsparse.data.visual.pixels import PixelImages, image_processor
+from vlsparse.data.dataset import TaskData, VLDataset, VLExample
+from vlsparse.models import PRESETS, ViltForTask, dims_from_state, load_model, visual_input
 
 from .backbone_checks import export_parity, imp_round
 
@@ -33,9 +33,9 @@ def pixel_task(tokenizer, easy) -> TaskData:
     paths = easy.get_train_image_paths()
     images = PixelImages({i: paths[i] for i in range(12)}, 96)
     answers = list(easy.get_answers())
-    examples = [VQAExample(q, int(i), {a: 1.0}) for q, a, i in zip(*easy.get_train_questions()) if int(i) < 12]
+    examples = [VLExample(q, int(i), {a: 1.0}) for q, a, i in zip(*easy.get_train_questions()) if int(i) < 12]
     parts = [[e for e in examples if lo <= e.image_id < hi] for lo, hi in ((0, 8), (8, 10), (10, 12))]
-    ds = [VQADataset(p, images, tokenizer, answers, max_text_len=20) for p in parts]
+    ds = [VLDataset(p, images, tokenizer, answers, max_text_len=20) for p in parts]
     return TaskData("tiny-pixels", *ds, answers, None, visual="pixels")
 
 
@@ -83,7 +83,7 @@ def test_deterministic_and_equal_to_transformers_vilt(tmp_path):
     ref.save_pretrained(tmp_path / "qa")
     assert visual_input(str(tmp_path / "qa")) == visual_input("vilt-tiny") == "pixels"
     model, _ = load_model(str(tmp_path / "qa"), num_answers=5, seed=3)
-    assert isinstance(model, ViltForVQA)
+    assert isinstance(model, ViltForTask)
     for size in (96, 64):  # the configured grid (3x3 patches), and 2x2 patches with interpolated positions
         inp = _inputs(model, size)
         with torch.no_grad():
@@ -125,7 +125,7 @@ def test_prune_scope():
     assert set(scope) == linears
     assert not any(s in n for n in scope for s in ("patch_embeddings", "embeddings", "pooler", "classifier"))
     with torch.device("meta"):  # shapes only
-        base = ViltForVQA(ViltConfig(**PRESETS["vilt-base"].config))
+        base = ViltForTask(ViltConfig(**PRESETS["vilt-base"].config))
     assert sum(base.get_parameter(n).numel() for n in base.prune_scope()) == 12 * (4 * 768**2 + 2 * 768 * 3072)
 
 

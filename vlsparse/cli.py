@@ -46,10 +46,10 @@ def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
     """Load the task's data and the model sized for it; returns (model, task data, collate)."""
     import torch
 
-    from .data import collate, load_task
-    from .models import load_model, load_tokenizer, visual_input
+    from vlsparse.data import collate, load_task
+    from vlsparse.models.registry import load_model, load_tokenizer, visual_input
 
-    from .models.heads import head_outputs
+    from vlsparse.models.heads import head_outputs
 
     torch.manual_seed(seed)
     data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
@@ -60,14 +60,14 @@ def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
 
 
 def _train_config(steps, batch_size, lr, head_lr, warmup, seed, device):
-    from .training.loop import TrainConfig
+    from vlsparse.training.loop import TrainConfig
 
     return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=min(warmup, steps),
                        seed=seed, device=device)
 
 
 def _parse_levels(levels: Optional[str], sparsity: float, rate: Optional[float]) -> list[float]:
-    from .pruning.imp import schedule
+    from vlsparse.lottery.imp import schedule
 
     if levels is None:
         return schedule(sparsity, rate=rate)
@@ -83,7 +83,7 @@ def _parse_levels(levels: Optional[str], sparsity: float, rate: Optional[float])
 @app.command()
 def scope(model: str = _MODEL):
     """Print the prune scope of a model: every prunable weight with its shape and count."""
-    from .models import load_model
+    from vlsparse.models.registry import load_model
 
     net, _ = load_model(model)
     params = dict(net.named_parameters())
@@ -110,8 +110,8 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
                 rewind_step: int = typer.Option(0, help="rewind to θ_i after i steps instead of θ0"),
                 data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
     """Run IMP (Gan et al. 2022, Algorithm 1) and write a ticket at every sparsity level."""
-    from .data import save_task_info
-    from .pruning.imp import IMPConfig, check_config, run_imp
+    from vlsparse.data import save_task_info
+    from vlsparse.lottery.imp import IMPConfig, check_config, run_imp
 
     cfg = IMPConfig(model=model, task=task, levels=_parse_levels(levels, sparsity, rate),
                     train=_train_config(steps, batch_size, lr, head_lr, warmup, seed, device), rewind_step=rewind_step)
@@ -138,10 +138,10 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
                  head_lr: float = typer.Option(1e-3), warmup: int = typer.Option(100), seed: int = typer.Option(0),
                  device: str = typer.Option("cpu"), data_dir: Optional[Path] = typer.Option(None)):
     """Reset to θ0, train the ticket's subnetwork and write its test metrics and trained weights."""
-    from .data import save_task_info
-    from .pruning.reinit import INITS
-    from .pruning.ticket import Ticket
-    from .training.retrain import retrain_ticket
+    from vlsparse.data import save_task_info
+    from vlsparse.pruning.reinit import INITS
+    from vlsparse.pruning.ticket import Ticket
+    from vlsparse.lottery.retrain import retrain_ticket
 
     if init not in INITS:
         raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
@@ -164,10 +164,10 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
 def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help="global sparsity in [0, 1)"),
                   out: Path = typer.Option(..., help="ticket file to write"), seed: int = typer.Option(0)):
     """Random pruning baseline: a ticket with uniformly random pruned weights at global ``sparsity``."""
-    from .models import load_model
-    from .pruning.magnitude import random_prune
-    from .pruning.mask import ones_mask
-    from .pruning.ticket import Ticket
+    from vlsparse.models.registry import load_model
+    from vlsparse.pruning.magnitude import random_prune
+    from vlsparse.pruning.mask import ones_mask
+    from vlsparse.pruning.ticket import Ticket
 
     net, _ = load_model(model)
     mask = random_prune(ones_mask(net, net.prune_scope()), sparsity, seed=seed)
@@ -179,8 +179,8 @@ def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help=
 @ticket_app.command("info")
 def ticket_info(path: Path):
     """Print a ticket's metadata, global and per-layer sparsity."""
-    from .pruning.mask import layer_sparsity
-    from .pruning.ticket import Ticket
+    from vlsparse.pruning.mask import layer_sparsity
+    from vlsparse.pruning.ticket import Ticket
 
     t = Ticket.load(path)
     for k, v in sorted(t.meta.items()):
@@ -193,8 +193,8 @@ def ticket_info(path: Path):
 @ticket_app.command("compare")
 def ticket_compare(a: Path, b: Path):
     """Mask overlap |A∩B|/|A∪B| over pruned weights (Gan et al. 2022's mask similarity)."""
-    from .pruning.mask import overlap
-    from .pruning.ticket import Ticket
+    from vlsparse.pruning.mask import overlap
+    from vlsparse.pruning.ticket import Ticket
 
     ta, tb = Ticket.load(a), Ticket.load(b)
     typer.echo(f"sparsity A {ta.sparsity:.2%}, B {tb.sparsity:.2%}; overlap of pruned weights "
@@ -206,9 +206,9 @@ def ticket_to_prune(path: Path, out: Path = typer.Option(..., help="safetensors 
     """Write the masks under torch.nn.utils.prune's names (``<module>.weight_mask``, float 0/1)."""
     from safetensors.torch import save_file
 
-    from .io import atomic_write
-    from .pruning.mask import to_torch_prune_names
-    from .pruning.ticket import Ticket
+    from vlsparse.atomic import atomic_write
+    from vlsparse.pruning.mask import to_torch_prune_names
+    from vlsparse.pruning.ticket import Ticket
 
     if out.exists():
         raise ValueError(f"{out}: exists; refusing to overwrite")
@@ -229,13 +229,13 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
                                                     "statistics); default: the one beside --weights or one level up"),
            out: Path = typer.Option(..., help="output directory (must not exist)")):
     """Export a masked model as a self-contained bundle: CSR-sparse PyTorch or ONNX (dense or sparse custom op),
-    with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.export.bundle)."""
+    with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.runtime.bundle)."""
     import json
 
-    from .export.bundle import BundleExtras, find_task_info, ticket_metadata
-    from .export.model import ExportError, export_csr, export_onnx, model_from_weights
-    from .models import load_tokenizer
-    from .pruning.ticket import Ticket
+    from vlsparse.runtime.bundle import BundleExtras, find_task_info, ticket_metadata
+    from vlsparse.export.exporters import ExportError, export_csr, export_onnx, model_from_weights
+    from vlsparse.models.registry import load_tokenizer
+    from vlsparse.pruning.ticket import Ticket
 
     if format not in ("csr", "onnx"):
         raise ValueError(f"--format must be csr or onnx, got {format!r}")
@@ -281,9 +281,9 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
 
     import torch
 
-    from .experiment import format_table
-    from .experiment import main_job as run_main_job
-    from .pruning.imp import IMPConfig
+    from vlsparse.lottery.main_job import format_table
+    from vlsparse.lottery.main_job import main_job as run_main_job
+    from vlsparse.lottery.imp import IMPConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -309,7 +309,7 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
                f"took {time.time() - t0:.0f} s")
     if bench:
-        from .benchmark import FORMATS, bench_run, format_summary
+        from vlsparse.bench.run import FORMATS, bench_run, format_summary
 
         t1 = time.time()
         report = bench_run(out, out / "bench", FORMATS, torch.get_num_threads(), (1, 32), bench_questions, 10,
@@ -333,7 +333,7 @@ def predict(model: Path = typer.Option(..., "--model", help="bundle directory wr
     import json
     import time
 
-    from .pipeline import Pipeline
+    from vlsparse.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
     pipe = Pipeline.load(model)
@@ -371,7 +371,7 @@ def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out di
 
     if not spin and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP starts
-    from .benchmark import bench_run, format_summary, parse_list
+    from vlsparse.bench.run import bench_run, format_summary, parse_list
 
     rows = bench_run(run, out, formats, threads, batch_sizes, max_questions, repeats, warmup=warmup, device=device,
                      dtypes=dtypes, memory=memory, levels=None if levels is None else parse_list(levels, "--levels", int),

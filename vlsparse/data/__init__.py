@@ -23,22 +23,22 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-__all__ = ["TASKS", "load_task", "task_info", "save_task_info", "TaskData", "VQADataset", "VQAExample", "collate", "vqa_score"]
+__all__ = ["TASKS", "load_task", "task_info", "save_task_info", "TaskData", "VLDataset", "VLExample", "collate", "vqa_score"]
 
 
 def __getattr__(name: str):
-    # .vqa imports torch: load it on first use, so that vlsparse.data.regions (the torch-free app
+    # .vqa imports torch: load it on first use, so that vlsparse.data.visual.regions (the torch-free app
     # runtime, vlsparse.Pipeline on ONNX bundles) imports without torch.
-    if name in ("TaskData", "VQADataset", "VQAExample", "collate", "vqa_score"):
-        from . import vqa
+    if name in ("TaskData", "VLDataset", "VLExample", "collate", "vqa_score"):
+        from vlsparse.data import dataset
 
-        return getattr(vqa, name)
+        return getattr(dataset, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _easy_vqa(tokenizer: Any, data_dir: str | os.PathLike | None = None, cache_dir=None, **kw) -> TaskData:
     # easy-VQA ships its data in the `easy_vqa` package: data_dir is not used.
-    from .easy_vqa import load_easy_vqa
+    from vlsparse.data.easy_vqa import load_easy_vqa
 
     return load_easy_vqa(tokenizer, cache_dir=cache_dir, **kw)
 
@@ -78,7 +78,7 @@ def load_task(
     ``max_text_len``).  ``visual``: "regions" (region features + boxes, UNITER/LXMERT) or
     "pixels" (images through ViltImageProcessor, ViLT); see ``vlsparse.models.visual_input``.
     Unknown name or ``visual`` -> ValueError listing the known ones."""
-    from .vqa import VISUALS
+    from vlsparse.data.dataset import VISUALS
 
     try:
         loader = TASKS[name]
@@ -95,7 +95,7 @@ def task_info(task: TaskData) -> dict:
     extractor version, and the train-split feature mean/std (lists of floats, length D) used to
     standardise region features; ``visual`` ("regions" | "pixels") and, for pixels, the
     ViltImageProcessor settings (``image_processor``)."""
-    from .regions import EXTRACTOR_VERSION
+    from vlsparse.data.visual.regions import EXTRACTOR_VERSION
 
     return {"task": task.name, "answers": list(task.answers), "metric": task.metric_name,
             "objective": task.objective.to_dict(),
@@ -109,6 +109,6 @@ def task_info(task: TaskData) -> dict:
 
 def save_task_info(task: TaskData, path: str | os.PathLike) -> None:
     """Atomically write :func:`task_info` as JSON to ``path`` (e.g. RUN/task.json)."""
-    from ..io import write_json
+    from vlsparse.atomic import write_json
 
     write_json(path, task_info(task))

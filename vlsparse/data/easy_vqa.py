@@ -2,13 +2,13 @@
 
 4,000 train / 1,000 test images, 38,575 / 9,673 questions.  Each question has one answer,
 so its soft target is 1 for that answer.  A validation split is carved from train by image
-(:func:`~vlsparse.data.vqa.split_by_image`); region features (see
-:mod:`vlsparse.data.regions`) are standardised with statistics of the train-split images
+(:func:`~vlsparse.data.dataset.split_by_image`); region features (see
+:mod:`vlsparse.data.visual.regions`) are standardised with statistics of the train-split images
 only.  Train and test image ids overlap (both start at 0), so each split has its own
 region table.
 
 With ``visual="pixels"`` (ViLT) the datasets give the images themselves, through
-ViltImageProcessor (:mod:`vlsparse.data.pixels`) at :data:`PIXEL_IMAGE_SIZE` = 96 pixels: the
+ViltImageProcessor (:mod:`vlsparse.data.visual.pixels`) at :data:`PIXEL_IMAGE_SIZE` = 96 pixels: the
 64x64 images are upsampled (bicubic) to 96x96, a 3x3 grid of ViLT's 32-pixel patches (9 image
 tokens, about as many as the 6 regions; ``vilt-tiny`` is configured for 96-pixel images, so its
 position embeddings are used as they are).  Pass ``image_size`` (a multiple of 32) for another
@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .pixels import PixelImages
-from .regions import REGION_FEATURE_DIM, RegionFeatureCache
-from .vqa import (
+from vlsparse.data.visual.pixels import PixelImages
+from vlsparse.data.visual.regions import REGION_FEATURE_DIM, RegionFeatureCache
+from vlsparse.data.dataset import (
     VISUALS,
     TaskData,
-    VQADataset,
-    VQAExample,
+    VLDataset,
+    VLExample,
     region_feature_stats,
     split_by_image,
     standardize_regions,
@@ -49,9 +49,9 @@ def easy_vqa_question_type(answer: str) -> str:
     return "shape" if answer in SHAPES else "color"
 
 
-def _examples(texts, answers, image_ids) -> list[VQAExample]:
+def _examples(texts, answers, image_ids) -> list[VLExample]:
     return [
-        VQAExample(question=q, image_id=int(i), answers={a: 1.0}, question_type=easy_vqa_question_type(a))
+        VLExample(question=q, image_id=int(i), answers={a: 1.0}, question_type=easy_vqa_question_type(a))
         for q, a, i in zip(texts, answers, image_ids)
     ]
 
@@ -71,7 +71,7 @@ def load_easy_vqa(
     visual: str = "regions",
     image_size: int = PIXEL_IMAGE_SIZE,
 ) -> TaskData:
-    """Load easy-VQA as a :class:`~vlsparse.data.vqa.TaskData` named "easy-vqa".
+    """Load easy-VQA as a :class:`~vlsparse.data.dataset.TaskData` named "easy-vqa".
 
     ``val_fraction`` of the train images (with all their questions) form the validation
     split, chosen with ``seed``.  Region features are cached under ``cache_dir`` (default
@@ -80,7 +80,7 @@ def load_easy_vqa(
     (nothing cached: resizing the 5,000 images takes a few seconds).
 
     Raises:
-        ValueError: ``visual`` not in :data:`~vlsparse.data.vqa.VISUALS`, bad ``image_size``.
+        ValueError: ``visual`` not in :data:`~vlsparse.data.dataset.VISUALS`, bad ``image_size``.
     """
     import easy_vqa
 
@@ -92,7 +92,7 @@ def load_easy_vqa(
     train, val = split_by_image(train_all, val_fraction, seed)
 
     def ds(examples, images):
-        return VQADataset(examples, images, tokenizer, answers, max_text_len=max_text_len)
+        return VLDataset(examples, images, tokenizer, answers, max_text_len=max_text_len)
 
     if visual == "pixels":
         train_images = PixelImages(easy_vqa.get_train_image_paths(), image_size)

@@ -5,7 +5,7 @@ and ``negatives`` other train images by the ``rank`` head, and the loss is the c
 the own image, which comes first (UNITER's ``ItmRankDataset``: ground truth first, then
 ``neg_sample_size`` random negatives; ViLT's retrieval fine-tuning likewise trains one positive
 among 1 + k candidates with cross-entropy). Validation and test score every caption against every
-image (:class:`~vlsparse.data.vqa.RetrievalSet`: IR and TR recall@1/5/10, UNITER's ``itm_eval``).
+image (:class:`~vlsparse.data.dataset.RetrievalSet`: IR and TR recall@1/5/10, UNITER's ``itm_eval``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import formats
-from .objective import Objective
-from .vqa import RetrievalSet, TaskData, VQADataset, VQAExample
+from vlsparse.data import formats
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import RetrievalSet, TaskData, VLDataset, VLExample
 
 __all__ = ["load_flickr30k", "FLICKR30K_OBJECTIVE", "FLICKR30K_FILE", "karpathy_captions", "sample_negatives"]
 
@@ -55,8 +55,8 @@ def karpathy_captions(path: str | os.PathLike) -> dict[str, list[tuple[str, str]
     return out
 
 
-def sample_negatives(captions: list[tuple[str, str]], negatives: int, seed: int = 0) -> list[VQAExample]:
-    """One training example per ``(caption, image key)``: ``VQAExample(caption, (own key, neg_1, ...,
+def sample_negatives(captions: list[tuple[str, str]], negatives: int, seed: int = 0) -> list[VLExample]:
+    """One training example per ``(caption, image key)``: ``VLExample(caption, (own key, neg_1, ...,
     neg_k), {"0": 1.0})``, the k = ``negatives`` distinct negatives drawn uniformly from the other
     images of ``captions`` with ``numpy.random.default_rng(seed)``, one draw per caption in order
     (fixed at load time; UNITER draws new ones every epoch).
@@ -75,7 +75,7 @@ def sample_negatives(captions: list[tuple[str, str]], negatives: int, seed: int 
         own = index[key]
         picks = rng.choice(len(images) - 1, size=negatives, replace=False)  # among the others
         picks = picks + (picks >= own)
-        out.append(VQAExample(caption, (key, *(images[p] for p in picks)), {"0": 1.0}))
+        out.append(VLExample(caption, (key, *(images[p] for p in picks)), {"0": 1.0}))
     return out
 
 
@@ -98,17 +98,17 @@ def load_flickr30k(
     negatives: int = 3,
     eval_images: int | None = None,
 ) -> TaskData:
-    """Load Flickr30k retrieval from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "flickr30k".
+    """Load Flickr30k retrieval from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "flickr30k".
 
     File read: ``data_dir/dataset_flickr30k.json`` (Karpathy's split, see :func:`karpathy_captions`;
     29,000 / 1,014 / 1,000 train / val / test images with 5 captions each). ``val_fraction`` is unused
     (the split has its own val).
 
-    * train: a :class:`~vlsparse.data.vqa.VQADataset` of one example per (caption, image) with
+    * train: a :class:`~vlsparse.data.dataset.VLDataset` of one example per (caption, image) with
       ``negatives`` other train images (:func:`sample_negatives`, drawn with ``seed``); labels ``"0"``
       .. ``str(negatives)``, the own image "0" with target 1. Items carry ``img_feat``
       (1 + k, N, D) etc. (or ``pixel_values`` (1 + k, 3, H, W)) and ``targets`` (1 + k,) ``[1, 0, ...]``.
-    * val, test: :class:`~vlsparse.data.vqa.RetrievalSet` of the split's captions and images;
+    * val, test: :class:`~vlsparse.data.dataset.RetrievalSet` of the split's captions and images;
       ``eval_images`` keeps only the first N images (sorted by key) of each and their captions (the full
       test set is 5,000 x 1,000 caption-image pairs, one forward each).
 
@@ -136,7 +136,7 @@ def load_flickr30k(
     answers = [str(i) for i in range(1 + negatives)]
     return TaskData(
         name="flickr30k",
-        train=VQADataset(train, visuals, tokenizer, answers, max_text_len, FLICKR30K_OBJECTIVE),
+        train=VLDataset(train, visuals, tokenizer, answers, max_text_len, FLICKR30K_OBJECTIVE),
         val=RetrievalSet(val, visuals, tokenizer, max_text_len),
         test=RetrievalSet(test, visuals, tokenizer, max_text_len),
         answers=answers, region_feature_dim=dim, metric_name=FLICKR30K_OBJECTIVE.metric, visual=visual,

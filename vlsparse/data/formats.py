@@ -3,14 +3,14 @@
 Every task loader but easy-VQA reads ``--data-dir DIR`` laid out as the data set ships, plus
 
 * ``DIR/features/``: region features for UNITER and LXMERT, bottom-up-attention ``*.tsv`` files
-  and/or per-image ``*.npz`` files (:func:`vlsparse.data.features.open_region_features`), keyed by
+  and/or per-image ``*.npz`` files (:func:`vlsparse.data.visual.features.open_region_features`), keyed by
   the data set's image id;
 * ``DIR/images/``: the image files for ViLT, ``<image id>.jpg`` (or ``.jpeg``/``.png``).
 
 A missing file raises FileNotFoundError naming the file and what it should hold.
 
 :func:`task_data` turns a loader's (train, val, test) example lists into a
-:class:`~vlsparse.data.vqa.TaskData`; :func:`check_visual` validates the ``visual`` argument.
+:class:`~vlsparse.data.dataset.TaskData`; :func:`check_visual` validates the ``visual`` argument.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .objective import Objective
-from .vqa import VISUALS, TaskData, VQADataset, VQAExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import VISUALS, TaskData, VLDataset, VLExample
 
 __all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "check_visual", "task_data",
            "IMAGE_EXTENSIONS"]
@@ -99,7 +99,7 @@ def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size:
     """What the model reads about the images ``keys``: ``(mapping, region feature size D or None)``.
 
     ``visual="regions"``: the lazy region-feature store of ``root/features`` (nothing is read but its
-    index); ``"pixels"``: :class:`~vlsparse.data.pixels.PixelImages` of ``root/images`` resized to
+    index); ``"pixels"``: :class:`~vlsparse.data.visual.pixels.PixelImages` of ``root/images`` resized to
     ``image_size`` (a multiple of 32).
 
     Raises:
@@ -107,10 +107,10 @@ def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size:
     """
     keys = sorted(set(keys), key=str)
     if visual == "pixels":
-        from .pixels import PixelImages
+        from vlsparse.data.visual.pixels import PixelImages
 
         return PixelImages(find_images(root / "images", keys), image_size), None
-    from .features import open_region_features
+    from vlsparse.data.visual.features import open_region_features
 
     store = open_region_features(root / "features", cache_dir=cache_dir)
     missing = [str(k) for k in keys if k not in store]
@@ -122,23 +122,23 @@ def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size:
 
 
 def check_visual(visual: str) -> None:
-    """Raise ValueError unless ``visual`` is one of :data:`~vlsparse.data.vqa.VISUALS`."""
+    """Raise ValueError unless ``visual`` is one of :data:`~vlsparse.data.dataset.VISUALS`."""
     if visual not in VISUALS:
         raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
 
 
-def task_data(name: str, root: Path, splits: Sequence[list[VQAExample]], answers: list[str],
+def task_data(name: str, root: Path, splits: Sequence[list[VLExample]], answers: list[str],
               objective: Objective, tokenizer: Any, visual: str = "regions", image_size: int = 384,
               cache_dir: str | os.PathLike | None = None, max_text_len: int = 40,
               boxes: Mapping[Hashable, np.ndarray] | None = None) -> TaskData:
-    """A :class:`~vlsparse.data.vqa.TaskData` named ``name`` from the (train, val, test) example lists of
+    """A :class:`~vlsparse.data.dataset.TaskData` named ``name`` from the (train, val, test) example lists of
     a task read from ``root``: their images through :func:`visual_inputs` (region features of
     ``root/features``, not standardised, or ``root/images`` pixels), one
-    :class:`~vlsparse.data.vqa.VQADataset` per split over ``answers`` (index = logit position; ``[]``
+    :class:`~vlsparse.data.dataset.VLDataset` per split over ``answers`` (index = logit position; ``[]``
     for a region task) with ``objective``.
 
     ``boxes``: image_id -> (N, 7) float32 candidate boxes ``[x1, y1, x2, y2, w, h, w*h]`` normalised,
-    given to every VQADataset (a region task on pixels, e.g. RefCOCO+ with ViLT); None otherwise.
+    given to every VLDataset (a region task on pixels, e.g. RefCOCO+ with ViLT); None otherwise.
 
     Raises:
         FileNotFoundError: features / images missing for some example (names them).
@@ -147,7 +147,7 @@ def task_data(name: str, root: Path, splits: Sequence[list[VQAExample]], answers
     """
     keys = {k for examples in splits for e in examples for k in e.images}
     visuals, dim = visual_inputs(root, keys, visual, image_size, cache_dir)
-    train, val, test = (VQADataset(ex, visuals, tokenizer, answers, max_text_len, objective, boxes=boxes)
+    train, val, test = (VLDataset(ex, visuals, tokenizer, answers, max_text_len, objective, boxes=boxes)
                         for ex in splits)
     return TaskData(name, train, val, test, list(answers), region_feature_dim=dim, metric_name=objective.metric,
                     visual=visual, image_processor=visuals.processor_config() if visual == "pixels" else None,

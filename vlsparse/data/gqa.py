@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import formats
-from .objective import Objective
-from .vqa import TaskData, VQAExample
-from .vqav2 import LABEL2ANS_FILE, read_label2ans
+from vlsparse.data import formats
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import TaskData, VLExample
+from vlsparse.data.vqav2 import LABEL2ANS_FILE, read_label2ans
 
 __all__ = ["load_gqa", "GQA_OBJECTIVE", "GQA_SPLITS"]
 
@@ -24,7 +24,7 @@ GQA_SPLITS = {"train": "train_balanced_questions.json", "val": "val_balanced_que
               "test": "testdev_balanced_questions.json"}
 
 
-def _examples(path: Path) -> list[VQAExample]:
+def _examples(path: Path) -> list[VLExample]:
     questions = formats.read_json(path, 'GQA questions {question_id: {"imageId", "question", "answer", ...}}')
     if not isinstance(questions, dict):
         raise ValueError(f"{path}: expected a JSON object question_id -> {{imageId, question, answer}}")
@@ -32,7 +32,7 @@ def _examples(path: Path) -> list[VQAExample]:
     for qid, q in questions.items():
         try:
             structural = q.get("types", {}).get("structural", "")
-            out.append(VQAExample(str(q["question"]), str(q["imageId"]), {str(q["answer"]): 1.0},
+            out.append(VLExample(str(q["question"]), str(q["imageId"]), {str(q["answer"]): 1.0},
                                   question_type=str(structural)))
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}: question {qid}: expected an object with imageId, question and answer") from None
@@ -49,7 +49,7 @@ def load_gqa(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> TaskData:
-    """Load GQA from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "gqa".
+    """Load GQA from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "gqa".
 
     Files read (the GQA 1.2 release, ``questions1.2/``): ``train_balanced_questions.json``,
     ``val_balanced_questions.json`` and ``testdev_balanced_questions.json``, each a JSON object

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import formats
-from .objective import Objective
-from .vqa import TaskData, VQAExample
+from vlsparse.data import formats
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import TaskData, VLExample
 
 __all__ = ["load_nlvr2", "NLVR2_OBJECTIVE", "NLVR2_ANSWERS", "NLVR2_SPLITS", "nlvr2_image_keys"]
 
@@ -39,7 +39,7 @@ def nlvr2_image_keys(identifier: str) -> tuple[str, str]:
     return f"{stem}-img0", f"{stem}-img1"
 
 
-def _examples(path: os.PathLike) -> list[VQAExample]:
+def _examples(path: os.PathLike) -> list[VLExample]:
     out = []
     for n, rec in enumerate(formats.read_jsonl(path, "NLVR2 statements, one JSON object a line"), 1):
         try:
@@ -48,7 +48,7 @@ def _examples(path: os.PathLike) -> list[VQAExample]:
             raise ValueError(f"{path}:{n}: expected an object with identifier, sentence and label") from None
         if label not in NLVR2_ANSWERS:
             raise ValueError(f"{path}:{n}: label must be one of {', '.join(NLVR2_ANSWERS)}, got {label!r}")
-        out.append(VQAExample(sentence, nlvr2_image_keys(identifier), {label: 1.0}))
+        out.append(VLExample(sentence, nlvr2_image_keys(identifier), {label: 1.0}))
     return out
 
 
@@ -62,7 +62,7 @@ def load_nlvr2(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> TaskData:
-    """Load NLVR2 from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "nlvr2".
+    """Load NLVR2 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "nlvr2".
 
     Files read (NLVR2's release, ``nlvr2/data/``): ``train.json``, ``dev.json`` and ``test1.json``,
     JSON lines ``{"identifier": "dev-850-0-0", "sentence": ..., "label": "True"|"False", ...}`` (other

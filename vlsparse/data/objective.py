@@ -20,7 +20,7 @@ Metrics over a data set (fractions): ``"vqa_score"`` (mean target score of the a
 ``"accuracy"`` (fraction whose arg-max output has target >= 0.5: the right label for one-hot targets,
 IoU >= 0.5 for RefCOCO+ whose targets are IoUs), ``"q_ar_accuracy"`` (VCR: all groups right; with
 ``q_a_accuracy`` and ``qa_r_accuracy``), ``"ir_r1"`` (Flickr30k, computed by the retrieval set itself,
-:class:`vlsparse.data.vqa.RetrievalSet`, with IR/TR R@1/5/10).
+:class:`vlsparse.data.dataset.RetrievalSet`, with IR/TR R@1/5/10).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .metrics import choice_accuracy, vqa_score
+from vlsparse.data.metrics import choice_accuracy, vqa_score
 
 __all__ = ["Objective", "HEADS", "LOSSES", "METRICS", "VQA_OBJECTIVE"]
 

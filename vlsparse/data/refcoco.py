@@ -14,13 +14,13 @@ On-disk layout (``--data-dir DIR``; the files of the refer API, lichengunc/refer
 * ``DIR/features/`` (``visual="regions"``) or ``DIR/images/`` (``visual="pixels"``), keyed
   ``f"COCO_train2014_{image_id:012d}"`` (RefCOCO+ images are all from COCO train2014).
 
-Examples: one per sentence, ``VQAExample(sent, key, {}, gt_box=(x1/W, y1/H, x2/W, y2/H))`` with the
+Examples: one per sentence, ``VLExample(sent, key, {}, gt_box=(x1/W, y1/H, x2/W, y2/H))`` with the
 box of the ref's annotation. Candidate regions: with ``visual="regions"`` the regions of the
 feature file; with ``visual="pixels"`` (ViLT) the COCO annotation boxes of that image (the
 "ground-truth detections" setting of MAttNet / UNITER's ``gt`` features), as (N, 7) float32
-``[x1, y1, x2, y2, w, h, w*h]`` normalised (:func:`vlsparse.data.features.box7`). Targets: (N,)
+``[x1, y1, x2, y2, w, h, w*h]`` normalised (:func:`vlsparse.data.visual.features.box7`). Targets: (N,)
 float32, the IoU of every candidate box with ``gt_box`` (computed by
-:class:`~vlsparse.data.vqa.VQADataset`). Objective: ``region`` head (one logit per region), loss
+:class:`~vlsparse.data.dataset.VLDataset`). Objective: ``region`` head (one logit per region), loss
 cross-entropy toward the region of largest IoU, metric ``accuracy``: the arg-max region has
 IoU >= 0.5 with the referred box (UNITER ``train_re.py``, MAttNet evaluation). No answer
 vocabulary (``answers == []``).
@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from . import formats
-from .features import box7
-from .objective import Objective
-from .vqa import TaskData, VQAExample
+from vlsparse.data import formats
+from vlsparse.data.visual.features import box7
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import TaskData, VLExample
 
 __all__ = ["load_refcoco_plus", "read_refs", "refcoco_image_key", "REFCOCO_OBJECTIVE", "TEST_SPLITS"]
 
@@ -146,7 +146,7 @@ def load_refcoco_plus(
     seed: int = 0,
     test_split: str = "testA",
 ) -> TaskData:
-    """Load RefCOCO+ (UNC) from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "refcoco+".
+    """Load RefCOCO+ (UNC) from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "refcoco+".
 
     Reads ``refcoco+/refs(unc).p`` (or ``refs(unc).json``) and ``refcoco+/instances.json`` (see the
     module docstring). Splits: the refs' own train / val / ``test_split`` ("testA" or "testB");
@@ -168,7 +168,7 @@ def load_refcoco_plus(
     refs = read_refs(root / "refcoco+")
     inst_path = root / "refcoco+" / "instances.json"
     images, anns, by_image = _instances(inst_path)
-    splits: dict[str, list[VQAExample]] = {"train": [], "val": [], test_split: []}
+    splits: dict[str, list[VLExample]] = {"train": [], "val": [], test_split: []}
     image_of: dict[str, int] = {}  # image key -> COCO image id
     for ref in refs:
         if ref["split"] not in splits:
@@ -181,7 +181,7 @@ def load_refcoco_plus(
         gt_box = tuple(float(v) for v in _xyxy(ann["bbox"]) / np.array([w, h, w, h]))
         key = refcoco_image_key(ref["image_id"])
         image_of[key] = ref["image_id"]
-        splits[ref["split"]].extend(VQAExample(s["sent"], key, {}, gt_box=gt_box) for s in ref["sentences"])
+        splits[ref["split"]].extend(VLExample(s["sent"], key, {}, gt_box=gt_box) for s in ref["sentences"])
     boxes = None
     if visual == "pixels":  # ViLT has no detector regions: the image's COCO annotation boxes are the candidates
         boxes = {key: box7(np.stack([_xyxy(a["bbox"]) for a in by_image[i]]),

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import formats
-from .objective import Objective
-from .vqa import TaskData, VQAExample
+from vlsparse.data import formats
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import TaskData, VLExample
 
 __all__ = ["load_snli_ve", "SNLI_VE_ANSWERS", "SNLI_VE_OBJECTIVE", "SNLI_VE_SPLITS"]
 
@@ -25,7 +25,7 @@ SNLI_VE_OBJECTIVE = Objective(head="answer", loss="ce", metric="accuracy")
 SNLI_VE_SPLITS = {"train": "snli_ve_train.jsonl", "val": "snli_ve_dev.jsonl", "test": "snli_ve_test.jsonl"}
 
 
-def _examples(path: Path) -> list[VQAExample]:
+def _examples(path: Path) -> list[VLExample]:
     out = []
     for n, rec in enumerate(formats.read_jsonl(path, 'SNLI-VE pairs, one JSON object a line '
                                                      '{"Flickr30K_ID", "sentence2", "gold_label", ...}'), 1):
@@ -37,7 +37,7 @@ def _examples(path: Path) -> list[VQAExample]:
         if label not in SNLI_VE_ANSWERS:
             raise ValueError(f"{path}: record {n}: gold_label must be one of {', '.join(SNLI_VE_ANSWERS)}, "
                              f"got {label!r}")
-        out.append(VQAExample(hypothesis, image, {label: 1.0}, question_type=label))
+        out.append(VLExample(hypothesis, image, {label: 1.0}, question_type=label))
     return out
 
 
@@ -51,7 +51,7 @@ def load_snli_ve(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> TaskData:
-    """Load SNLI-VE from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "snli-ve".
+    """Load SNLI-VE from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "snli-ve".
 
     Files read (the SNLI-VE release, ``data/``): ``snli_ve_train.jsonl``, ``snli_ve_dev.jsonl`` and
     ``snli_ve_test.jsonl``, JSON lines ``{"Flickr30K_ID", "sentence2" (the hypothesis), "gold_label", ...}``

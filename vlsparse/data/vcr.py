@@ -12,7 +12,7 @@ On-disk layout (``--data-dir DIR``, the annotation files as VCR ships them, plus
   image key.
 
 Splits: VCR's test labels are not public, so test = ``val.jsonl`` and val = ``val_fraction`` of the
-``train.jsonl`` images with all their questions (:func:`~vlsparse.data.vqa.split_by_image`).
+``train.jsonl`` images with all their questions (:func:`~vlsparse.data.dataset.split_by_image`).
 
 Text (UNITER / VisualBERT pre-processing of VCR, after r2c's ``_fix_tokenization``): an object
 reference becomes its objects' class names joined by " and " (``[0, 2]`` -> "person and car");
@@ -34,9 +34,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import formats
-from .objective import Objective
-from .vqa import TaskData, VQAExample, split_by_image
+from vlsparse.data import formats
+from vlsparse.data.objective import Objective
+from vlsparse.data.dataset import TaskData, VLExample, split_by_image
 
 __all__ = ["load_vcr", "render_tokens", "vcr_example", "VCR_ANSWERS", "VCR_OBJECTIVE", "NUM_CHOICES"]
 
@@ -78,8 +78,8 @@ def _image_key(rec: dict) -> str:
     return Path(rec["img_fn"]).stem
 
 
-def vcr_example(rec: dict) -> VQAExample:
-    """One VCR annotation -> a :class:`~vlsparse.data.vqa.VQAExample` with the 8 candidate texts (see the
+def vcr_example(rec: dict) -> VLExample:
+    """One VCR annotation -> a :class:`~vlsparse.data.dataset.VLExample` with the 8 candidate texts (see the
     module docstring), ``answers`` ``{f"a{answer_label}": 1.0, f"r{rationale_label}": 1.0}``.
 
     Raises:
@@ -105,10 +105,10 @@ def vcr_example(rec: dict) -> VQAExample:
         if not isinstance(label, int) or not 0 <= label < NUM_CHOICES:
             raise ValueError(f"{where}: {name} must be an int in 0..{NUM_CHOICES - 1}, got {label!r}")
     texts = tuple(f"{q} [SEP] {a}" for a in answers) + tuple(f"{q} {answers[a_label]} [SEP] {r}" for r in rationales)
-    return VQAExample(texts, key, {f"a{a_label}": 1.0, f"r{r_label}": 1.0}, question_type="vcr")
+    return VLExample(texts, key, {f"a{a_label}": 1.0, f"r{r_label}": 1.0}, question_type="vcr")
 
 
-def _read(path: Path) -> list[VQAExample]:
+def _read(path: Path) -> list[VLExample]:
     out = []
     for n, rec in enumerate(formats.read_jsonl(path, _WHAT), 1):
         if not isinstance(rec, dict):
@@ -130,7 +130,7 @@ def load_vcr(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> TaskData:
-    """Load VCR 1.0 from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "vcr".
+    """Load VCR 1.0 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vcr".
 
     Reads ``train.jsonl`` and ``val.jsonl`` (see the module docstring for the fields, texts, labels
     and objective). Splits: train / val = ``train.jsonl`` split by image (``val_fraction`` of the

@@ -1,10 +1,10 @@
 """VQA v2 (Goyal et al., CVPR 2017) from its official json files, as UNITER and LXMERT fine-tune on it.
 
 Answers are normalised as the official evaluation does (:func:`normalize_answer`), every question's
-10 human answers become soft scores ``min(count / 3, 1)`` (:func:`~vlsparse.data.vqa.soft_score`) over
+10 human answers become soft scores ``min(count / 3, 1)`` (:func:`~vlsparse.data.dataset.soft_score`) over
 an answer vocabulary (LXMERT's ``trainval_label2ans.json`` when present, else bottom-up-attention-vqa's
 frequency rule, :func:`answer_vocabulary`), and the model is trained with binary cross-entropy and
-scored with the VQA score (the examples become a :class:`~vlsparse.data.vqa.TaskData` through
+scored with the VQA score (the examples become a :class:`~vlsparse.data.dataset.TaskData` through
 :func:`vlsparse.data.formats.task_data`, as in every task loader).
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import formats
-from .objective import VQA_OBJECTIVE
-from .vqa import TaskData, VQAExample, soft_score, split_by_image
+from vlsparse.data import formats
+from vlsparse.data.objective import VQA_OBJECTIVE
+from vlsparse.data.dataset import TaskData, VLExample, soft_score, split_by_image
 
 __all__ = ["load_vqa", "normalize_answer", "answer_vocabulary", "read_label2ans", "coco_image_key",
            "VQA_FILES", "LABEL2ANS_FILE"]
@@ -128,10 +128,10 @@ def _read_split(root: Path, split: str) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def _example(q: dict, a: dict, split: str, path: Path) -> VQAExample:
+def _example(q: dict, a: dict, split: str, path: Path) -> VLExample:
     try:
         counts = Counter(normalize_answer(x["answer"]) for x in a["answers"])
-        return VQAExample(q["question"], coco_image_key(split, q["image_id"]),
+        return VLExample(q["question"], coco_image_key(split, q["image_id"]),
                           {ans: soft_score(c) for ans, c in counts.items()}, question_type=a["answer_type"])
     except (KeyError, TypeError, AttributeError):
         raise ValueError(f"{path}: question {q.get('question_id')}: expected question, image_id, "
@@ -150,7 +150,7 @@ def load_vqa(
     num_answers: int = 3129,
     min_answer_count: int = 9,
 ) -> TaskData:
-    """Load VQA v2 from ``data_dir`` as a :class:`~vlsparse.data.vqa.TaskData` named "vqa".
+    """Load VQA v2 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vqa".
 
     Files read (the official release, visualqa.org): ``v2_OpenEnded_mscoco_{train,val}2014_questions.json``
     (``{"questions": [{"image_id", "question", "question_id"}]}``) and ``v2_mscoco_{train,val}2014_annotations.json``
@@ -158,7 +158,7 @@ def load_vqa(
     "answer_type", ...}]}``); every question must have exactly one annotation on the same image.
 
     Splits: train = train2014 less ``val_fraction`` of its images (chosen with ``seed``,
-    :func:`~vlsparse.data.vqa.split_by_image`), val = those images' questions, test = val2014 (the test-dev
+    :func:`~vlsparse.data.dataset.split_by_image`), val = those images' questions, test = val2014 (the test-dev
     answers are not public). UNITER/LXMERT instead train on train2014 + most of val2014 and test on test-dev.
 
     Targets: each question's 10 answers are normalised (:func:`normalize_answer`) and an answer given by

@@ -1,4 +1,4 @@
-"""Sparse ONNX: rewrite masked dense Linears into ``vlsparse.SparseLinear`` and open the result.
+"""Sparse ONNX: rewrite masked dense Linears into ``vlsparse.SparseLinear`` nodes.
 
 ``sparsify_onnx(model)`` walks the main graph of an exported model and replaces
 
@@ -25,58 +25,36 @@ subgraphs (If/Loop bodies) are left alone.
 Not used, on purpose (measured, see shared/MEASURED.md): ``graph.sparse_initializer`` (onnxruntime
 densifies it at load) and ``com.microsoft.SparseToDenseMatMul`` (10-800x slower than dense MatMul).
 
-``ort_session(model)`` opens a model with the custom-op library registered.
-
-Opening a sparse model with plain onnxruntime fails at session creation with
-``onnxruntime.capi.onnxruntime_pybind11_state.Fail: [ONNXRuntimeError] : 1 : FAIL : Fatal error:
-vlsparse:SparseLinear(-1) is not a registered function/op`` (onnxruntime 1.31). The sparse model says
-why in its ``doc_string`` and in the metadata entry ``vlsparse.requires``; ``requires_vlsparse()``
-detects such a model, and ``ort_session`` re-raises that failure with the fix spelled out.
-
-This module imports only numpy, onnx, onnxruntime and vlsparse.kernels.ort (no torch), so the
-runtime path works in an environment without torch. onnx is needed only to rewrite graphs:
-``ort_session`` on a path or bytes also works where onnx is not installed (vlsparse[runtime]).
+The rewritten model needs our custom-op library: open it with :func:`vlsparse.runtime.ort.ort_session`
+(``vlsparse.ort_session``), which also explains the failure of plain onnxruntime.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
-try:
-    import onnx
-    from onnx import helper, numpy_helper
-except ImportError:  # a runtime-only install: ort_session works, sparsify_onnx does not
-    onnx = helper = numpy_helper = None
+import onnx
+from onnx import helper, numpy_helper
 
-from vlsparse.kernels import ort as _ort_lib
+from vlsparse._compat import moved
+from vlsparse.runtime.ort import DOMAIN, OP_TYPE, REQUIRES_MESSAGE
 
 __all__ = [
     "DOMAIN",
     "OP_TYPE",
     "REQUIRES_MESSAGE",
     "csr_from_dense",
-    "ort_session",
-    "requires_vlsparse",
     "sparsify_onnx",
 ]
 
-DOMAIN = "vlsparse"
-OP_TYPE = "SparseLinear"
 DOMAIN_VERSION = 1
 INT16_MAX_IN_FEATURES = 32768  # col index <= 32767
-REQUIRES_MESSAGE = (
-    "This model uses the custom op vlsparse.SparseLinear (sparse Linear layers in CSR form). "
-    "Plain onnxruntime cannot run it: it fails with 'vlsparse:SparseLinear(-1) is not a registered "
-    "function/op'. Open it with vlsparse.export.onnx_sparse.ort_session(path), or register the "
-    "library yourself: so = onnxruntime.SessionOptions(); "
-    "so.register_custom_ops_library(str(vlsparse.kernels.ort.custom_op_library())); "
-    "onnxruntime.InferenceSession(path, so)."
-)
+
+# ort_session and requires_vlsparse lived here before 0.2: vlsparse.runtime.ort is their home
+__getattr__ = moved(__name__, {"ort_session": "vlsparse.runtime.ort", "requires_vlsparse": "vlsparse.runtime.ort"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,63 +371,3 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
             p.value = value
             return
     model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-
-
-def requires_vlsparse(model: onnx.ModelProto | str | os.PathLike | bytes) -> bool:
-    """True when the model has vlsparse nodes (and so needs the custom-op library)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = _load(model)
-    return any(n.domain == DOMAIN for n in model.graph.node)
-
-
-def _load(src) -> onnx.ModelProto:
-    if isinstance(src, (bytes, bytearray)):
-        return onnx.load_from_string(bytes(src))
-    return onnx.load(os.fspath(src), load_external_data=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Runtime
-# --------------------------------------------------------------------------------------------------
-def ort_session(
-    path_or_bytes: str | os.PathLike | bytes | onnx.ModelProto,
-    providers: Sequence[str] | None = None,
-    threads: int | None = None,
-    sess_options=None,
-):
-    """An ``onnxruntime.InferenceSession`` with the vlsparse custom-op library registered.
-
-    ``threads``: onnxruntime's intra-op thread count *and* the OpenMP thread count of SparseLinear
-    (the latter is process-wide; see ``vlsparse.kernels.ort.set_num_threads``). ``None`` keeps the
-    defaults. ``sess_options``: an ``onnxruntime.SessionOptions`` to start from (it is modified).
-    Without ``sess_options``, onnxruntime's intra-op threads do not spin-wait: while our op runs on
-    its own OpenMP threads, spinning ORT threads took the same cores (measured on 2 cores, uniter-base
-    at 70%: 167 ms spinning vs 107 ms not). Works for dense models too.
-    """
-    import onnxruntime as ort
-
-    so = sess_options
-    if so is None:
-        so = ort.SessionOptions()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    lib = _ort_lib.custom_op_library()
-    so.register_custom_ops_library(str(lib))
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-        _ort_lib.set_num_threads(int(threads))
-    if onnx is not None and isinstance(path_or_bytes, onnx.ModelProto):
-        src = path_or_bytes.SerializeToString()
-    elif isinstance(path_or_bytes, (bytes, bytearray)):
-        src = bytes(path_or_bytes)
-    else:
-        src = os.fspath(Path(path_or_bytes))
-    try:
-        return ort.InferenceSession(src, sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as e:  # onnxruntime raises its own pybind exception types
-        if f"{DOMAIN}:{OP_TYPE}" in str(e) and "not a registered" in str(e):
-            raise RuntimeError(
-                f"onnxruntime did not accept the vlsparse custom ops from {lib} "
-                f"(onnxruntime >= 1.16 is needed): {e}"
-            ) from e
-        raise

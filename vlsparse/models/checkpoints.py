@@ -63,7 +63,7 @@ _DROPPED_PREFIXES = ("cls.", "feat_regress.", "itm_output.", "region_classifier.
 
 
 def map_official_uniter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official UNITER state_dict to vlsparse's :class:`UniterForVQA` keys.
+    """Rename an official UNITER state_dict to vlsparse's :class:`UniterForTask` keys.
 
     Strips a ``module.`` prefix (DataParallel files), renames LayerNorm ``gamma`` -> ``weight`` and
     ``beta`` -> ``bias``, and drops pre-training heads. Keys that are neither ``uniter.*`` nor

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoints import CheckpointError
-from .heads import head_outputs, widen_head
+from vlsparse.models.checkpoints import CheckpointError
+from vlsparse.models.heads import head_outputs, widen_head
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

@@ -7,7 +7,7 @@ a feed-forward block per stream. The pooled [CLS] output of the language stream 
 head ``Linear(h, 2h) -> GeLU -> LayerNorm -> Linear(2h, #answers)`` (airsplay/lxmert
 ``src/tasks/vqa_model.py``; transformers' ``LxmertVisualAnswerHead``).
 
-:class:`LxmertForVQA` *is* transformers' ``LxmertForQuestionAnswering`` (keys ``lxmert.*``,
+:class:`LxmertForTask` *is* transformers' ``LxmertForQuestionAnswering`` (keys ``lxmert.*``,
 ``answer_head.*``) with vlsparse's model contract: ``forward(**batch) -> logits``, the batch keys
 of the region tasks (the first 4 of the 7 box values are LXMERT's ``visual_pos`` [x1, y1, x2, y2]),
 ``prune_scope()``, ``example_inputs``/``input_axes`` for ONNX export.
@@ -25,10 +25,10 @@ import re
 import torch
 from transformers import LxmertConfig, LxmertForQuestionAnswering
 
-from .checkpoints import CheckpointError
-from .inputs import REGION_INPUT_AXES, region_example_inputs
-from .heads import TaskForwardMixin
-from .hf import TaskHeadMixin
+from vlsparse.models.checkpoints import CheckpointError
+from vlsparse.models.inputs import REGION_INPUT_AXES, region_example_inputs
+from vlsparse.models.heads import TaskForwardMixin
+from vlsparse.models.hf import TaskHeadMixin
 
 #: Linear modules of one single-stream (language or visual) layer, as state_dict name suffixes
 SINGLE_STREAM = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -43,7 +43,7 @@ CROSS_MODALITY = ("visual_attention.att.query", "visual_attention.att.key", "vis
                   "lang_inter.dense", "lang_output.dense", "visn_inter.dense", "visn_output.dense")
 
 
-class LxmertForVQA(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
+class LxmertForTask(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
     """LXMERT with the VQA answer head; ``forward`` returns (B, num_qa_labels) float32 logits. Another
     task's head (``config.task_head``, :mod:`vlsparse.models.heads`) keeps the module ``answer_head``.
 
@@ -118,7 +118,7 @@ class LxmertForVQA(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering):
 
     @staticmethod
     def task_dims(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-        """(img_dim, num_answers) of an LxmertForVQA state_dict, or None if it is not one."""
+        """(img_dim, num_answers) of an LxmertForTask state_dict, or None if it is not one."""
         try:
             return (state["lxmert.encoder.visn_fc.visn_fc.weight"].shape[1],
                     state["answer_head.logit_fc.3.weight"].shape[0])
@@ -138,7 +138,7 @@ def is_original_lxmert(state: dict[str, torch.Tensor]) -> bool:
 
 
 def map_original_lxmert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an airsplay/lxmert state_dict to :class:`LxmertForVQA` keys.
+    """Rename an airsplay/lxmert state_dict to :class:`LxmertForTask` keys.
 
     ``[lxrt_encoder.model.][module.]bert.*`` -> ``lxmert.*`` (the same module names below),
     ``logit_fc.*`` (the VQA fine-tuning head) -> ``answer_head.logit_fc.*``; LayerNorm

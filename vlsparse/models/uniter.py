@@ -10,7 +10,7 @@ LayerNorm ``gamma/beta`` rename (see :mod:`vlsparse.models.checkpoints`).
 
 The prune scope (Gan et al. 2022, sec. 3; seed 001: "excluding embedding and output layers") is
 the query/key/value/attention-output/intermediate/output Linear weights of every encoder layer;
-:meth:`UniterForVQA.prune_scope` lists them.
+:meth:`UniterForTask.prune_scope` lists them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 from transformers import BertConfig, PreTrainedModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler
 
-from .heads import TaskForwardMixin, head_outputs
-from .inputs import REGION_INPUT_AXES, region_example_inputs
+from vlsparse.models.heads import TaskForwardMixin, head_outputs
+from vlsparse.models.inputs import REGION_INPUT_AXES, region_example_inputs
 
 POOLINGS = ("cls", "mean")
 
@@ -116,7 +116,7 @@ class UniterModel(nn.Module):
         return (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0), regions
 
 
-class UniterForVQA(TaskForwardMixin, PreTrainedModel):
+class UniterForTask(TaskForwardMixin, PreTrainedModel):
     """UNITER with the VQA head (upstream ``UniterForVisualQuestionAnswering``), or the head of
     another task (``config.task_head``, :mod:`vlsparse.models.heads`; the module keeps the name
     ``vqa_output``).

@@ -5,9 +5,9 @@ One stream over word tokens and image patches: text embeddings (BERT-style) and 
 modality-type embedding, through a pre-LayerNorm ViT encoder, a final LayerNorm and a pooler on
 the first token. The VQA head is ``Linear(h, 2h) -> LayerNorm -> GELU -> Linear(2h, #answers)``.
 
-:class:`ViltForVQA` *is* transformers' ``ViltForQuestionAnswering`` (keys ``vilt.*``,
+:class:`ViltForTask` *is* transformers' ``ViltForQuestionAnswering`` (keys ``vilt.*``,
 ``classifier.*``) with vlsparse's model contract, and one change: the visual embedding is the
-deterministic full-patch path (:meth:`ViltForVQA.visual_embed`). Stock ViLT shuffles the patches
+deterministic full-patch path (:meth:`ViltForTask.visual_embed`). Stock ViLT shuffles the patches
 with ``torch.multinomial`` and interpolates position embeddings to a size read off the pixel mask,
 also at evaluation; so two identical calls differ (float rounding) and it does not export to ONNX
 (MEASURED.md). On full images (``pixel_mask`` all ones) the two are the same function: the
@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from transformers import ViltConfig, ViltForQuestionAnswering
 
-from .heads import TaskForwardMixin
-from .hf import TaskHeadMixin
+from vlsparse.models.heads import TaskForwardMixin
+from vlsparse.models.hf import TaskHeadMixin
 
 #: Linear modules of one encoder layer, as state_dict name suffixes
 LAYER_LINEARS = ("attention.attention.query", "attention.attention.key", "attention.attention.value",
                  "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
+class ViltForTask(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
     """ViLT with the VQA classifier head; ``forward`` returns (B, num_labels) float32 logits. Another
     task's head (``config.task_head``, :mod:`vlsparse.models.heads`) keeps the module ``classifier``;
     the ``region`` head scores candidate boxes by their patches (:meth:`box_pool`).
@@ -186,7 +186,7 @@ class ViltForVQA(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
 
     @staticmethod
     def task_dims(state: dict[str, torch.Tensor]) -> tuple[None, int] | None:
-        """(None, num_answers) of a ViltForVQA state_dict (no region features), or None if it is not one."""
+        """(None, num_answers) of a ViltForTask state_dict (no region features), or None if it is not one."""
         if "vilt.embeddings.patch_embeddings.projection.weight" not in state or "classifier.3.weight" not in state:
             return None
         return None, state["classifier.3.weight"].shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask import Mask
+from vlsparse.pruning.mask import Mask
 
 
 def _check_sparsity(target: float) -> None:

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .. import __version__
-from ..io import atomic_write
-from .mask import Mask, sparsity
+from vlsparse._version import __version__
+from vlsparse.atomic import atomic_write
+from vlsparse.pruning.mask import Mask, sparsity
 
 
 class TicketError(ValueError):

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.objective import VQA_OBJECTIVE
-from ..io import cpu_state
-from ..pruning.mask import Mask, apply_mask
+from vlsparse.data.objective import VQA_OBJECTIVE
+from vlsparse.atomic import cpu_state
+from vlsparse.pruning.mask import Mask, apply_mask
 
 
 @dataclass
@@ -196,7 +196,7 @@ def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: 
 
     The metrics are those of the dataset's ``objective`` (default VQA: ``{"vqa_score", "n"}``, the soft
     target score of the arg-max answer, UNITER/LXMERT); a dataset with its own ``evaluate`` (retrieval:
-    :class:`vlsparse.data.vqa.RetrievalSet`) computes them itself.
+    :class:`vlsparse.data.dataset.RetrievalSet`) computes them itself.
     """
     if hasattr(dataset, "evaluate"):
         return dataset.evaluate(model, batch_size=batch_size, device=device)

@@ -7,7 +7,7 @@ installed): the shorter edge is resized to ``image_size`` (bicubic), the longer 
 1333/800 of that, both rounded down to multiples of 32. The resized images are kept as uint8 (a
 quarter of the memory of float32); rescaling (x / 255) and normalisation ((x - 0.5) / 0.5 per
 channel) are applied when an image is read, and equal the processor's own float output to 1e-7.
-Padding to a common size (pixel_mask 0 on the padding) happens in :func:`vlsparse.data.vqa.collate`.
+Padding to a common size (pixel_mask 0 on the padding) happens in :func:`vlsparse.data.dataset.collate`.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Not part of the default `pytest` run (testpaths = tests). Run with
 
-    pytest bench/test_bench_spmm.py --benchmark-group-by=group --benchmark-columns=min,median,rounds
+    pytest benchmarks/test_bench_spmm.py --benchmark-group-by=group --benchmark-columns=min,median,rounds
 
 Each group is one (threads, out x in, T, sparsity); compare each backend's median with the
 "dense" row of its group (F.linear with the masked weight as a dense fp32 tensor, MKL).
-bench/spmm_table.py prints the same comparison as a table of speedups.
+benchmarks/spmm_table.py prints the same comparison as a table of speedups.
 """
 
 from __future__ import annotations

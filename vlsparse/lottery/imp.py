@@ -1,14 +1,6 @@
 """Iterative Magnitude Pruning (Gan et al. 2022, Algorithm 1), level by level, resumable.
 
-A run directory holds::
-
-    RUN/config.json                  the configuration (a re-run with another one is refused)
-    RUN/theta0.safetensors           θ0: pre-trained weights + freshly initialised head φ0
-    RUN/theta_rewind.safetensors     θ_i after ``rewind_step`` dense steps (only with rewinding)
-    RUN/level_XX/ticket.safetensors  the mask at level XX (level 00 is the dense mask)
-    RUN/level_XX/weights.safetensors the trained subnetwork of that level (pruned weights exactly 0)
-    RUN/level_XX/metrics.json        val/test metrics of training that mask from θ0 (or θ_i)
-    RUN/summary.csv                  one row per finished level
+The run directory it fills is defined in :mod:`vlsparse.lottery.runs`.
 
 Level k: reset to θ0 (θ_i with rewinding), train ``steps`` steps with mask m_k, evaluate, then
 prune the trained weights by global magnitude to the next level's sparsity, which gives m_{k+1}.
@@ -20,26 +12,21 @@ of open_lth's ``lottery/runner.py``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_write, save_weights, write_json, write_text
-from ..training.loop import TrainConfig, evaluate, train
-from .magnitude import global_magnitude_prune
-from .mask import ones_mask
-from .ticket import Ticket
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used (other configuration, corrupt files)."""
+from vlsparse.atomic import atomic_write, save_weights, write_json
+from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
+from vlsparse.pruning.magnitude import global_magnitude_prune
+from vlsparse.pruning.mask import ones_mask
+from vlsparse.pruning.ticket import Ticket
+from vlsparse.training.loop import TrainConfig, evaluate, train
 
 
 def schedule(target: float, step: float = 0.1, rate: float | None = None) -> list[float]:
@@ -89,53 +76,6 @@ class IMPConfig:
         return d
 
 
-def _level_dir(run: Path, k: int) -> Path:
-    return run / f"level_{k:02d}"
-
-
-def check_config(run: Path, cfg: IMPConfig) -> None:
-    """Write RUN/config.json, or check that the existing one equals ``cfg``.
-
-    Raises:
-        RunError: RUN holds a run with another configuration (the message names the fields).
-    """
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / "config.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunError(f"{path}: unreadable run configuration ({exc})") from exc
-        new = json.loads(json.dumps(cfg.identity()))
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise RunError(f"{run}: holds a run with another configuration (differs in {', '.join(diff)}); "
-                           "use a new --out directory or the original settings")
-    else:
-        write_json(path, cfg.identity())
-
-
-def write_summary(run: Path) -> Path:
-    """Rewrite RUN/summary.csv from the finished levels' metrics.json; returns its path.
-
-    Columns: level, sparsity (fraction), then ``val_<metric>`` and ``test_<metric>`` (fractions).
-    """
-    rows = []
-    for d in sorted(run.glob("level_*")):
-        if (d / "metrics.json").is_file():
-            m = json.loads((d / "metrics.json").read_text())
-            row = {"level": m["level"], "sparsity": round(m["sparsity"], 6)}
-            row.update({f"val_{k}": v for k, v in m["val"].items() if k != "n"})
-            row.update({f"test_{k}": v for k, v in m["test"].items() if k != "n"})
-            rows.append(row)
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return write_text(run / "summary.csv", buf.getvalue())
-
-
 def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig,
             progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
     """Run (or resume) IMP into directory ``run``; returns the metrics of every level.
@@ -151,27 +91,25 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
     Raises:
         RunError: ``run`` holds a run with another configuration, or corrupt files.
     """
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    check_config(run, cfg)
+    run = Run(run)
+    check_config(run.path, cfg)
     scope = model.prune_scope()
     levels = [0.0] + list(cfg.levels)
-    theta0 = run / "theta0.safetensors"
+    theta0 = run.theta0
     if theta0.exists():
         load_weights(theta0, model)
     else:
         save_weights(theta0, model)
-    first = _level_dir(run, 0) / "ticket.safetensors"
+    first = run.ticket(0)
     if not first.exists():
         Ticket(ones_mask(model, scope), _meta(cfg, 0, 0.0, {})).save(first)
-    rewound = run / "theta_rewind.safetensors"
+    rewound = run.theta_rewind
     results = []
     for k, target in enumerate(levels):
-        out = _level_dir(run, k)
-        if (out / "metrics.json").exists():
-            results.append(json.loads((out / "metrics.json").read_text()))
+        if run.finished(k):
+            results.append(run.metrics(k))
             continue
-        ticket = Ticket.load(out / "ticket.safetensors")
+        ticket = Ticket.load(run.ticket(k))
         start = cfg.rewind_step if (cfg.rewind_step and k > 0) else 0
         load_weights(rewound if start else theta0, model)
         t0 = time.time()
@@ -192,10 +130,10 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
             weights = dict(model.named_parameters())
             new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
             Ticket(new, _meta(cfg, k + 1, levels[k + 1], metrics["val"])).save(
-                _level_dir(run, k + 1) / "ticket.safetensors", overwrite=True)  # level k+1 is not finished yet
-        save_weights(out / "weights.safetensors", model)
-        write_json(out / "metrics.json", metrics)
-        write_summary(run)
+                run.ticket(k + 1), overwrite=True)  # level k+1 is not finished yet
+        save_weights(run.weights(k), model)
+        write_json(run.metrics_file(k), metrics)
+        write_summary(run.path)
         results.append(metrics)
     return results
 
@@ -206,26 +144,4 @@ def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, 
             "val_metric": json.dumps(val_metric)}
 
 
-def theta_path(run: str | Path) -> Path:
-    """RUN/theta0.safetensors (the path; existence not checked)."""
-    return Path(run) / "theta0.safetensors"
-
-
-def load_weights(path: str | Path, model: nn.Module) -> None:
-    """Load a safetensors state_dict (θ0, trained weights) into ``model``.
-
-    Raises:
-        RunError: missing or corrupt file, or keys/shapes that do not match the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: weights file not found")
-    try:
-        state = load_file(str(path))
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise RunError(f"{path}: does not fit the model ({type(exc).__name__}: {str(exc)[:200]})") from exc
-
-
-__all__ = ["IMPConfig", "RunError", "run_imp", "schedule", "write_summary", "load_weights", "theta_path",
-           "check_config"]
+__all__ = ["IMPConfig", "run_imp", "schedule"]

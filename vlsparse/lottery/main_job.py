@@ -2,7 +2,7 @@
 
 Layout of ``OUT``::
 
-    OUT/imp/                 the IMP run directory (see vlsparse.pruning.imp); level 0 = dense
+    OUT/imp/                 the IMP run directory (vlsparse.lottery.runs); level 0 = dense
     OUT/random/level_XX/     random ticket at the same sparsity as IMP level XX, re-trained from θ0
     OUT/table.md             the comparison table
 
@@ -11,19 +11,20 @@ Every step skips work already on disk, so re-running the same command resumes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from .io import write_text
-from .pruning.imp import IMPConfig, check_config, run_imp, theta_path
-from .pruning.magnitude import random_prune
-from .pruning.mask import ones_mask
-from .pruning.ticket import Ticket
-from .training.retrain import retrain_ticket
+from vlsparse.atomic import write_text
+from vlsparse.data import save_task_info
+from vlsparse.lottery.imp import IMPConfig, run_imp
+from vlsparse.lottery.retrain import retrain_ticket
+from vlsparse.lottery.runs import Run, check_config
+from vlsparse.pruning.magnitude import random_prune
+from vlsparse.pruning.mask import ones_mask
+from vlsparse.pruning.ticket import Ticket
 
 RELAXED = 0.99  # a relaxed winning ticket keeps >= 99% of the dense metric (Gan et al. 2022, sec. 3)
 
@@ -50,20 +51,20 @@ def random_baselines(out: Path, model: nn.Module, task, collate: Callable, cfg: 
                      progress: Callable[[str, int, int], None] | None = None) -> dict[int, dict]:
     """Random pruning at the sparsity of each IMP level in ``levels``, re-trained from θ0 with the
     same step budget. Returns level -> metrics. Skips levels already on disk."""
+    imp, rand = Run(Path(out) / "imp"), Run(Path(out) / "random")
     results = {}
     for k in levels:
-        imp_ticket = Ticket.load(out / "imp" / f"level_{k:02d}" / "ticket.safetensors")
-        d = out / "random" / f"level_{k:02d}"
-        if (d / "metrics.json").exists():
-            results[k] = json.loads((d / "metrics.json").read_text())
+        imp_ticket = Ticket.load(imp.ticket(k))
+        if rand.finished(k):
+            results[k] = rand.metrics(k)
             continue
-        tpath = d / "ticket.safetensors"
+        tpath = rand.ticket(k)
         if not tpath.exists():
             mask = random_prune(ones_mask(model, list(imp_ticket.mask)), imp_ticket.sparsity, seed=cfg.train.seed)
             Ticket(mask, {"model": cfg.model, "task": cfg.task, "method": "random", "seed": str(cfg.train.seed),
                           "target_sparsity": f"{imp_ticket.sparsity:.6f}"}).save(tpath)
-        results[k] = retrain_ticket(Ticket.load(tpath), model, task, collate, cfg.train, d,
-                                    theta0=theta_path(out / "imp"), ticket_path=str(tpath),
+        results[k] = retrain_ticket(Ticket.load(tpath), model, task, collate, cfg.train, rand.level(k),
+                                    theta0=imp.theta0, ticket_path=str(tpath),
                                     progress=(lambda s, k=k: progress(f"random {k}", s, cfg.train.steps))
                                     if progress else None)
     return results
@@ -73,11 +74,9 @@ def main_job(out: str | Path, model: nn.Module, task, collate: Callable, cfg: IM
              progress: Callable[[str, int, int], None] | None = None) -> list[Row]:
     """Find IMP tickets, train random tickets at ``compare_levels`` (indices into 1..len(levels)),
     write OUT/table.md and return the rows (one per compared level)."""
-    from .data import save_task_info
-
     out = Path(out)
     check_config(out / "imp", cfg)
-    save_task_info(task, out / "imp" / "task.json")
+    save_task_info(task, Run(out / "imp").task_info)
     imp = run_imp(out / "imp", model, task, collate, cfg, progress)
     rand = random_baselines(out, model, task, collate, cfg, compare_levels, progress)
     metric = task.metric_name

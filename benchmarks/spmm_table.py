@@ -1,8 +1,8 @@
 """Sparse Linear backends vs dense F.linear on the CPU: a table of speedups.
 
-    python bench/spmm_table.py                       # 768x768, 3072x768, 768x3072; T 1/40/200;
+    python benchmarks/spmm_table.py                       # 768x768, 3072x768, 768x3072; T 1/40/200;
                                                      # sparsity 50/70/90%; 1 and 2 threads
-    python bench/spmm_table.py --threads 2 --sparsity 0.7 --backends cpu cpu-fm
+    python benchmarks/spmm_table.py --threads 2 --sparsity 0.7 --backends cpu cpu-fm
 
 Each cell is dense time / backend time (> 1: the backend is faster), from median timings.
 Timings are interleaved: every round times the dense baseline and each backend back to back
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlsparse.export.sparse_linear import SparseLinear  # noqa: E402
-from vlsparse.kernels import cpu as cpu_kernel  # noqa: E402
+from vlsparse.sparse.linear import SparseLinear  # noqa: E402
+from vlsparse.sparse.kernels import cpu as cpu_kernel  # noqa: E402
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in)
 TOKENS = [1, 40, 200]

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write, save_weights, write_json, write_text
+from vlsparse.atomic import atomic_write, save_weights, write_json, write_text
 
 FORMATS = ("dense", "csr", "onnx", "onnx-sparse")
 DEVICES = ("cpu", "cuda")
@@ -131,7 +131,7 @@ def find_levels(run: str | Path, levels: Sequence[int] | None = None) -> tuple[d
         FileNotFoundError: ``run`` is not a directory.
         BenchError: no level with a ticket, a level without weights nor θ0, or no model/task recorded.
     """
-    from .pruning.ticket import Ticket
+    from vlsparse.pruning.ticket import Ticket
 
     run = Path(run)
     if not run.is_dir():
@@ -172,8 +172,8 @@ def masked_model(model_name: str, level: Level) -> tuple[nn.Module, dict]:
     Raises:
         ValueError (RunError, CheckpointError, TicketError, ExportError): weights or ticket that do not fit.
     """
-    from .export.model import masked_copy, model_from_weights
-    from .pruning.ticket import Ticket
+    from vlsparse.export.exporters import masked_copy, model_from_weights
+    from vlsparse.pruning.ticket import Ticket
 
     mask = Ticket.load(level.ticket).mask
     return masked_copy(model_from_weights(model_name, level.weights), mask, str(level.ticket)), mask
@@ -191,8 +191,9 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
     """
     import onnx
 
-    from .export.model import ONNX_FILE, export_csr, export_onnx, save_onnx
-    from .export.onnx_sparse import sparsify_onnx
+    from vlsparse.export.exporters import export_csr, export_onnx, save_onnx
+    from vlsparse.runtime.bundle import ONNX_FILE
+    from vlsparse.export.onnx_sparse import sparsify_onnx
 
     work = Path(workdir)
     paths = {"dense": work / "dense"}
@@ -249,12 +250,12 @@ def load_format(fmt: str, path: str | Path, device: str = "cpu", dtype: str = "f
         if fmt == "dense":
             from safetensors.torch import load_file
 
-            from .models import model_from_config
+            from vlsparse.models.registry import model_from_config
 
             model = model_from_config(json.loads((path / "config.json").read_text()))
             model.load_state_dict(load_file(str(path / "model.safetensors")))
         else:
-            from .export.model import load_sparse
+            from vlsparse.runtime.load import load_sparse
 
             model = load_sparse(path, backend="cpu" if device == "cpu" else "triton")
         model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -274,8 +275,8 @@ def load_format(fmt: str, path: str | Path, device: str = "cpu", dtype: str = "f
         raise BenchError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     import onnxruntime as ort
 
-    from .export.model import ONNX_FILE
-    from .export.onnx_sparse import ort_session
+    from vlsparse.runtime.bundle import ONNX_FILE
+    from vlsparse.runtime.ort import ort_session
 
     file = path / ONNX_FILE
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
@@ -325,7 +326,7 @@ def format_sizes(paths: dict[str, Path], mask: dict) -> dict[str, dict[str, int 
     formats the initializer bytes minus those of everything else, i.e. minus (the dense ONNX
     model's initializer bytes - the dense fp32 Linears).
     """
-    from .export.model import ONNX_FILE
+    from vlsparse.runtime.bundle import ONNX_FILE
 
     dense_linear = sum(m.numel() * 4 for m in mask.values())
     out = {}
@@ -457,7 +458,7 @@ def _probe_subprocess(fmt: str, path: Path, batch: dict, dtype: str, threads: in
     inputs = path.parent / f".probe-inputs-{os.getpid()}.pt"
     torch.save({k: batch[k] for k in INPUTS}, inputs)
     try:
-        proc = subprocess.run([sys.executable, "-m", "vlsparse.benchmark", "--probe", fmt, str(path), str(inputs),
+        proc = subprocess.run([sys.executable, "-m", "vlsparse.bench.run", "--probe", fmt, str(path), str(inputs),
                                "--dtype", dtype, "--threads", str(threads), *([] if spin else ["--no-spin"])],
                               capture_output=True, text=True, timeout=1800)
     finally:
@@ -550,7 +551,7 @@ def machine_info(device: str, threads: int) -> dict:
         except ImportError:
             info[mod] = None
     try:
-        from .kernels.cpu import simd
+        from vlsparse.sparse.kernels.cpu import simd
 
         info["kernel_simd"] = simd()
     except Exception:  # no compiler: the csr format cannot run either, and says so itself
@@ -703,7 +704,7 @@ def check_device(device: str, formats: Sequence[str]) -> None:
 
 
 def _batch(dataset, size: int) -> dict:
-    from .data import collate
+    from vlsparse.data import collate
 
     b = collate([dataset[i % len(dataset)] for i in range(size)])
     b.pop("targets")
@@ -711,8 +712,8 @@ def _batch(dataset, size: int) -> dict:
 
 
 def _load_task(cfg: dict):
-    from .data import load_task
-    from .models import load_tokenizer
+    from vlsparse.data import load_task
+    from vlsparse.models.registry import load_tokenizer
 
     return load_task(cfg["task"], load_tokenizer(cfg["model"]))
 
@@ -866,8 +867,8 @@ def _latency(runners: dict[tuple[str, str], Runner], batch: dict, s: Settings) -
 def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, task, session: str,
                  say: Callable[[str], None]) -> list[dict]:
     """Measure one level: export, metric and agreement, interleaved latency, memory; return its rows."""
-    from .data import collate
-    from .pruning.mask import sparsity as mask_sparsity
+    from vlsparse.data import collate
+    from vlsparse.pruning.mask import sparsity as mask_sparsity
 
     name = f"{lv.method} level {lv.level}"
     test = task.test
@@ -941,7 +942,7 @@ def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings,
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory probe in a fresh process:  python -m vlsparse.benchmark --probe FORMAT DIR INPUTS.pt
+# Memory probe in a fresh process:  python -m vlsparse.bench.run --probe FORMAT DIR INPUTS.pt
 # ------------------------------------------------------------------------------------------------
 def _probe_main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="peak RSS of loading one exported format and running one batch")
@@ -955,8 +956,8 @@ def _probe_main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     import onnxruntime  # noqa: F401  (every probe imports the same runtimes before its baseline)
 
-    from .export import model as _model  # noqa: F401
-    from .export import onnx_sparse as _onnx_sparse  # noqa: F401
+    from vlsparse.runtime import load as _load  # noqa: F401
+    from vlsparse.runtime import ort as _ort  # noqa: F401
 
     batch = torch.load(inputs, weights_only=True)
     base = _status_kb("VmRSS")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write, write_json
-from .regions import default_cache_dir
+from vlsparse.atomic import atomic_write, write_json
+from vlsparse.data.visual.regions import default_cache_dir
 
 __all__ = [
     "box7",
@@ -170,7 +170,7 @@ class TSVFeatures(_IndexedFeatures):
 
     Args:
         paths: one TSV file or a sequence of them.
-        cache_dir: default :func:`vlsparse.data.regions.default_cache_dir`.
+        cache_dir: default :func:`vlsparse.data.visual.regions.default_cache_dir`.
 
     Raises:
         FileNotFoundError: a file does not exist.

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""GPU benchmark: Triton CSR SpMM (vlsparse.kernels.triton_spmm) vs cuBLAS dense (F.linear).
+"""GPU benchmark: Triton CSR SpMM (vlsparse.sparse.kernels.triton_spmm) vs cuBLAS dense (F.linear).
 
 Run on a machine with an NVIDIA GPU:
 
-    python bench/gpu_spmm.py                       # BERT-base shapes x T x sparsity, fp16 and fp32
-    python bench/gpu_spmm.py --sweep --sparsity 0.7 0.9   # also search launch configs per case
-    python bench/gpu_spmm.py --out runs/gpu_spmm.json     # keep the rows
+    python benchmarks/gpu_spmm.py                       # BERT-base shapes x T x sparsity, fp16 and fp32
+    python benchmarks/gpu_spmm.py --sweep --sparsity 0.7 0.9   # also search launch configs per case
+    python benchmarks/gpu_spmm.py --out runs/gpu_spmm.json     # keep the rows
 
 The default grid (72 cases) takes about a minute, mostly compiling. --sweep tries ~30-50 configs
 per case and compiles many kernels: split it (e.g. one --dtypes and one --shapes per run) to stay
@@ -18,7 +18,7 @@ the host launch cost, which dominates at small T), the max error against the den
 the bytes of CSR vs dense weights. fp32 dense runs with TF32 off (torch's default) unless --tf32.
 
 The CSR arrays are built here from a dense masked tensor with torch ops; the script needs only
-vlsparse.kernels.triton_spmm.
+vlsparse.sparse.kernels.triton_spmm.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from vlsparse.kernels.triton_spmm import select_config, spmm_triton, triton_available, VARIANTS
+    from vlsparse.sparse.kernels.triton_spmm import select_config, spmm_triton, triton_available, VARIANTS
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vlsparse.kernels.triton_spmm import select_config, spmm_triton, triton_available, VARIANTS
+    from vlsparse.sparse.kernels.triton_spmm import select_config, spmm_triton, triton_available, VARIANTS
 
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}

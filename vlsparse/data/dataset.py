@@ -1,7 +1,7 @@
 """Datasets of every task: examples, soft answer targets, a torch Dataset, its collate, retrieval sets.
 
 Every task is framed VQA-style, as a choice among outputs (:mod:`vlsparse.data.objective`): a
-:class:`VQAExample` holds one text or C candidate texts, one image or K images, and soft scores of
+:class:`VLExample` holds one text or C candidate texts, one image or K images, and soft scores of
 its labels (or the referred box, for region tasks).
 
 Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
@@ -21,8 +21,8 @@ Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
 Batches (see :func:`collate`) hold ``input_ids``, ``attention_mask``, ``img_feat``, ``img_pos``,
 ``img_mask`` and ``targets`` (region features, ``visual="regions"``), or ``input_ids``,
 ``attention_mask``, ``pixel_values``, ``pixel_mask`` and ``targets`` (image pixels for ViLT,
-``visual="pixels"``, see :mod:`vlsparse.data.pixels`; plus ``img_pos``/``img_mask`` candidate boxes
-for a region task), with extra candidate (C) or image (K) axes as :class:`VQADataset` describes.
+``visual="pixels"``, see :mod:`vlsparse.data.visual.pixels`; plus ``img_pos``/``img_mask`` candidate boxes
+for a region task), with extra candidate (C) or image (K) axes as :class:`VLDataset` describes.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .metrics import box_iou, vqa_score
-from .objective import VQA_OBJECTIVE, Objective
-from .pixels import PixelImages
+from vlsparse.data.metrics import box_iou, vqa_score
+from vlsparse.data.objective import VQA_OBJECTIVE, Objective
+from vlsparse.data.visual.pixels import PixelImages
 
 __all__ = [
     "PAD_TOKEN_ID",
     "soft_score",
     "answer_targets",
     "vqa_score",
-    "VQAExample",
-    "VQADataset",
+    "VLExample",
+    "VLDataset",
     "collate",
     "RetrievalSet",
     "split_by_image",
@@ -100,7 +100,7 @@ def answer_targets(
 
 
 @dataclass
-class VQAExample:
+class VLExample:
     """One example of any task, framed as a choice among outputs (see :mod:`vlsparse.data.objective`).
 
     Args:
@@ -131,8 +131,8 @@ class VQAExample:
 
 
 def split_by_image(
-    examples: Sequence[VQAExample], val_fraction: float, seed: int = 0
-) -> tuple[list[VQAExample], list[VQAExample]]:
+    examples: Sequence[VLExample], val_fraction: float, seed: int = 0
+) -> tuple[list[VLExample], list[VLExample]]:
     """Split ``examples`` into (train, val) by image: ``round(val_fraction * n_images)``
     images chosen at random (``numpy.random.default_rng(seed)``) go to val with all their
     questions; no image is in both.  Example order is preserved within each split."""
@@ -177,15 +177,15 @@ def standardize_regions(
     return {k: (((f - mean) / std).astype(np.float32), b) for k, (f, b) in regions.items()}
 
 
-class VQADataset(Dataset):
+class VLDataset(Dataset):
     """Examples + region features (or image pixels) -> model inputs and targets, for every task.
 
     Args:
-        examples: the examples (:class:`VQAExample`).
+        examples: the examples (:class:`VLExample`).
         regions: image_id -> ``(features (N, D) float32, boxes (N, 7) float32)`` (standardised when the
             task standardises, see :func:`standardize_regions`; a lazy store such as
-            :func:`vlsparse.data.features.open_region_features` is read one image at a time); or a
-            :class:`~vlsparse.data.pixels.PixelImages` (``visual`` is then "pixels"). Every example's
+            :func:`vlsparse.data.visual.features.open_region_features` is read one image at a time); or a
+            :class:`~vlsparse.data.visual.pixels.PixelImages` (``visual`` is then "pixels"). Every example's
             images must be in it.
         tokenizer: a BERT-style tokenizer (e.g. ``BertTokenizerFast``) that adds ``[CLS] ... [SEP]``.
         answer_vocab: list of labels (index = logit position) or dict label -> index.
@@ -206,7 +206,7 @@ class VQADataset(Dataset):
 
     def __init__(
         self,
-        examples: Sequence[VQAExample],
+        examples: Sequence[VLExample],
         regions: Mapping[Hashable, tuple[np.ndarray, np.ndarray]],
         tokenizer: Any,
         answer_vocab: Sequence[str] | Mapping[str, int],
@@ -304,7 +304,7 @@ class RetrievalSet:
 
     Args:
         captions: (caption text, its image id) pairs.
-        regions, tokenizer, max_text_len: as :class:`VQADataset`.
+        regions, tokenizer, max_text_len: as :class:`VLDataset`.
 
     Raises:
         ValueError: a caption whose image is missing.
@@ -317,9 +317,9 @@ class RetrievalSet:
         self.image_ids = sorted({img for _, img in captions}, key=str)
         index = {img: k for k, img in enumerate(self.image_ids)}
         self.caption_image = [index[img] for _, img in captions]
-        self.texts = VQADataset([VQAExample(c, img, {}) for c, img in captions], regions, tokenizer, [],
+        self.texts = VLDataset([VLExample(c, img, {}) for c, img in captions], regions, tokenizer, [],
                                 max_text_len, self.objective)
-        self.images = VQADataset([VQAExample("", img, {}) for img in self.image_ids], regions, tokenizer, [],
+        self.images = VLDataset([VLExample("", img, {}) for img in self.image_ids], regions, tokenizer, [],
                                  max_text_len, self.objective)
 
     def __len__(self) -> int:
@@ -353,7 +353,7 @@ class RetrievalSet:
 
     def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
         """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions)."""
-        from .metrics import recall_at_k
+        from vlsparse.data.metrics import recall_at_k
 
         return {**recall_at_k(self.score_matrix(model, batch_size, device), self.caption_image), "n": len(self)}
 
@@ -372,7 +372,7 @@ def _pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pad and stack :class:`VQADataset` items: every tensor is zero-padded at the end of each axis to
+    """Pad and stack :class:`VLDataset` items: every tensor is zero-padded at the end of each axis to
     the largest size in the batch, so masks are 0 and ids are [PAD] (0) on padding.
 
     Returns the items' keys in the order ``input_ids``, ``attention_mask``, ``img_feat``, ``img_pos``,
@@ -403,9 +403,9 @@ class TaskData:
     """
 
     name: str
-    train: VQADataset
-    val: VQADataset
-    test: VQADataset
+    train: VLDataset
+    val: VLDataset
+    test: VLDataset
     answers: list[str]
     region_feature_dim: int | None
     metric_name: str = "vqa_score"

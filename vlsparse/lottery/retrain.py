@@ -14,12 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..io import save_weights, write_json
-from ..pruning.imp import load_weights
-from ..pruning.mask import check_mask_fits
-from ..pruning.reinit import reinitialize
-from ..pruning.ticket import Ticket, TicketError
-from .loop import TrainConfig, evaluate, train
+from vlsparse.atomic import save_weights, write_json
+from vlsparse.lottery.runs import load_weights
+from vlsparse.pruning.mask import check_mask_fits
+from vlsparse.pruning.reinit import reinitialize
+from vlsparse.pruning.ticket import Ticket, TicketError
+from vlsparse.training.loop import TrainConfig, evaluate, train
 
 
 def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cfg: TrainConfig, out: str | Path,

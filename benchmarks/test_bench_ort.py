@@ -4,7 +4,7 @@ One-node graphs built with onnx.helper: Y = X W^T with X (T, in), W (out, in) at
 unstructured sparsity, no bias. Both sessions use 2 intra-op threads (and 2 OpenMP threads for
 the custom op). Run with
 
-    pytest bench/test_bench_ort.py --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+    pytest benchmarks/test_bench_ort.py --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
 
 Each group is one (out x in, T); compare the sparse rows against the dense one in it.
 VLSPARSE_BENCH_THREADS=1 runs both single-threaded (steadier on a shared, busy machine).
@@ -23,7 +23,8 @@ pytest.importorskip("pytest_benchmark")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from vlsparse.export.onnx_sparse import DOMAIN, OP_TYPE, csr_from_dense, ort_session  # noqa: E402
+from vlsparse.export.onnx_sparse import csr_from_dense  # noqa: E402
+from vlsparse.runtime.ort import DOMAIN, OP_TYPE, ort_session  # noqa: E402
 
 THREADS = int(os.environ.get("VLSPARSE_BENCH_THREADS", "2"))  # 2: the target machine's cores
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in)

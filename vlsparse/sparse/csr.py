@@ -4,7 +4,7 @@ CSRMatrix: the pruned weight W (out_features x in_features) compressed by output
     crow_indices  int32 (out+1,)   row r's nonzeros are [crow[r], crow[r+1])
     col_indices   int16 (nnz,) when in_features <= 32767, else int32; strictly increasing per row
     values        float32 (default), float16 or bfloat16 (nnz,)
-The kernels (vlsparse.kernels.cpu, the Triton kernel, the ORT custom op) compute with fp32 values.
+The kernels (vlsparse.sparse.kernels.cpu, the Triton kernel, the ORT custom op) compute with fp32 values.
 
 BitmaskMatrix: the same weight as a packed bit mask of the kept positions (row-major over the
 flattened (out, in) matrix, little-endian within each byte: bit j of byte b is element 8*b + j)

@@ -5,12 +5,12 @@
     pipe([img_a, img_b], ["is it a circle?", "what shape is this?"])   # one list per question
 
 The runtime follows the bundle's kind (its manifest.json): ``csr`` runs PyTorch with
-:class:`~vlsparse.export.sparse_linear.SparseLinear` (our SpMM kernels); ``onnx`` and
+:class:`~vlsparse.sparse.linear.SparseLinear` (our SpMM kernels); ``onnx`` and
 ``onnx-sparse`` run onnxruntime with the vlsparse custom-op library. The ONNX path imports no
 torch, transformers or onnx: onnxruntime, numpy, scipy, Pillow and tokenizers are enough.
 
 Pre-processing is the one used in training (vlsparse.data): region features of the image
-(:func:`vlsparse.data.regions.extract_regions`, standardised with the bundle's train-split
+(:func:`vlsparse.data.visual.regions.extract_regions`, standardised with the bundle's train-split
 feature_mean / feature_std) and the question tokenized by the bundle's tokenizer.json
 (``[CLS] ... [SEP]``, truncated to max_text_len tokens), batched and padded as
 :func:`vlsparse.data.collate` does. Region-feature models (UNITER, LXMERT) are supported; bundles of
@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions, load_image
-from .export.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
+from vlsparse.data.visual.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions, load_image
+from vlsparse.runtime.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
 
 __all__ = ["Pipeline"]
 
@@ -72,7 +72,7 @@ def _torch_runner(bundle: Bundle, backend: str, threads: int | None) -> Callable
         raise ImportError(f"{bundle.path} is a csr bundle, which runs on PyTorch ({exc}); install torch, or "
                           "export with --format onnx for an app without PyTorch") from exc
 
-    from .export.model import load_sparse
+    from vlsparse.runtime.load import load_sparse
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -86,7 +86,7 @@ def _torch_runner(bundle: Bundle, backend: str, threads: int | None) -> Callable
 
 
 def _ort_runner(bundle: Bundle, threads: int | None) -> Callable[[dict], np.ndarray]:
-    from .export.onnx_sparse import ort_session
+    from vlsparse.runtime.ort import ort_session
 
     session = ort_session(bundle.model_file, threads=threads)
     wanted = [i.name for i in session.get_inputs()]
@@ -100,7 +100,7 @@ def _ort_runner(bundle: Bundle, threads: int | None) -> Callable[[dict], np.ndar
 class Pipeline:
     """(image, question) -> top-k answers with scores, from an exported bundle.
 
-    Build it with :meth:`load`. Attributes: ``bundle`` (the verified :class:`~vlsparse.export.bundle.Bundle`),
+    Build it with :meth:`load`. Attributes: ``bundle`` (the verified :class:`~vlsparse.runtime.bundle.Bundle`),
     ``answers`` (list of str, index = logit position), ``kind`` ("csr" | "onnx" | "onnx-sparse").
     """
 
@@ -133,7 +133,7 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
              batch_size: int = 32) -> "Pipeline":
-        """Verify and open a bundle directory (see vlsparse.export.bundle).
+        """Verify and open a bundle directory (see vlsparse.runtime.bundle).
 
         Args:
             path: the directory written by ``vlsparse export`` (any --format).

@@ -1,7 +1,7 @@
 """Self-contained export bundles: what an app needs besides the weights, and a checked manifest.
 
-Every export directory (``vlsparse export``, :func:`vlsparse.export.model.export_csr` /
-:func:`~vlsparse.export.model.export_onnx`) is a bundle::
+Every export directory (``vlsparse export``, :func:`vlsparse.export.exporters.export_csr` /
+:func:`~vlsparse.export.exporters.export_onnx`) is a bundle::
 
     DIR/config.json                          the model configuration
     DIR/model.safetensors | DIR/model.onnx   the weights (kind csr | onnx, onnx-sparse); large ONNX
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..io import write_json
+from vlsparse._version import __version__
+from vlsparse.atomic import write_json
 
 __all__ = ["FORMAT", "KINDS", "MANIFEST", "BundleError", "BundleExtras", "Bundle", "write_bundle", "read_bundle",
            "find_task_info", "ticket_metadata", "sha256"]
@@ -41,7 +41,8 @@ __all__ = ["FORMAT", "KINDS", "MANIFEST", "BundleError", "BundleExtras", "Bundle
 FORMAT = "vlsparse-bundle-1"
 MANIFEST = "manifest.json"
 #: bundle kind -> its model file
-KINDS = {"csr": "model.safetensors", "onnx": "model.onnx", "onnx-sparse": "model.onnx"}
+CSR_FILE, ONNX_FILE = "model.safetensors", "model.onnx"
+KINDS = {"csr": CSR_FILE, "onnx": ONNX_FILE, "onnx-sparse": ONNX_FILE}
 TASK_FILE, TICKET_FILE, TOKENIZER_FILE = "task.json", "ticket.json", "tokenizer.json"
 #: config.json fields holding the answer count and the region feature size (UNITER, LXMERT, ViLT)
 ANSWER_FIELDS = ("num_answers", "num_qa_labels", "num_labels")

@@ -6,8 +6,8 @@
 Backends (`backend=`):
     "auto"          "cpu" for CPU inputs, "triton" for CUDA inputs (chosen per call; falls back to
                     "dense" without a C++ compiler, to "torch-sparse" on CUDA without triton)
-    "cpu"           our C++ kernel (vlsparse.kernels.cpu), compiled on first use
-    "triton"        vlsparse.kernels.triton_spmm.spmm_triton (CUDA; on CPU only under TRITON_INTERPRET=1)
+    "cpu"           our C++ kernel (vlsparse.sparse.kernels.cpu), compiled on first use
+    "triton"        vlsparse.sparse.kernels.triton_spmm.spmm_triton (CUDA; on CPU only under TRITON_INTERPRET=1)
     "dense"         masked F.linear (the reference; densifies the weight once and caches it)
     "torch-sparse"  torch.sparse_csr_tensor @ x (MKL sparse on CPU)
     "torch_sparse"  torch_sparse.SparseTensor (the PyG package; only when installed)
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .csr import CSRMatrix
+from vlsparse.sparse.csr import CSRMatrix
 
 __all__ = ["SparseLinear", "BACKENDS", "sparsify_linears"]
 
@@ -50,7 +50,7 @@ def _triton_interpret() -> bool:
 
 def _load_cpu_ext():
     global _cpu_ext
-    from vlsparse.kernels.cpu import load_extension
+    from vlsparse.sparse.kernels.cpu import load_extension
 
     _cpu_ext = load_extension()
     return _cpu_ext
@@ -261,7 +261,7 @@ class SparseLinear(nn.Module):
     def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
         if not x2.is_cuda and not _triton_interpret():
             raise ValueError(f"SparseLinear backend 'triton' needs CUDA tensors, got input on {x2.device}")
-        from vlsparse.kernels.triton_spmm import spmm_triton
+        from vlsparse.sparse.kernels.triton_spmm import spmm_triton
 
         vals = self._values_f32()
         y = spmm_triton(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),

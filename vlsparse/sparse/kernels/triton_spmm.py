@@ -20,12 +20,12 @@ Kernel ("row-split gather", one kernel, two layouts of X):
   gather and chunk i+2's index/value loads are in flight. Triton's ``num_stages`` does not
   pipeline gathers (checked on the sm_90 PTX: no cp.async, same registers for 1 and 3 stages).
 * Launch sizes come from ``select_config`` (a heuristic written without a GPU at hand); every knob
-  can be overridden per call, and ``bench/gpu_spmm.py --sweep`` searches them on the GPU.
+  can be overridden per call, and ``benchmarks/gpu_spmm.py --sweep`` searches them on the GPU.
 
 Why not "load-sparse, compute-dense" (decompress a W tile, ``tl.dot``)? Triton has no scatter into
 shared memory, so decompressing an unstructured CSR tile costs a compare per (nonzero, column) on
 the CUDA cores, which is more work than the dense tensor-core product it feeds; at T >= a few hundred
-in fp16, dense cuBLAS is the right call (the benchmark in ``bench/gpu_spmm.py`` shows where the
+in fp16, dense cuBLAS is the right call (the benchmark in ``benchmarks/gpu_spmm.py`` shows where the
 crossover sits). Unstructured sparsity pays on the GPU when T is small (the product is bound by
 reading W) and in fp32, where cuBLAS cannot use tensor cores unless TF32 is enabled.
 
