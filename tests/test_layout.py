@@ -64,3 +64,39 @@ def test_no_function_over_80_lines():
                 if n > MAX_FUNCTION_LINES:
                     long[f"{f.relative_to(ROOT)}:{node.name}"] = n
     assert not long, long
+
+
+def test_public_api_at_the_top():
+    import vlsparse
+    from vlsparse.pruning.ticket import Ticket
+    from vlsparse.runtime.load import load_sparse
+    from vlsparse.runtime.ort import ort_session
+    from vlsparse.runtime.pipeline import Pipeline
+    from vlsparse.sparse.linear import SparseLinear
+
+    assert set(vlsparse.__all__) == {"Pipeline", "load_sparse", "SparseLinear", "Ticket", "ort_session", "__version__"}
+    assert (vlsparse.Pipeline, vlsparse.load_sparse, vlsparse.SparseLinear, vlsparse.Ticket, vlsparse.ort_session) == (
+        Pipeline, load_sparse, SparseLinear, Ticket, ort_session)
+    with pytest.raises(AttributeError):
+        vlsparse.no_such_name
+
+
+@pytest.mark.parametrize("old, name, new", [
+    ("vlsparse.export.model", "load_sparse", "vlsparse.runtime.load"),
+    ("vlsparse.export.model", "export_csr", "vlsparse.export.exporters"),
+    ("vlsparse.export.onnx_sparse", "ort_session", "vlsparse.runtime.ort"),
+    ("vlsparse.data.regions", "extract_regions", "vlsparse.data.visual.regions"),
+])
+def test_old_import_paths_warn_and_forward(old, name, new):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {new}.{name}"):
+        obj = getattr(importlib.import_module(old), name)
+    assert obj is getattr(importlib.import_module(new), name)
+
+
+def test_python_dash_m_vlsparse_runs_the_cli():
+    res = subprocess.run([sys.executable, "-m", "vlsparse", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "find-ticket" in res.stdout and "main-job" in res.stdout
