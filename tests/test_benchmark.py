@@ -1,4 +1,4 @@
-"""vlsparse.bench.run / `vlsparse bench`: a uniter-tiny run benchmarked in every format.
+"""vlsparse.bench / `vlsparse bench`: a uniter-tiny run benchmarked in every format.
 
 The references are independent of the benchmark code: the run's own metrics.json (written by IMP's
 evaluate on the trained model), the dense fp32 size of the pruned weights, hand-computed CSR/bitmask
@@ -15,7 +15,9 @@ import sys
 import pytest
 import torch
 
-from vlsparse.bench.run import COLUMNS, BenchError, bench_run, read_rows
+from vlsparse.bench import BenchError
+from vlsparse.bench.report import COLUMNS, read_rows
+from vlsparse.bench.run import Settings, bench_run
 from vlsparse.data import collate
 from vlsparse.models import load_model
 from vlsparse.lottery.imp import IMPConfig, run_imp
@@ -48,7 +50,7 @@ def tiny_run(tmp_path_factory, tiny_task):
 @pytest.fixture(scope="module")
 def report(tiny_run, tiny_task, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    rows = bench_run(tiny_run, out, threads=1, batch_sizes=(1, 4), repeats=2, warmup=1, memory="delta",
+    rows = bench_run(tiny_run, out, Settings(threads=1, batch_sizes=(1, 4), repeats=2, warmup=1, memory="delta"),
                      task=tiny_task)
     return out, rows
 
@@ -132,23 +134,25 @@ def test_resume_keeps_measured_rows(tiny_run, tiny_task, tmp_path):
         if msg.startswith("imp level 1"):
             raise KeyboardInterrupt
 
-    kw = dict(formats="dense,csr", threads=1, batch_sizes=(2,), repeats=1, warmup=0, memory="off", task=tiny_task)
+    settings = Settings(formats="dense,csr", threads=1, batch_sizes=(2,), repeats=1, warmup=0, memory="off")
+    kw = dict(task=tiny_task)
     with pytest.raises(KeyboardInterrupt):
-        bench_run(tiny_run, tmp_path, progress=stop_at_second_level, **kw)
+        bench_run(tiny_run, tmp_path, settings, progress=stop_at_second_level, **kw)
     first = read_rows(tmp_path / "bench.csv")
     assert [(r["level"], r["format"]) for r in first] == [(0, "dense"), (0, "csr")]
     msgs = []
-    rows = bench_run(tiny_run, tmp_path, progress=msgs.append, **kw)
+    rows = bench_run(tiny_run, tmp_path, settings, progress=msgs.append, **kw)
     assert rows[:2] == first  # kept as measured, not re-measured
     assert not any(m.startswith("imp level 0") for m in msgs)
     assert len(rows) == 6 and len({r["session"] for r in rows}) == 2
     assert len(json.loads((tmp_path / "bench.json").read_text())["sessions"]) == 2
     # nothing left to do: the report stays as it is
-    assert bench_run(tiny_run, tmp_path, **kw) == rows
+    assert bench_run(tiny_run, tmp_path, settings, **kw) == rows
 
 
 def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path):
-    from vlsparse.bench.run import Level, export_formats, masked_model, measure_memory
+    from vlsparse.bench.levels import Level, export_formats, masked_model
+    from vlsparse.bench.memory import measure_memory
 
     level = Level("imp", 1, tiny_run / "imp" / "level_01" / "ticket.safetensors",
                   tiny_run / "imp" / "level_01" / "weights.safetensors", True)
@@ -167,18 +171,18 @@ def test_bad_input(tmp_path, tiny_run, tiny_task, monkeypatch):
     out = tmp_path / "report"
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match="no levels to benchmark"):
-        bench_run(tmp_path / "empty", out, task=tiny_task)
+        bench_run(tmp_path / "empty", out, Settings(), task=tiny_task)
     with pytest.raises(FileNotFoundError, match="nope"):
-        bench_run(tmp_path / "nope", out, task=tiny_task)
+        bench_run(tmp_path / "nope", out, Settings(), task=tiny_task)
     with pytest.raises(BenchError, match="unknown format 'tensorrt'; choose from dense, csr, onnx, onnx-sparse"):
-        bench_run(tiny_run, out, formats="dense,tensorrt", task=tiny_task)
+        bench_run(tiny_run, out, Settings(formats="dense,tensorrt"), task=tiny_task)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BenchError, match="--device cuda: no CUDA GPU"):
-        bench_run(tiny_run, out, device="cuda", task=tiny_task)
+        bench_run(tiny_run, out, Settings(device="cuda"), task=tiny_task)
     with pytest.raises(BenchError, match="--batch-sizes"):
-        bench_run(tiny_run, out, batch_sizes="1,x", task=tiny_task)
+        bench_run(tiny_run, out, Settings(batch_sizes="1,x"), task=tiny_task)
     with pytest.raises(BenchError, match="no levels to benchmark among --levels 7"):
-        bench_run(tiny_run, out, levels=[7], task=tiny_task)
+        bench_run(tiny_run, out, Settings(), levels=[7], task=tiny_task)
     assert not out.exists()
 
 

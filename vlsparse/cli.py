@@ -309,12 +309,13 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
                f"took {time.time() - t0:.0f} s")
     if bench:
-        from vlsparse.bench.run import FORMATS, bench_run, format_summary
+        from vlsparse.bench.report import format_summary
+        from vlsparse.bench.run import Settings, bench_run
 
         t1 = time.time()
-        report = bench_run(out, out / "bench", FORMATS, torch.get_num_threads(), (1, 32), bench_questions, 10,
-                           memory="delta", levels=[0, bench_idx], task=data,
-                           progress=lambda m: typer.echo(m, err=True))
+        report = bench_run(out, out / "bench", Settings(threads=torch.get_num_threads(), max_questions=bench_questions,
+                                                        repeats=10, memory="delta"),
+                           levels=[0, bench_idx], task=data, progress=lambda m: typer.echo(m, err=True))
         typer.echo(format_summary(report))
         typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
                    f"main job total {time.time() - t0:.0f} s")
@@ -371,11 +372,14 @@ def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out di
 
     if not spin and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP starts
-    from vlsparse.bench.run import bench_run, format_summary, parse_list
+    from vlsparse.bench.report import format_summary
+    from vlsparse.bench.run import Settings, bench_run, parse_list
 
-    rows = bench_run(run, out, formats, threads, batch_sizes, max_questions, repeats, warmup=warmup, device=device,
-                     dtypes=dtypes, memory=memory, levels=None if levels is None else parse_list(levels, "--levels", int),
-                     cuda_graphs=cuda_graphs, spin=spin, progress=lambda msg: typer.echo(msg, err=True))
+    keep = None if levels is None else parse_list(levels, "--levels", int)
+    settings = Settings(formats=formats, threads=threads, batch_sizes=batch_sizes, max_questions=max_questions,
+                        repeats=repeats, warmup=warmup, device=device, dtypes=dtypes, memory=memory,
+                        cuda_graphs=cuda_graphs, spin=spin)
+    rows = bench_run(run, out, settings, levels=keep, progress=lambda msg: typer.echo(msg, err=True))
     typer.echo(format_summary(rows))
     typer.echo(f"report: {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'summary.md'}, plots {out}/*.png")
 

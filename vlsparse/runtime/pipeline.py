@@ -4,9 +4,10 @@
     pipe("shape.png", "what color is the shape?")               # [("red", 0.98), ("blue", 0.01), ...]
     pipe([img_a, img_b], ["is it a circle?", "what shape is this?"])   # one list per question
 
-The runtime follows the bundle's kind (its manifest.json): ``csr`` runs PyTorch with
-:class:`~vlsparse.sparse.linear.SparseLinear` (our SpMM kernels); ``onnx`` and
-``onnx-sparse`` run onnxruntime with the vlsparse custom-op library. The ONNX path imports no
+The runtime follows the bundle's kind (its manifest.json), through the kind's
+:class:`~vlsparse.runtime.runners.Runner`: ``csr`` runs PyTorch with
+:class:`~vlsparse.sparse.linear.SparseLinear` (our SpMM kernels); ``onnx`` runs stock onnxruntime and
+``onnx-sparse`` onnxruntime with the vlsparse custom-op library. The ONNX path imports no
 torch, transformers or onnx: onnxruntime, numpy, scipy, Pillow and tokenizers are enough.
 
 Pre-processing is the one used in training (vlsparse.data): region features of the image
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image as PILImage
+from tokenizers import Tokenizer
 
 from vlsparse.data.visual.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions, load_image
 from vlsparse.runtime.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
+from vlsparse.runtime.runners import Runner, load_runner
 
 __all__ = ["Pipeline"]
 
@@ -43,8 +47,6 @@ def _image_array(image: Image, where: str) -> np.ndarray:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(f"{where}: expected an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
         return image
-    from PIL import Image as PILImage
-
     if isinstance(image, PILImage.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     raise ValueError(f"{where}: expected an image path, a PIL image or an (H, W, 3) uint8 array, "
@@ -65,48 +67,15 @@ def _checked(images: Sequence[Image], questions: Sequence[str]) -> tuple[list[np
     return [_image_array(im, f"image{at(i)}") for i, im in enumerate(images)], list(questions)
 
 
-def _torch_runner(bundle: Bundle, backend: str, threads: int | None) -> Callable[[dict], np.ndarray]:
-    try:
-        import torch
-    except ImportError as exc:
-        raise ImportError(f"{bundle.path} is a csr bundle, which runs on PyTorch ({exc}); install torch, or "
-                          "export with --format onnx for an app without PyTorch") from exc
-
-    from vlsparse.runtime.load import load_sparse
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    model = load_sparse(bundle.path, backend=backend)
-
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).float().numpy()
-
-    return run
-
-
-def _ort_runner(bundle: Bundle, threads: int | None) -> Callable[[dict], np.ndarray]:
-    from vlsparse.runtime.ort import ort_session
-
-    session = ort_session(bundle.model_file, threads=threads)
-    wanted = [i.name for i in session.get_inputs()]
-
-    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run(None, {k: inputs[k] for k in wanted})[0]
-
-    return run
-
-
 class Pipeline:
     """(image, question) -> top-k answers with scores, from an exported bundle.
 
     Build it with :meth:`load`. Attributes: ``bundle`` (the verified :class:`~vlsparse.runtime.bundle.Bundle`),
-    ``answers`` (list of str, index = logit position), ``kind`` ("csr" | "onnx" | "onnx-sparse").
+    ``answers`` (list of str, index = logit position), ``kind`` ("csr" | "onnx" | "onnx-sparse"), ``runner``
+    (the loaded model: :class:`~vlsparse.runtime.runners.Runner`, numpy inputs -> (B, A) float32 logits).
     """
 
-    def __init__(self, bundle: Bundle, run: Callable[[dict], np.ndarray], batch_size: int = 32):
-        from tokenizers import Tokenizer
-
+    def __init__(self, bundle: Bundle, runner: Runner, batch_size: int = 32):
         task = bundle.task
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -121,7 +90,7 @@ class Pipeline:
             raise BundleError(f"{bundle.path / 'task.json'}: region features {task.get('region_extractor')!r} "
                               f"(D={task.get('region_feature_dim')}) are not this vlsparse's {EXTRACTOR_VERSION!r} "
                               f"(D={REGION_FEATURE_DIM})")
-        self.bundle, self.kind, self._run, self.batch_size = bundle, bundle.kind, run, int(batch_size)
+        self.bundle, self.kind, self.runner, self.batch_size = bundle, bundle.kind, runner, int(batch_size)
         self.answers: list[str] = list(task["answers"])
         stats = [task.get("feature_mean"), task.get("feature_std")]
         self._mean, self._std = (None, None) if None in stats else (np.asarray(s, dtype=np.float32) for s in stats)
@@ -139,8 +108,8 @@ class Pipeline:
             path: the directory written by ``vlsparse export`` (any --format).
             backend: csr bundles: the SparseLinear backend ("auto", "cpu", "dense", "torch-sparse", ...);
                 must stay "auto" for onnx bundles.
-            threads: CPU threads (torch.set_num_threads for csr; onnxruntime intra-op + SparseLinear OpenMP
-                threads for onnx); None keeps the defaults.
+            threads: CPU threads (torch.set_num_threads for csr; onnxruntime intra-op threads for onnx, and
+                the SparseLinear OpenMP threads for onnx-sparse); None keeps the defaults.
             batch_size: questions per model call when called with many questions (>= 1).
 
         Raises:
@@ -151,13 +120,11 @@ class Pipeline:
             ImportError: a csr bundle where torch is not installed.
         """
         bundle = read_bundle(path)
-        if bundle.kind == "csr":
-            run = _torch_runner(bundle, backend, threads)
-        elif backend != "auto":
+        if bundle.kind != "csr" and backend != "auto":
             raise ValueError(f"backend={backend!r} applies to csr bundles; {bundle.path} is {bundle.kind}")
-        else:
-            run = _ort_runner(bundle, threads)
-        return cls(bundle, run, batch_size)
+        # onnxruntime's intra-op threads sleep instead of spin-waiting, as vlsparse.ort_session's default
+        return cls(bundle, load_runner(bundle.kind, bundle.path, threads=threads, spin=False, backend=backend),
+                   batch_size)
 
     def encode(self, images: Sequence[Image], questions: Sequence[str]) -> dict[str, np.ndarray]:
         """Model inputs for B (image, question) pairs: ``input_ids`` (B, L) int64, ``attention_mask`` (B, L)
@@ -186,7 +153,7 @@ class Pipeline:
         Raises: as :meth:`encode`, and ValueError for lists of different lengths or no questions.
         """
         images, questions = _checked(images, questions)
-        parts = [self._run(self.encode(images[i:i + self.batch_size], questions[i:i + self.batch_size]))
+        parts = [self.runner.logits(self.encode(images[i:i + self.batch_size], questions[i:i + self.batch_size]))
                  for i in range(0, len(questions), self.batch_size)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 

@@ -1,0 +1,199 @@
+"""One :class:`Runner` per exported format: the model behind ``vlsparse.Pipeline`` and ``vlsparse bench``.
+
+    dense        DIR/config.json + DIR/model.safetensors (the masked state), an nn.Module in PyTorch
+    csr          a CSR export (vlsparse.runtime.load.load_sparse): SparseLinear on our SpMM kernels
+    onnx         DIR/model.onnx in stock onnxruntime (dense MatMuls with the pruned zeros)
+    onnx-sparse  DIR/model.onnx with vlsparse.SparseLinear nodes, in onnxruntime with our custom-op
+                 library (vlsparse.runtime.ort.ort_session)
+
+A runner takes the model inputs as numpy arrays (``input_ids`` (B, L) int64, ``attention_mask``
+(B, L) int64, ``img_feat`` (B, N, D) float32, ``img_pos`` (B, N, 7) float32, ``img_mask`` (B, N) int64;
+anything ``np.asarray`` reads, e.g. CPU torch tensors, works too) and returns the answer logits as a
+(B, A) float32 numpy array. The ONNX formats import no torch: PyTorch is imported only when a dense or
+csr runner is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from vlsparse.runtime.bundle import ONNX_FILE
+from vlsparse.runtime.ort import ort_session
+
+__all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "INPUTS", "Runner", "TorchRunner",
+           "OrtRunner", "load_runner", "onnx_initializer_bytes"]
+
+TORCH_FORMATS = ("dense", "csr")
+ONNX_FORMATS = ("onnx", "onnx-sparse")
+FORMATS = TORCH_FORMATS + ONNX_FORMATS
+DEVICES = ("cpu", "cuda")
+#: dtype name -> the torch dtype's attribute name (the PyTorch formats compute in it; ONNX runs fp32)
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+#: the model inputs a runner feeds, in the order of vlsparse.data.collate
+INPUTS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")
+
+
+class Runner:
+    """A loaded model of one format. :meth:`logits` runs one batch end to end (host arrays in, host logits
+    out) in three steps that the bench also times one by one: :meth:`feed` (host arrays -> the runtime's
+    inputs: tensors on the device, or the session's numpy feed), :meth:`call` (inputs -> raw output) and
+    :meth:`fetch` (raw output -> (B, A) float32 numpy array).
+
+    Attributes: ``fmt`` (one of :data:`FORMATS`), ``device`` ("cpu" | "cuda"), ``dtype`` ("fp32" | "fp16"),
+    ``module`` (the nn.Module of the PyTorch formats, None for onnxruntime).
+    """
+
+    fmt: str
+    device: str = "cpu"
+    dtype: str = "fp32"
+    module: Any = None
+
+    def feed(self, inputs: Mapping[str, Any]) -> Any:
+        """Model inputs (name -> (B, ...) host array) -> what :meth:`call` takes."""
+        raise NotImplementedError
+
+    def call(self, fed: Any) -> Any:
+        """Run the model on fed inputs; the raw output (a device tensor or a numpy array)."""
+        raise NotImplementedError
+
+    def fetch(self, out: Any) -> np.ndarray:
+        """Raw output -> (B, A) float32 numpy logits on the host."""
+        raise NotImplementedError
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight tensors the runtime holds (PyTorch parameters and buffers, ONNX initializers)."""
+        raise NotImplementedError
+
+    def logits(self, inputs: Mapping[str, Any]) -> np.ndarray:
+        """Answer logits (B, A) float32 of one batch of model inputs (name -> (B, ...) array; see the module)."""
+        return self.fetch(self.call(self.feed(inputs)))
+
+
+class TorchRunner(Runner):
+    """dense / csr: ``module`` under ``torch.inference_mode`` on ``device``, floating inputs cast to ``dtype``."""
+
+    def __init__(self, fmt: str, module, device: str = "cpu", dtype: str = "fp32"):
+        import torch  # the `train` extra; load_runner checked that it is there
+
+        self.fmt, self.device, self.dtype = fmt, device, dtype
+        self._torch = torch
+        self._float = getattr(torch, DTYPES[dtype])
+        self.module = module.to(device=device, dtype=self._float).eval()
+
+    def feed(self, inputs: Mapping[str, Any]) -> dict:
+        """name -> tensor on the device (floating ones in ``dtype``), for the :data:`INPUTS`."""
+        out = {}
+        for k in INPUTS:
+            t = self._torch.from_numpy(np.asarray(inputs[k]))
+            out[k] = t.to(self.device, self._float if t.is_floating_point() else None)
+        return out
+
+    def call(self, fed: dict):
+        with self._torch.inference_mode():
+            return self.module(**fed)
+
+    def fetch(self, out) -> np.ndarray:
+        return out.float().cpu().numpy()
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.module.parameters(), *self.module.buffers()])
+
+
+class OrtRunner(Runner):
+    """onnx / onnx-sparse: an onnxruntime session on ``file`` (the feed holds the session's inputs only)."""
+
+    def __init__(self, fmt: str, file: Path, session, device: str = "cpu"):
+        self.fmt, self.file, self.session, self.device = fmt, Path(file), session, device
+        self.names = [i.name for i in session.get_inputs()]
+
+    def feed(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(inputs[k]) for k in self.names}
+
+    def call(self, fed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, fed)[0]
+
+    def fetch(self, out: np.ndarray) -> np.ndarray:
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        return onnx_initializer_bytes(self.file)
+
+
+def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
+                spin: bool = True, backend: str = "auto") -> Runner:
+    """Load a format's directory (a bundle, or one written by vlsparse.bench.levels.export_formats) as a Runner.
+
+    Args:
+        fmt: one of :data:`FORMATS`.
+        path: the directory (config.json and model.safetensors, or model.onnx[.data]).
+        device: "cpu" or "cuda" (onnxruntime: CUDAExecutionProvider first).
+        dtype: "fp32" | "fp16": what the PyTorch formats compute in (the csr format's values are fp32 in
+            memory); the ONNX formats run fp32.
+        threads: CPU threads: torch.set_num_threads for the PyTorch formats; onnxruntime intra-op threads
+            (and the OpenMP threads of our custom op for onnx-sparse). None keeps the defaults.
+        spin: False turns off the spin-waiting of onnxruntime's intra-op threads
+            (session.intra_op.allow_spinning = 0), which helps on a machine shared with other work.
+        backend: csr: the SparseLinear backend ("auto", "cpu", "triton", "dense", ...).
+
+    Raises:
+        ValueError: an unknown format (ExportError for an unreadable csr directory).
+        ImportError: a PyTorch format where torch is not installed.
+    """
+    path = Path(path)
+    if fmt in TORCH_FORMATS:
+        return _load_torch(fmt, path, device, dtype, threads, backend)
+    if fmt not in ONNX_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    file = path / ONNX_FILE
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if fmt == "onnx":  # stock onnxruntime: no custom-op library
+        if threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+        session = ort.InferenceSession(str(file), so, providers=providers)
+    else:
+        session = ort_session(file, providers=providers, threads=threads, sess_options=so)
+    return OrtRunner(fmt, file, session, device)
+
+
+def _load_torch(fmt: str, path: Path, device: str, dtype: str, threads: int | None, backend: str) -> TorchRunner:
+    try:
+        import torch  # the `train` extra: the dense and csr formats run on PyTorch
+    except ImportError as exc:
+        raise ImportError(f"{path} is a {fmt} bundle, which runs on PyTorch ({exc}); install torch, or "
+                          "export with --format onnx for an app without PyTorch") from exc
+    if threads:
+        torch.set_num_threads(int(threads))
+    if fmt == "csr":
+        from vlsparse.runtime.load import load_sparse  # torch (the `train` extra)
+
+        return TorchRunner(fmt, load_sparse(path, backend=backend), device, dtype)
+    from safetensors.torch import load_file  # the `train` extra
+
+    from vlsparse.models.registry import model_from_config  # torch, transformers (the `train` extra)
+
+    model = model_from_config(json.loads((path / "config.json").read_text()))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return TorchRunner(fmt, model, device, dtype)
+
+
+def onnx_initializer_bytes(file: str | Path) -> int:
+    """Bytes of all initializers of an ONNX model (those in external data files included)."""
+    import onnx  # the `train` extra (the runtime install runs ONNX models without it)
+    from onnx import helper
+
+    proto = onnx.load(str(file), load_external_data=False)
+    return sum(math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in proto.graph.initializer)
