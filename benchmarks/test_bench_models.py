@@ -10,7 +10,7 @@ batches of 1 and 8 questions of 20 text tokens + 36 regions, as
     onnx         the dense ONNX export in stock onnxruntime
     onnx-sparse  the ONNX export with the Linears as vlsparse.SparseLinear (our custom op)
 
-The models come from vlsparse.bench.run (export_formats, load_format), as in `vlsparse bench`.
+The models come from vlsparse.bench (levels.export_formats, formats.load_format), as in `vlsparse bench`.
 Every case first checks its logits against the dense PyTorch model. Run
 
     pytest benchmarks/test_bench_models.py --benchmark-only --benchmark-group-by=group \
@@ -39,7 +39,9 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("pytest_benchmark")
 
-from vlsparse.bench.run import FORMATS, export_formats, load_format  # noqa: E402
+from vlsparse.bench.formats import load_format  # noqa: E402
+from vlsparse.bench.levels import export_formats  # noqa: E402
+from vlsparse.runtime.runners import FORMATS  # noqa: E402
 from vlsparse.models import load_model  # noqa: E402
 from vlsparse.pruning.magnitude import global_magnitude_prune, random_prune  # noqa: E402
 from vlsparse.pruning.mask import apply_mask, ones_mask  # noqa: E402
