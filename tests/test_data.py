@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vlsparse.data import TASKS, load_task
+from vlsparse.data.options import IMAGE_SIZE, TEXT_LEN, LoadOptions
 from vlsparse.data.visual import regions as R
 from vlsparse.data.visual.regions import (
     FEATURE_SLICES,
@@ -378,6 +379,30 @@ def test_load_task_registry(tokenizer):
     assert "easy-vqa" in TASKS
     with pytest.raises(ValueError, match="easy-vqa"):
         load_task("nope", tokenizer)
+
+
+def test_load_options():
+    opts = LoadOptions("data/gqa", visual="pixels", seed=3)
+    assert (opts.data_dir, opts.cache_dir, opts.visual, opts.max_text_len, opts.image_size, opts.val_fraction,
+            opts.seed) == ("data/gqa", None, "pixels", None, None, 0.1, 3)
+    with pytest.raises(AttributeError):
+        opts.seed = 4  # frozen
+    with pytest.raises(ValueError, match="visual must be one of regions, pixels, got 'boxes'"):
+        LoadOptions(visual="boxes")
+    assert (opts.with_defaults().max_text_len, opts.with_defaults().image_size) == (TEXT_LEN, IMAGE_SIZE) == (40, 384)
+    assert opts.with_defaults(max_text_len=80).max_text_len == 80
+    assert LoadOptions(max_text_len=20).with_defaults(max_text_len=80).max_text_len == 20
+    built, rest = LoadOptions.from_keywords(data_dir="d", image_size=96, negatives=2, eval_images=None)
+    assert built == LoadOptions("d", image_size=96) and rest == {"negatives": 2, "eval_images": None}
+
+
+def test_load_task_refuses_unknown_keywords(tokenizer, tmp_path):
+    with pytest.raises(TypeError, match="nonsense"):
+        load_task("gqa", tokenizer, data_dir=tmp_path, nonsense=1)
+    with pytest.raises(TypeError, match="negatives"):  # flickr30k's, not gqa's
+        load_task("gqa", tokenizer, data_dir=tmp_path, negatives=3)
+    with pytest.raises(ValueError, match="visual must be one of"):
+        load_task("gqa", tokenizer, data_dir=tmp_path, visual="boxes")
 
 
 def test_load_easy_vqa(easy):

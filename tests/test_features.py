@@ -7,6 +7,7 @@ import base64
 import numpy as np
 import pytest
 
+from vlsparse.data.visual import tsv_index
 from vlsparse.data.visual.features import (
     NpzFeatures,
     RegionStore,
@@ -137,7 +138,7 @@ def test_tsv_index_cache_reused_and_invalidated(tmp_path, cache, monkeypatch):
         raise AssertionError(f"rescanned {p}")
 
     with monkeypatch.context() as m:
-        m.setattr(TSVFeatures, "_scan", staticmethod(no_scan))
+        m.setattr(tsv_index, "scan_tsv", no_scan)
         second = TSVFeatures(path, cache_dir=cache)
     assert list(second) == list(first)
     np.testing.assert_array_equal(second["img3"][0], recs[3][4])

@@ -11,6 +11,7 @@ import torch
 from tests.fixtures.common import LAYOUTS, cached_loader, layout_root
 from tests.fixtures.flickr30k import write_flickr30k
 from vlsparse.data.flickr30k import load_flickr30k, sample_negatives
+from vlsparse.data.options import LoadOptions
 from vlsparse.data.visual.regions import extract_regions, load_image
 from vlsparse.data.dataset import RetrievalSet, collate
 
@@ -105,20 +106,20 @@ def test_eval_images_and_errors(root, load):
 def test_missing_files(tmp_path, tokenizer):
     root = write_flickr30k(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="data-dir"):
-        load_flickr30k(tokenizer, None)
+        load_flickr30k(tokenizer, LoadOptions())
     (root / "images" / sorted((root / "images").iterdir())[0].name).unlink()
     with pytest.raises(FileNotFoundError, match="images"):
-        load_flickr30k(tokenizer, root, visual="pixels", image_size=96)
+        load_flickr30k(tokenizer, LoadOptions(root, visual="pixels", image_size=96))
     (root / "dataset_flickr30k.json").write_text('{"images": [{"filename": "1.jpg"}]}')
     with pytest.raises(ValueError, match="dataset_flickr30k.json"):
-        load_flickr30k(tokenizer, root, cache_dir=tmp_path / "c")
+        load_flickr30k(tokenizer, LoadOptions(root, cache_dir=tmp_path / "c"))
     (root / "dataset_flickr30k.json").unlink()
     with pytest.raises(FileNotFoundError, match="dataset_flickr30k.json"):
-        load_flickr30k(tokenizer, root, cache_dir=tmp_path / "c")
+        load_flickr30k(tokenizer, LoadOptions(root, cache_dir=tmp_path / "c"))
 
 
 def test_pixels(tmp_path, tokenizer):
-    task = load_flickr30k(tokenizer, write_flickr30k(tmp_path / "d"), visual="pixels", image_size=96)
+    task = load_flickr30k(tokenizer, LoadOptions(write_flickr30k(tmp_path / "d"), visual="pixels", image_size=96))
     assert task.visual == "pixels" and task.region_feature_dim is None and task.image_processor is not None
     b = collate([task.train[i] for i in range(2)])
     assert b["pixel_values"].shape == (2, 4, 3, 96, 96) and b["pixel_mask"].shape == (2, 4, 96, 96)

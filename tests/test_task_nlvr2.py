@@ -14,6 +14,7 @@ from tests.fixtures.common import (LAYOUTS, assert_missing_file_named, cached_lo
                                    layout_root)
 from tests.fixtures.nlvr2 import image_pairs, write_nlvr2
 from vlsparse.data.nlvr2 import load_nlvr2, nlvr2_image_keys
+from vlsparse.data.options import LoadOptions
 from vlsparse.data.visual.regions import extract_regions, load_image
 from vlsparse.data.dataset import collate
 
@@ -103,7 +104,7 @@ def test_items_and_batch(task, root, tokenizer):
 
 def test_pixels(tmp_path, tokenizer):
     root = write_nlvr2(tmp_path / "d")
-    task = load_nlvr2(tokenizer, root, visual="pixels", image_size=96)
+    task = load_nlvr2(tokenizer, LoadOptions(root, visual="pixels", image_size=96))
     assert task.visual == "pixels" and task.region_feature_dim is None and task.image_processor is not None
     b = collate([task.test[i] for i in range(3)])
     assert b["pixel_values"].shape == (3, 2, 3, 96, 96) and b["pixel_mask"].shape == (3, 2, 96, 96)
@@ -123,16 +124,16 @@ def test_missing_split_file(tmp_path, load, name):
 def test_missing_visuals_and_bad_input(tmp_path, tokenizer):
     root = write_nlvr2(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="data-dir"):
-        load_nlvr2(tokenizer, None)
+        load_nlvr2(tokenizer, LoadOptions())
     (root / "images" / "dev-11-1-img1.png").unlink()
     with pytest.raises(FileNotFoundError, match="dev-11-1-img1"):
-        load_nlvr2(tokenizer, root, visual="pixels", image_size=96)
+        load_nlvr2(tokenizer, LoadOptions(root, visual="pixels", image_size=96))
     shutil.rmtree(root / "features")
     with pytest.raises(FileNotFoundError, match="features"):
-        load_nlvr2(tokenizer, root, cache_dir=tmp_path / "c")
+        load_nlvr2(tokenizer, LoadOptions(root, cache_dir=tmp_path / "c"))
     with pytest.raises(ValueError, match="visual"):
-        load_nlvr2(tokenizer, root, visual="boxes")
+        load_nlvr2(tokenizer, LoadOptions(root, visual="boxes"))
     lines = (root / "dev.json").read_text().splitlines()
     (root / "dev.json").write_text("\n".join([lines[0], lines[1].replace('"False"', '"maybe"')]) + "\n")
     with pytest.raises(ValueError, match=r"dev\.json:2: label"):
-        load_nlvr2(tokenizer, root, visual="pixels", image_size=96)
+        load_nlvr2(tokenizer, LoadOptions(root, visual="pixels", image_size=96))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import pickle
 
@@ -12,6 +11,7 @@ import torch
 
 from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.refcoco import DISTRACTOR, IMAGE_ID_OFFSET, IMAGES, object_bbox, sentences, write_refcoco_plus
+from vlsparse.data.options import LoadOptions
 from vlsparse.data.refcoco import load_refcoco_plus, read_refs, refcoco_image_key
 from vlsparse.data.dataset import collate
 
@@ -29,7 +29,7 @@ def iou(a, b):
 
 
 def test_regions_targets_hand_checked(data, tokenizer):
-    task = load_refcoco_plus(tokenizer, data)
+    task = load_refcoco_plus(tokenizer, LoadOptions(data))
     assert (len(task.train), len(task.val), len(task.test)) == (12, 6, 6)
     assert (task.name, task.answers, task.metric_name, task.region_feature_dim) == ("refcoco+", [], "accuracy", 294)
     assert (task.objective.head, task.objective.loss) == ("region", "ce")
@@ -56,16 +56,16 @@ def test_regions_targets_hand_checked(data, tokenizer):
 
 def test_test_split(data, tokenizer):
     for split in ("testA", "testB"):
-        task = load_refcoco_plus(tokenizer, data, test_split=split)
+        task = load_refcoco_plus(tokenizer, LoadOptions(data), test_split=split)
         want = [s for i in IMAGES[split] for s in sentences(i)]
         assert [e.question for e in task.test.examples] == want
     with pytest.raises(ValueError, match="test_split"):
-        load_refcoco_plus(tokenizer, data, test_split="test")
+        load_refcoco_plus(tokenizer, LoadOptions(data), test_split="test")
 
 
 def test_pixels_candidates_are_coco_boxes(tokenizer, tmp_path):
     root = write_refcoco_plus(tmp_path)
-    task = load_refcoco_plus(tokenizer, root, visual="pixels", image_size=96, test_split="testB")
+    task = load_refcoco_plus(tokenizer, LoadOptions(root, visual="pixels", image_size=96), test_split="testB")
     item = task.test[0]
     x, y, w, h = box = object_bbox(IMAGES["testB"][0])
     assert item["pixel_values"].shape == (3, 96, 96)
@@ -86,7 +86,7 @@ def test_refs_json_instead_of_pickle(tokenizer, tmp_path):
     (root / "refcoco+" / "refs(unc).json").write_text(json.dumps(refs))
     pkl.unlink()
     assert read_refs(root / "refcoco+") == refs
-    assert [e.question for e in load_refcoco_plus(tokenizer, root).val.examples] == \
+    assert [e.question for e in load_refcoco_plus(tokenizer, LoadOptions(root)).val.examples] == \
         [s for i in IMAGES["val"] for s in sentences(i)]
 
 
@@ -127,18 +127,18 @@ def test_bad_refs_and_annotations(tokenizer, tmp_path):
     with open(root / "refcoco+" / "refs(unc).p", "wb") as f:
         pickle.dump([{k: v for k, v in refs[0].items() if k != "sentences"}], f, protocol=2)
     with pytest.raises(ValueError, match="ref #0"):
-        load_refcoco_plus(tokenizer, root)
+        load_refcoco_plus(tokenizer, LoadOptions(root))
     with open(root / "refcoco+" / "refs(unc).p", "wb") as f:
         pickle.dump([{**refs[0], "ann_id": 7}], f, protocol=2)
     with pytest.raises(ValueError, match="no annotation 7"):
-        load_refcoco_plus(tokenizer, root)
+        load_refcoco_plus(tokenizer, LoadOptions(root))
 
 
 @pytest.mark.parametrize("missing", ["refcoco+/refs(unc).p", "refcoco+/instances.json", "features"])
 def test_missing_files(tokenizer, tmp_path, missing):
     err = assert_missing_file_named(write_refcoco_plus(tmp_path / "src"), tmp_path, missing,
-                                    functools.partial(load_refcoco_plus, tokenizer))
+                                    lambda d: load_refcoco_plus(tokenizer, LoadOptions(d)))
     if missing.endswith(".p"):
         assert "refs(unc).json" in str(err.value)
     with pytest.raises(FileNotFoundError, match="refcoco"):
-        load_refcoco_plus(tokenizer, None)
+        load_refcoco_plus(tokenizer, LoadOptions())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 
 from tests.fixtures.common import LAYOUTS, assert_missing_file_named, layout_root
 from tests.fixtures.vcr import IMAGES, write_vcr
+from vlsparse.data import load_task
+from vlsparse.data.options import LoadOptions
 from vlsparse.data.vcr import VCR_ANSWERS, load_vcr, render_tokens, vcr_example
 from vlsparse.data.dataset import collate
 
@@ -46,7 +47,7 @@ def test_example_texts_and_targets(data, tokenizer):
     assert colours_r[rec["rationale_label"]] == right
     assert sorted(c == right for c in colours_a + colours_r) == [False] * 6 + [True] * 2
 
-    task = load_vcr(tokenizer, data, val_fraction=0.25)
+    task = load_vcr(tokenizer, LoadOptions(data, val_fraction=0.25))
     item = next(task.train[k] for k in range(len(task.train)) if task.train.examples[k].question == ex.question)
     want = torch.zeros(8)
     want[rec["answer_label"]] = want[4 + rec["rationale_label"]] = 1
@@ -63,7 +64,7 @@ def test_example_texts_and_targets(data, tokenizer):
 
 
 def test_splits_vocabulary_and_batches(data, tokenizer):
-    task = load_vcr(tokenizer, data, val_fraction=0.25, seed=1)
+    task = load_vcr(tokenizer, LoadOptions(data, val_fraction=0.25, seed=1))
     n_train_q = 2 * len(IMAGES["train"])
     assert (len(task.train), len(task.val), len(task.test)) == (n_train_q - 4, 4, 2 * len(IMAGES["val"]))
     assert not {e.image_id for e in task.train.examples} & {e.image_id for e in task.val.examples}
@@ -83,10 +84,17 @@ def test_splits_vocabulary_and_batches(data, tokenizer):
 
 
 def test_pixels(tokenizer, tmp_path):
-    task = load_vcr(tokenizer, write_vcr(tmp_path), visual="pixels", image_size=96)
+    task = load_vcr(tokenizer, LoadOptions(write_vcr(tmp_path), visual="pixels", image_size=96))
     item = task.test[0]
     assert item["pixel_values"].shape == (3, 96, 96) and item["input_ids"].shape[0] == 8
     assert task.region_feature_dim is None and task.image_processor["size"] == {"shortest_edge": 96}
+
+
+def test_text_length_default_and_override(data, tokenizer):
+    # VCR's own default (question + answer + rationale), unless the options say otherwise
+    assert load_vcr(tokenizer, LoadOptions(data)).train.max_text_len == 80
+    assert load_task("vcr", tokenizer, data_dir=data).train.max_text_len == 80
+    assert load_task("vcr", tokenizer, data_dir=data, max_text_len=50).test.max_text_len == 50
 
 
 def test_image_key_falls_back_to_img_fn_stem(data):
@@ -103,11 +111,12 @@ def test_bad_annotation_names_line(tokenizer, tmp_path):
     rec["answer_label"] = 4
     (root / "val.jsonl").write_text("\n".join(lines[:2] + [json.dumps(rec)]) + "\n")
     with pytest.raises(ValueError, match=r"val\.jsonl:3: annotation 'val-2': answer_label"):
-        load_vcr(tokenizer, root)
+        load_vcr(tokenizer, LoadOptions(root))
 
 
 @pytest.mark.parametrize("missing", ["train.jsonl", "val.jsonl", "features"])
 def test_missing_files(tokenizer, tmp_path, missing):
-    assert_missing_file_named(write_vcr(tmp_path / "src"), tmp_path, missing, functools.partial(load_vcr, tokenizer))
+    assert_missing_file_named(write_vcr(tmp_path / "src"), tmp_path, missing,
+                              lambda d: load_vcr(tokenizer, LoadOptions(d)))
     with pytest.raises(FileNotFoundError, match="vcr"):
-        load_vcr(tokenizer, None)
+        load_vcr(tokenizer, LoadOptions())

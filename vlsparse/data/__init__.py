@@ -1,8 +1,9 @@
 """Data: region features, datasets of every task and the task registry.
 
 ``load_task(name, tokenizer, ...)`` returns a :class:`TaskData`.  To add a task, write a
-loader ``fn(tokenizer, data_dir=None, cache_dir=None, visual="regions", **kw) -> TaskData`` and add
-it to :data:`TASKS`.  The tasks of Gan et al. 2022 (Tables 1-4) and their on-disk formats:
+loader ``fn(tokenizer, options: LoadOptions, **task_keywords) -> TaskData`` and add it to :data:`TASKS`;
+:class:`~vlsparse.data.options.LoadOptions` holds what every loader is told (data_dir, cache_dir, visual,
+max_text_len, image_size, val_fraction, seed).  The tasks of Gan et al. 2022 (Tables 1-4) and their on-disk formats:
 
 =============  ===================================  =======================  ====================
 task           module (files read from --data-dir)  head / metric            source format
@@ -20,14 +21,20 @@ flickr30k      flickr30k                            rank / ir_r1 (R@1/5/10)  Kar
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Callable
 
-__all__ = ["TASKS", "load_task", "task_info", "save_task_info", "TaskData", "VLDataset", "VLExample", "collate", "vqa_score"]
+from vlsparse.atomic import write_json
+from vlsparse.data.options import LoadOptions
+from vlsparse.data.visual.regions import EXTRACTOR_VERSION
+
+__all__ = ["TASKS", "load_task", "task_info", "save_task_info", "LoadOptions", "TaskData", "VLDataset", "VLExample",
+           "collate", "vqa_score"]
 
 
 def __getattr__(name: str):
-    # .vqa imports torch: load it on first use, so that vlsparse.data.visual.regions (the torch-free app
+    # .dataset imports torch: load it on first use, so that vlsparse.data.visual.regions (the torch-free app
     # runtime, vlsparse.Pipeline on ONNX bundles) imports without torch.
     if name in ("TaskData", "VLDataset", "VLExample", "collate", "vqa_score"):
         from vlsparse.data import dataset
@@ -36,26 +43,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _easy_vqa(tokenizer: Any, data_dir: str | os.PathLike | None = None, cache_dir=None, **kw) -> TaskData:
-    # easy-VQA ships its data in the `easy_vqa` package: data_dir is not used.
-    from vlsparse.data.easy_vqa import load_easy_vqa
-
-    return load_easy_vqa(tokenizer, cache_dir=cache_dir, **kw)
-
-
 def _lazy(module: str, function: str) -> Callable[..., TaskData]:
-    def load(tokenizer: Any, **kw: Any) -> TaskData:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(tokenizer, **kw)
+    # The loader modules import torch: each is imported when its task is loaded, not with this package,
+    # so that the registry (and vlsparse.data.visual.regions, under it) imports without torch.
+    def load(tokenizer: Any, options: LoadOptions, **kw: Any) -> TaskData:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(tokenizer, options, **kw)
 
     load.__doc__ = f"vlsparse.data.{module}.{function}"
     return load
 
 
-#: task name -> loader(tokenizer, data_dir=None, cache_dir=None, visual="regions", **kw) -> TaskData
+#: task name -> loader(tokenizer, options: LoadOptions, **task_keywords) -> TaskData
 TASKS: dict[str, Callable[..., TaskData]] = {
-    "easy-vqa": _easy_vqa,
+    "easy-vqa": _lazy("easy_vqa", "load_easy_vqa"),
     "vqa": _lazy("vqav2", "load_vqa"),
     "gqa": _lazy("gqa", "load_gqa"),
     "vcr": _lazy("vcr", "load_vcr"),
@@ -74,19 +74,23 @@ def load_task(
     visual: str = "regions",
     **kw: Any,
 ) -> TaskData:
-    """Load a registered task; ``kw`` goes to its loader (e.g. ``val_fraction``, ``seed``,
-    ``max_text_len``).  ``visual``: "regions" (region features + boxes, UNITER/LXMERT) or
-    "pixels" (images through ViltImageProcessor, ViLT); see ``vlsparse.models.visual_input``.
-    Unknown name or ``visual`` -> ValueError listing the known ones."""
-    from vlsparse.data.dataset import VISUALS
+    """Load a registered task.  ``data_dir``, ``cache_dir``, ``visual`` and the other
+    :class:`~vlsparse.data.options.LoadOptions` fields in ``kw`` (``max_text_len``, ``image_size``,
+    ``val_fraction``, ``seed``) become the loader's options; the rest of ``kw`` goes to the loader as its
+    task-specific keywords (e.g. ``negatives`` of flickr30k).  ``visual``: "regions" (region features +
+    boxes, UNITER/LXMERT) or "pixels" (images through ViltImageProcessor, ViLT); see
+    ``vlsparse.models.visual_input``.
 
+    Raises:
+        ValueError: unknown name or ``visual`` (listing the known ones).
+        TypeError: a keyword that is neither an option nor one of the task's own (naming it).
+    """
     try:
         loader = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
-    return loader(tokenizer, data_dir=data_dir, cache_dir=cache_dir, visual=visual, **kw)
+    options, task_keywords = LoadOptions.from_keywords(data_dir=data_dir, cache_dir=cache_dir, visual=visual, **kw)
+    return loader(tokenizer, options, **task_keywords)
 
 
 def task_info(task: TaskData) -> dict:
@@ -95,8 +99,6 @@ def task_info(task: TaskData) -> dict:
     extractor version, and the train-split feature mean/std (lists of floats, length D) used to
     standardise region features; ``visual`` ("regions" | "pixels") and, for pixels, the
     ViltImageProcessor settings (``image_processor``)."""
-    from vlsparse.data.visual.regions import EXTRACTOR_VERSION
-
     return {"task": task.name, "answers": list(task.answers), "metric": task.metric_name,
             "objective": task.objective.to_dict(),
             "region_feature_dim": task.region_feature_dim,
@@ -109,6 +111,4 @@ def task_info(task: TaskData) -> dict:
 
 def save_task_info(task: TaskData, path: str | os.PathLike) -> None:
     """Atomically write :func:`task_info` as JSON to ``path`` (e.g. RUN/task.json)."""
-    from vlsparse.atomic import write_json
-
     write_json(path, task_info(task))

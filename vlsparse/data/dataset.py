@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlsparse.data.metrics import box_iou, vqa_score
+from vlsparse.data.metrics import box_iou, recall_at_k, vqa_score
 from vlsparse.data.objective import VQA_OBJECTIVE, Objective
 from vlsparse.data.visual.pixels import PixelImages
 
@@ -51,15 +51,10 @@ __all__ = [
     "region_feature_stats",
     "standardize_regions",
     "TaskData",
-    "VISUALS",
 ]
 
 #: Text padding id (BERT's [PAD]).
 PAD_TOKEN_ID = 0
-
-#: what a task can give a model about its images: region features + boxes, or pixels (ViLT)
-VISUALS = ("regions", "pixels")
-
 
 def soft_score(count: int) -> float:
     """VQA soft score of an answer given by ``count`` annotators: ``min(count / 3, 1)``."""
@@ -353,8 +348,6 @@ class RetrievalSet:
 
     def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
         """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions)."""
-        from vlsparse.data.metrics import recall_at_k
-
         return {**recall_at_k(self.score_matrix(model, batch_size, device), self.caption_image), "n": len(self)}
 
 

@@ -17,15 +17,12 @@ resolution, e.g. 384 as ViLT was trained (144 patches, slow on a CPU).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+import easy_vqa
 import numpy as np
 
-from vlsparse.data.visual.pixels import PixelImages
-from vlsparse.data.visual.regions import REGION_FEATURE_DIM, RegionFeatureCache
 from vlsparse.data.dataset import (
-    VISUALS,
     TaskData,
     VLDataset,
     VLExample,
@@ -33,6 +30,9 @@ from vlsparse.data.dataset import (
     split_by_image,
     standardize_regions,
 )
+from vlsparse.data.options import LoadOptions
+from vlsparse.data.visual.pixels import PixelImages
+from vlsparse.data.visual.regions import REGION_FEATURE_DIM, RegionFeatureCache
 
 __all__ = ["load_easy_vqa", "easy_vqa_question_type", "SHAPES", "PIXEL_IMAGE_SIZE"]
 
@@ -62,46 +62,37 @@ def _regions(cache: RegionFeatureCache, paths: dict[int, str], name: str):
     return {i: (feats[k], boxes[k]) for k, i in enumerate(ids)}
 
 
-def load_easy_vqa(
-    tokenizer: Any,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    max_text_len: int = 40,
-    visual: str = "regions",
-    image_size: int = PIXEL_IMAGE_SIZE,
-) -> TaskData:
+def load_easy_vqa(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
     """Load easy-VQA as a :class:`~vlsparse.data.dataset.TaskData` named "easy-vqa".
 
-    ``val_fraction`` of the train images (with all their questions) form the validation
-    split, chosen with ``seed``.  Region features are cached under ``cache_dir`` (default
-    ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``).  ``visual="pixels"``: the datasets give
-    ViltImageProcessor pixels with shortest edge ``image_size`` instead of region features
-    (nothing cached: resizing the 5,000 images takes a few seconds).
+    ``options.data_dir`` is unused: the data ships in the ``easy_vqa`` package.
+    ``options.val_fraction`` of the train images (with all their questions) form the validation
+    split, chosen with ``options.seed``.  Region features are cached under ``options.cache_dir``
+    (default ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``).  ``visual="pixels"``: the datasets give
+    ViltImageProcessor pixels with shortest edge ``options.image_size`` (default
+    :data:`PIXEL_IMAGE_SIZE`) instead of region features (nothing cached: resizing the 5,000 images
+    takes a few seconds).
 
     Raises:
-        ValueError: ``visual`` not in :data:`~vlsparse.data.dataset.VISUALS`, bad ``image_size``.
+        ValueError: bad ``image_size`` or ``val_fraction``.
     """
-    import easy_vqa
-
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
+    options = options.with_defaults(image_size=PIXEL_IMAGE_SIZE)
     answers = list(easy_vqa.get_answers())
     train_all = _examples(*easy_vqa.get_train_questions())
     test = _examples(*easy_vqa.get_test_questions())
-    train, val = split_by_image(train_all, val_fraction, seed)
+    train, val = split_by_image(train_all, options.val_fraction, options.seed)
 
     def ds(examples, images):
-        return VLDataset(examples, images, tokenizer, answers, max_text_len=max_text_len)
+        return VLDataset(examples, images, tokenizer, answers, max_text_len=options.max_text_len)
 
-    if visual == "pixels":
-        train_images = PixelImages(easy_vqa.get_train_image_paths(), image_size)
-        test_images = PixelImages(easy_vqa.get_test_image_paths(), image_size)
+    if options.visual == "pixels":
+        train_images = PixelImages(easy_vqa.get_train_image_paths(), options.image_size)
+        test_images = PixelImages(easy_vqa.get_test_image_paths(), options.image_size)
         return TaskData(name="easy-vqa", train=ds(train, train_images), val=ds(val, train_images),
                         test=ds(test, test_images), answers=answers, region_feature_dim=None, visual="pixels",
                         image_processor=train_images.processor_config())
 
-    cache = RegionFeatureCache(cache_dir)
+    cache = RegionFeatureCache(options.cache_dir)
     train_regions = _regions(cache, easy_vqa.get_train_image_paths(), "easy-vqa-train")
     test_regions = _regions(cache, easy_vqa.get_test_image_paths(), "easy-vqa-test")
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from vlsparse.data import formats
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import RetrievalSet, TaskData, VLDataset, VLExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
 
 __all__ = ["load_flickr30k", "FLICKR30K_OBJECTIVE", "FLICKR30K_FILE", "karpathy_captions", "sample_negatives"]
 
@@ -86,26 +87,17 @@ def _first_images(captions: list[tuple[str, str]], n: int | None) -> list[tuple[
     return [(c, key) for c, key in captions if key in keep]
 
 
-def load_flickr30k(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    negatives: int = 3,
-    eval_images: int | None = None,
-) -> TaskData:
-    """Load Flickr30k retrieval from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "flickr30k".
+def load_flickr30k(tokenizer: Any, options: LoadOptions = LoadOptions(), *, negatives: int = 3,
+                   eval_images: int | None = None) -> TaskData:
+    """Load Flickr30k retrieval from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData`
+    named "flickr30k".
 
     File read: ``data_dir/dataset_flickr30k.json`` (Karpathy's split, see :func:`karpathy_captions`;
-    29,000 / 1,014 / 1,000 train / val / test images with 5 captions each). ``val_fraction`` is unused
-    (the split has its own val).
+    29,000 / 1,014 / 1,000 train / val / test images with 5 captions each). ``options.val_fraction`` is
+    unused (the split has its own val).
 
     * train: a :class:`~vlsparse.data.dataset.VLDataset` of one example per (caption, image) with
-      ``negatives`` other train images (:func:`sample_negatives`, drawn with ``seed``); labels ``"0"``
+      ``negatives`` other train images (:func:`sample_negatives`, drawn with ``options.seed``); labels ``"0"``
       .. ``str(negatives)``, the own image "0" with target 1. Items carry ``img_feat``
       (1 + k, N, D) etc. (or ``pixel_values`` (1 + k, 3, H, W)) and ``targets`` (1 + k,) ``[1, 0, ...]``.
     * val, test: :class:`~vlsparse.data.dataset.RetrievalSet` of the split's captions and images;
@@ -120,25 +112,27 @@ def load_flickr30k(
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, the annotation file, the features / images, or
             some images (the message names them).
-        ValueError: ``visual`` unknown, a malformed annotation file, ``negatives`` < 1 or not below the
+        ValueError: a malformed annotation file, ``negatives`` < 1 or not below the
             number of train images (names --negatives), ``eval_images`` < 1 (names --eval-images),
             a bad ``image_size``.
     """
-    formats.check_visual(visual)
     if eval_images is not None and eval_images < 1:
         raise ValueError(f"--eval-images must be a positive number of images, got {eval_images}")
-    root = formats.data_root(data_dir, "flickr30k")
+    options = options.with_defaults()
+    root = formats.data_root(options.data_dir, "flickr30k")
     captions = karpathy_captions(root / FLICKR30K_FILE)
-    train = sample_negatives(captions["train"], negatives, seed)
+    train = sample_negatives(captions["train"], negatives, options.seed)
     val, test = (_first_images(captions[s], eval_images) for s in ("val", "test"))
     keys = {key for _, key in captions["train"] + val + test}
-    visuals, dim = formats.visual_inputs(root, keys, visual, image_size, cache_dir)
+    visuals, dim = formats.visual_inputs(root, keys, options)
     answers = [str(i) for i in range(1 + negatives)]
+    text_len = options.max_text_len
     return TaskData(
         name="flickr30k",
-        train=VLDataset(train, visuals, tokenizer, answers, max_text_len, FLICKR30K_OBJECTIVE),
-        val=RetrievalSet(val, visuals, tokenizer, max_text_len),
-        test=RetrievalSet(test, visuals, tokenizer, max_text_len),
-        answers=answers, region_feature_dim=dim, metric_name=FLICKR30K_OBJECTIVE.metric, visual=visual,
-        image_processor=visuals.processor_config() if visual == "pixels" else None, objective=FLICKR30K_OBJECTIVE,
+        train=VLDataset(train, visuals, tokenizer, answers, text_len, FLICKR30K_OBJECTIVE),
+        val=RetrievalSet(val, visuals, tokenizer, text_len),
+        test=RetrievalSet(test, visuals, tokenizer, text_len),
+        answers=answers, region_feature_dim=dim, metric_name=FLICKR30K_OBJECTIVE.metric, visual=options.visual,
+        image_processor=visuals.processor_config() if options.visual == "pixels" else None,
+        objective=FLICKR30K_OBJECTIVE,
     )

@@ -10,7 +10,7 @@ Every task loader but easy-VQA reads ``--data-dir DIR`` laid out as the data set
 A missing file raises FileNotFoundError naming the file and what it should hold.
 
 :func:`task_data` turns a loader's (train, val, test) example lists into a
-:class:`~vlsparse.data.dataset.TaskData`; :func:`check_visual` validates the ``visual`` argument.
+:class:`~vlsparse.data.dataset.TaskData` with the loader's :class:`~vlsparse.data.options.LoadOptions`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from vlsparse.data.dataset import TaskData, VLDataset, VLExample
 from vlsparse.data.objective import Objective
-from vlsparse.data.dataset import VISUALS, TaskData, VLDataset, VLExample
+from vlsparse.data.options import LoadOptions
+from vlsparse.data.visual.features import open_region_features
+from vlsparse.data.visual.pixels import PixelImages
 
-__all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "check_visual", "task_data",
-           "IMAGE_EXTENSIONS"]
+__all__ = ["data_root", "read_json", "read_jsonl", "find_images", "visual_inputs", "task_data", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -94,25 +96,21 @@ def find_images(directory: str | os.PathLike, keys: Iterable[Hashable]) -> dict[
     return found
 
 
-def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size: int = 384,
-                  cache_dir: str | os.PathLike | None = None) -> tuple[Mapping, int | None]:
+def visual_inputs(root: Path, keys: Iterable[Hashable], options: LoadOptions) -> tuple[Mapping, int | None]:
     """What the model reads about the images ``keys``: ``(mapping, region feature size D or None)``.
 
-    ``visual="regions"``: the lazy region-feature store of ``root/features`` (nothing is read but its
-    index); ``"pixels"``: :class:`~vlsparse.data.visual.pixels.PixelImages` of ``root/images`` resized to
-    ``image_size`` (a multiple of 32).
+    ``options.visual="regions"``: the lazy region-feature store of ``root/features`` (nothing is read but its
+    index, which is cached under ``options.cache_dir``); ``"pixels"``:
+    :class:`~vlsparse.data.visual.pixels.PixelImages` of ``root/images`` resized to ``options.image_size``
+    (a multiple of 32; None: :data:`~vlsparse.data.options.IMAGE_SIZE`).
 
     Raises:
         FileNotFoundError: no features / images, or some of ``keys`` missing (the message names them).
     """
     keys = sorted(set(keys), key=str)
-    if visual == "pixels":
-        from vlsparse.data.visual.pixels import PixelImages
-
-        return PixelImages(find_images(root / "images", keys), image_size), None
-    from vlsparse.data.visual.features import open_region_features
-
-    store = open_region_features(root / "features", cache_dir=cache_dir)
+    if options.visual == "pixels":
+        return PixelImages(find_images(root / "images", keys), options.with_defaults().image_size), None
+    store = open_region_features(root / "features", cache_dir=options.cache_dir)
     missing = [str(k) for k in keys if k not in store]
     if missing:
         raise FileNotFoundError(f"{root / 'features'}: no region features for {len(missing)} images, "
@@ -121,21 +119,15 @@ def visual_inputs(root: Path, keys: Iterable[Hashable], visual: str, image_size:
     return store, dim
 
 
-def check_visual(visual: str) -> None:
-    """Raise ValueError unless ``visual`` is one of :data:`~vlsparse.data.dataset.VISUALS`."""
-    if visual not in VISUALS:
-        raise ValueError(f"visual must be one of {', '.join(VISUALS)}, got {visual!r}")
-
-
 def task_data(name: str, root: Path, splits: Sequence[list[VLExample]], answers: list[str],
-              objective: Objective, tokenizer: Any, visual: str = "regions", image_size: int = 384,
-              cache_dir: str | os.PathLike | None = None, max_text_len: int = 40,
+              objective: Objective, tokenizer: Any, options: LoadOptions,
               boxes: Mapping[Hashable, np.ndarray] | None = None) -> TaskData:
     """A :class:`~vlsparse.data.dataset.TaskData` named ``name`` from the (train, val, test) example lists of
     a task read from ``root``: their images through :func:`visual_inputs` (region features of
     ``root/features``, not standardised, or ``root/images`` pixels), one
     :class:`~vlsparse.data.dataset.VLDataset` per split over ``answers`` (index = logit position; ``[]``
-    for a region task) with ``objective``.
+    for a region task) with ``objective``, texts of at most ``options.max_text_len`` tokens (None:
+    :data:`~vlsparse.data.options.TEXT_LEN`).
 
     ``boxes``: image_id -> (N, 7) float32 candidate boxes ``[x1, y1, x2, y2, w, h, w*h]`` normalised,
     given to every VLDataset (a region task on pixels, e.g. RefCOCO+ with ViLT); None otherwise.
@@ -145,10 +137,12 @@ def task_data(name: str, root: Path, splits: Sequence[list[VLExample]], answers:
         ValueError: an example whose image (or candidate boxes) is missing, ``max_text_len`` < 2, a region
             objective on pixels without ``boxes``, a bad ``image_size``.
     """
+    options = options.with_defaults()
     keys = {k for examples in splits for e in examples for k in e.images}
-    visuals, dim = visual_inputs(root, keys, visual, image_size, cache_dir)
-    train, val, test = (VLDataset(ex, visuals, tokenizer, answers, max_text_len, objective, boxes=boxes)
+    visuals, dim = visual_inputs(root, keys, options)
+    train, val, test = (VLDataset(ex, visuals, tokenizer, answers, options.max_text_len, objective, boxes=boxes)
                         for ex in splits)
+    processor = visuals.processor_config() if options.visual == "pixels" else None
     return TaskData(name, train, val, test, list(answers), region_feature_dim=dim, metric_name=objective.metric,
-                    visual=visual, image_processor=visuals.processor_config() if visual == "pixels" else None,
-                    objective=objective)
+                    visual=options.visual, image_processor=processor, objective=objective)
+

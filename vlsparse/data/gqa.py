@@ -6,13 +6,13 @@ cross-entropy, accuracy).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from vlsparse.data import formats
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import TaskData, VLExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
 from vlsparse.data.vqav2 import LABEL2ANS_FILE, read_label2ans
 
 __all__ = ["load_gqa", "GQA_OBJECTIVE", "GQA_SPLITS"]
@@ -39,23 +39,14 @@ def _examples(path: Path) -> list[VLExample]:
     return out
 
 
-def load_gqa(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> TaskData:
-    """Load GQA from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "gqa".
+def load_gqa(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
+    """Load GQA from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "gqa".
 
     Files read (the GQA 1.2 release, ``questions1.2/``): ``train_balanced_questions.json``,
     ``val_balanced_questions.json`` and ``testdev_balanced_questions.json``, each a JSON object
     ``question_id -> {"imageId", "question", "answer", "types": {"structural", ...}, ...}`` (other fields
-    ignored). Splits: train, val, test = testdev (the split LXMERT reports); ``val_fraction`` and ``seed``
-    are unused. ``question_type`` = ``types.structural`` ("query", "verify", "logical", "choose",
+    ignored). Splits: train, val, test = testdev (the split LXMERT reports); ``options.val_fraction`` and
+    ``options.seed`` are unused. ``question_type`` = ``types.structural`` ("query", "verify", "logical", "choose",
     "compare"; "" when absent).
 
     Vocabulary: ``data_dir/trainval_label2ans.json`` (LXMERT's GQA answer list, index = label) when present,
@@ -66,16 +57,15 @@ def load_gqa(
 
     Images: ``imageId`` (e.g. "2354786", "n161313"), region features in ``data_dir/features``
     (``visual="regions"``, used as they are; LXMERT's ``vg_gqa_obj36.tsv`` / ``gqa_testdev_obj36.tsv``)
-    or ``data_dir/images/<imageId>.jpg`` (``"pixels"``, shortest edge ``image_size``).
+    or ``data_dir/images/<imageId>.jpg`` (``"pixels"``, shortest edge ``options.image_size``).
 
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, a question file, features / images of an example
             (the message names the file or the keys).
-        ValueError: ``visual`` unknown, a file that is not valid JSON or lacks the fields above (names the file
-            and question), an invalid label2ans file, bad ``image_size``.
+        ValueError: a file that is not valid JSON or lacks the fields above (names the file and question), an
+            invalid label2ans file, bad ``image_size``.
     """
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "gqa")
+    root = formats.data_root(options.data_dir, "gqa")
     splits = {name: _examples(root / f) for name, f in GQA_SPLITS.items()}
     if (root / LABEL2ANS_FILE).is_file():
         answers = read_label2ans(root / LABEL2ANS_FILE)
@@ -84,4 +74,4 @@ def load_gqa(
     known = set(answers)
     train = [e for e in splits["train"] if set(e.answers) <= known]
     return formats.task_data("gqa", root, (train, splits["val"], splits["test"]), answers, GQA_OBJECTIVE,
-                             tokenizer, visual, image_size, cache_dir, max_text_len)
+                             tokenizer, options)

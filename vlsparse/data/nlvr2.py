@@ -12,8 +12,9 @@ import os
 from typing import Any
 
 from vlsparse.data import formats
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import TaskData, VLExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
 
 __all__ = ["load_nlvr2", "NLVR2_OBJECTIVE", "NLVR2_ANSWERS", "NLVR2_SPLITS", "nlvr2_image_keys"]
 
@@ -52,27 +53,19 @@ def _examples(path: os.PathLike) -> list[VLExample]:
     return out
 
 
-def load_nlvr2(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> TaskData:
-    """Load NLVR2 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "nlvr2".
+def load_nlvr2(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
+    """Load NLVR2 from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "nlvr2".
 
     Files read (NLVR2's release, ``nlvr2/data/``): ``train.json``, ``dev.json`` and ``test1.json``,
     JSON lines ``{"identifier": "dev-850-0-0", "sentence": ..., "label": "True"|"False", ...}`` (other
     fields ignored). Splits: train = train.json, val = dev.json, test = test1.json (the public test
-    set; test2 is not read). ``val_fraction`` and ``seed`` are unused: NLVR2 has its own dev split.
+    set; test2 is not read). ``options.val_fraction`` and ``options.seed`` are unused: NLVR2 has its own
+    dev split.
 
     Each statement's images are :func:`nlvr2_image_keys` of its identifier, read through
     :func:`~vlsparse.data.formats.visual_inputs`: region features in ``data_dir/features`` keyed by
     ``dev-850-0-img0`` etc. (``visual="regions"``), or ``data_dir/images/dev-850-0-img0.png``
-    (``"pixels"``, shortest edge ``image_size``). Real features are used as they are (not standardised).
+    (``"pixels"``, shortest edge ``options.image_size``). Real features are used as they are (not standardised).
 
     Labels: :data:`NLVR2_ANSWERS` ``["False", "True"]``, target 1 at the label. Objective:
     :data:`NLVR2_OBJECTIVE` (``pair`` head over 2 images, cross-entropy, accuracy). Items carry a
@@ -82,11 +75,9 @@ def load_nlvr2(
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, a split file, the features / images, or the
             images of a statement (the message names the file or the keys).
-        ValueError: ``visual`` unknown, a line that is not JSON or lacks identifier/sentence/label, a
-            label other than "True"/"False" (the message names the file and line), a bad ``image_size``.
+        ValueError: a line that is not JSON or lacks identifier/sentence/label, a label other than
+            "True"/"False" (the message names the file and line), a bad ``image_size``.
     """
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "nlvr2")
+    root = formats.data_root(options.data_dir, "nlvr2")
     splits = [_examples(root / f"{stem}.json") for stem in NLVR2_SPLITS.values()]
-    return formats.task_data("nlvr2", root, splits, NLVR2_ANSWERS, NLVR2_OBJECTIVE, tokenizer, visual,
-                             image_size, cache_dir, max_text_len)
+    return formats.task_data("nlvr2", root, splits, NLVR2_ANSWERS, NLVR2_OBJECTIVE, tokenizer, options)

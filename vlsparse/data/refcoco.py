@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 
 from vlsparse.data import formats
-from vlsparse.data.visual.features import box7
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import TaskData, VLExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
+from vlsparse.data.visual.features import box7
 
 __all__ = ["load_refcoco_plus", "read_refs", "refcoco_image_key", "REFCOCO_OBJECTIVE", "TEST_SPLITS"]
 
@@ -135,36 +136,27 @@ def _xyxy(bbox) -> np.ndarray:
     return np.array([x, y, x + w, y + h])
 
 
-def load_refcoco_plus(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    test_split: str = "testA",
-) -> TaskData:
-    """Load RefCOCO+ (UNC) from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "refcoco+".
+def load_refcoco_plus(tokenizer: Any, options: LoadOptions = LoadOptions(), *,
+                      test_split: str = "testA") -> TaskData:
+    """Load RefCOCO+ (UNC) from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named
+    "refcoco+".
 
     Reads ``refcoco+/refs(unc).p`` (or ``refs(unc).json``) and ``refcoco+/instances.json`` (see the
     module docstring). Splits: the refs' own train / val / ``test_split`` ("testA" or "testB");
-    ``val_fraction`` and ``seed`` are accepted for the common loader signature and not used (RefCOCO+
-    ships a val split). Items hold ``input_ids`` (L,) int64, the candidate regions (``img_pos``
-    (N, 7) float32, ``img_mask`` (N,) int64, with ``img_feat`` (N, D) or ``pixel_values``
-    (3, H, W) float32) and ``targets`` (N,) float32 IoUs with the referred box.
+    ``options.val_fraction`` and ``options.seed`` are unused (RefCOCO+ ships a val split). Items hold
+    ``input_ids`` (L,) int64, the candidate regions (``img_pos`` (N, 7) float32, ``img_mask`` (N,) int64,
+    with ``img_feat`` (N, D) or ``pixel_values`` (3, H, W) float32) and ``targets`` (N,) float32 IoUs with
+    the referred box.
 
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, the refs file (naming both names) or
             ``instances.json`` missing, no features/images for some image.
-        ValueError: ``test_split`` not "testA"/"testB", a bad ``visual``, a refs pickle naming any
-            class or function, a ref whose annotation or image is not in ``instances.json``.
+        ValueError: ``test_split`` not "testA"/"testB", a refs pickle naming any class or function, a ref
+            whose annotation or image is not in ``instances.json``.
     """
     if test_split not in TEST_SPLITS:
         raise ValueError(f"test_split must be one of {', '.join(TEST_SPLITS)}, got {test_split!r}")
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "refcoco+")
+    root = formats.data_root(options.data_dir, "refcoco+")
     refs = read_refs(root / "refcoco+")
     inst_path = root / "refcoco+" / "instances.json"
     images, anns, by_image = _instances(inst_path)
@@ -183,8 +175,9 @@ def load_refcoco_plus(
         image_of[key] = ref["image_id"]
         splits[ref["split"]].extend(VLExample(s["sent"], key, {}, gt_box=gt_box) for s in ref["sentences"])
     boxes = None
-    if visual == "pixels":  # ViLT has no detector regions: the image's COCO annotation boxes are the candidates
+    # ViLT has no detector regions: the image's COCO annotation boxes are the candidates
+    if options.visual == "pixels":
         boxes = {key: box7(np.stack([_xyxy(a["bbox"]) for a in by_image[i]]),
                            float(images[i]["width"]), float(images[i]["height"])) for key, i in image_of.items()}
     return formats.task_data("refcoco+", root, [splits[s] for s in ("train", "val", test_split)], [],
-                             REFCOCO_OBJECTIVE, tokenizer, visual, image_size, cache_dir, max_text_len, boxes=boxes)
+                             REFCOCO_OBJECTIVE, tokenizer, options, boxes=boxes)

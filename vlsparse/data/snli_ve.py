@@ -7,13 +7,13 @@ hypothesis alone as its text, as UNITER's ``train_ve.py`` does.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from vlsparse.data import formats
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import TaskData, VLExample
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
 
 __all__ = ["load_snli_ve", "SNLI_VE_ANSWERS", "SNLI_VE_OBJECTIVE", "SNLI_VE_SPLITS"]
 
@@ -41,38 +41,27 @@ def _examples(path: Path) -> list[VLExample]:
     return out
 
 
-def load_snli_ve(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> TaskData:
-    """Load SNLI-VE from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "snli-ve".
+def load_snli_ve(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
+    """Load SNLI-VE from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "snli-ve".
 
     Files read (the SNLI-VE release, ``data/``): ``snli_ve_train.jsonl``, ``snli_ve_dev.jsonl`` and
     ``snli_ve_test.jsonl``, JSON lines ``{"Flickr30K_ID", "sentence2" (the hypothesis), "gold_label", ...}``
     (other fields, e.g. the premise caption ``sentence1``, ignored). Splits: train, val = dev, test;
-    ``val_fraction`` and ``seed`` are unused. ``question_type`` = the gold label (per-label reports).
+    ``options.val_fraction`` and ``options.seed`` are unused. ``question_type`` = the gold label (per-label reports).
 
     Labels: :data:`SNLI_VE_ANSWERS`, target 1 at the gold label. Objective: :data:`SNLI_VE_OBJECTIVE`
     (answer head, cross-entropy, accuracy).
 
     Images: ``str(Flickr30K_ID)`` (the Flickr30k file stem, e.g. "3416050480"), region features in
     ``data_dir/features`` (``visual="regions"``, used as they are) or ``data_dir/images/<id>.jpg``
-    (``"pixels"``, shortest edge ``image_size``).
+    (``"pixels"``, shortest edge ``options.image_size``).
 
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, a split file, features / images of an example
             (the message names the file or the keys).
-        ValueError: ``visual`` unknown, a line that is not JSON, a record without the fields above or with
-            another gold_label (names the file and record), bad ``image_size``.
+        ValueError: a line that is not JSON, a record without the fields above or with another gold_label
+            (names the file and record), bad ``image_size``.
     """
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "snli-ve")
+    root = formats.data_root(options.data_dir, "snli-ve")
     splits = [_examples(root / f) for f in SNLI_VE_SPLITS.values()]
-    return formats.task_data("snli-ve", root, splits, SNLI_VE_ANSWERS, SNLI_VE_OBJECTIVE, tokenizer, visual,
-                             image_size, cache_dir, max_text_len)
+    return formats.task_data("snli-ve", root, splits, SNLI_VE_ANSWERS, SNLI_VE_OBJECTIVE, tokenizer, options)

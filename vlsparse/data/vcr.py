@@ -29,14 +29,14 @@ half. Objective: ``rank`` head, cross-entropy per group of 4, metric ``q_ar_accu
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from vlsparse.data import formats
-from vlsparse.data.objective import Objective
 from vlsparse.data.dataset import TaskData, VLExample, split_by_image
+from vlsparse.data.objective import Objective
+from vlsparse.data.options import LoadOptions
 
 __all__ = ["load_vcr", "render_tokens", "vcr_example", "VCR_ANSWERS", "VCR_OBJECTIVE", "NUM_CHOICES"]
 
@@ -45,6 +45,8 @@ NUM_CHOICES = 4
 #: label vocabulary: the logit positions of the 4 Q->A texts, then the 4 QA->R texts
 VCR_ANSWERS = [f"a{i}" for i in range(NUM_CHOICES)] + [f"r{i}" for i in range(NUM_CHOICES)]
 VCR_OBJECTIVE = Objective(head="rank", loss="ce", metric="q_ar_accuracy", groups=2)
+#: default tokens per text ([CLS] and [SEP] included): a question, an answer and a rationale need more than 40
+VCR_TEXT_LEN = 80
 
 # tokens written without a space before them
 _NO_SPACE_BEFORE = re.compile(r"[.,?!;:%)\]}]+|'(s|re|ve|ll|d|m)|n't", re.IGNORECASE)
@@ -120,34 +122,23 @@ def _read(path: Path) -> list[VLExample]:
     return out
 
 
-def load_vcr(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 80,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-) -> TaskData:
-    """Load VCR 1.0 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vcr".
+def load_vcr(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
+    """Load VCR 1.0 from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vcr".
 
     Reads ``train.jsonl`` and ``val.jsonl`` (see the module docstring for the fields, texts, labels
-    and objective). Splits: train / val = ``train.jsonl`` split by image (``val_fraction`` of the
-    images, chosen with ``seed``); test = ``val.jsonl``. Every item has ``input_ids`` (8, L) int64
-    (L <= ``max_text_len``, [CLS] and [SEP] included) and ``targets`` (8,) float32.
-    ``visual="regions"``: region features of ``data_dir/features``; "pixels": ``data_dir/images``
-    resized to ``image_size`` for ViLT.
+    and objective). Splits: train / val = ``train.jsonl`` split by image (``options.val_fraction`` of the
+    images, chosen with ``options.seed``); test = ``val.jsonl``. Every item has ``input_ids`` (8, L) int64
+    (L <= ``options.max_text_len``, default :data:`VCR_TEXT_LEN` = 80, [CLS] and [SEP] included) and
+    ``targets`` (8,) float32. ``visual="regions"``: region features of ``data_dir/features``; "pixels":
+    ``data_dir/images`` resized to ``options.image_size`` for ViLT.
 
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, ``train.jsonl``/``val.jsonl`` missing, no
             features/images for some image (the message names the file or image).
-        ValueError: malformed annotations (file:line and annot_id named), a bad ``visual`` or
-            ``val_fraction``.
+        ValueError: malformed annotations (file:line and annot_id named), a bad ``val_fraction``.
     """
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "vcr")
-    train, val = split_by_image(_read(root / "train.jsonl"), val_fraction, seed)
+    options = options.with_defaults(max_text_len=VCR_TEXT_LEN)
+    root = formats.data_root(options.data_dir, "vcr")
+    train, val = split_by_image(_read(root / "train.jsonl"), options.val_fraction, options.seed)
     test = _read(root / "val.jsonl")
-    return formats.task_data("vcr", root, (train, val, test), VCR_ANSWERS, VCR_OBJECTIVE, tokenizer, visual,
-                             image_size, cache_dir, max_text_len)
+    return formats.task_data("vcr", root, (train, val, test), VCR_ANSWERS, VCR_OBJECTIVE, tokenizer, options)

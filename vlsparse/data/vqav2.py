@@ -11,7 +11,6 @@ scored with the VQA score (the examples become a :class:`~vlsparse.data.dataset.
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vlsparse.data import formats
-from vlsparse.data.objective import VQA_OBJECTIVE
 from vlsparse.data.dataset import TaskData, VLExample, soft_score, split_by_image
+from vlsparse.data.objective import VQA_OBJECTIVE
+from vlsparse.data.options import LoadOptions
 
 __all__ = ["load_vqa", "normalize_answer", "answer_vocabulary", "read_label2ans", "coco_image_key",
            "VQA_FILES", "LABEL2ANS_FILE"]
@@ -138,26 +138,16 @@ def _example(q: dict, a: dict, split: str, path: Path) -> VLExample:
                          "answers [{answer}] and answer_type") from None
 
 
-def load_vqa(
-    tokenizer: Any,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    visual: str = "regions",
-    max_text_len: int = 40,
-    image_size: int = 384,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    num_answers: int = 3129,
-    min_answer_count: int = 9,
-) -> TaskData:
-    """Load VQA v2 from ``data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vqa".
+def load_vqa(tokenizer: Any, options: LoadOptions = LoadOptions(), *, num_answers: int = 3129,
+             min_answer_count: int = 9) -> TaskData:
+    """Load VQA v2 from ``options.data_dir`` as a :class:`~vlsparse.data.dataset.TaskData` named "vqa".
 
     Files read (the official release, visualqa.org): ``v2_OpenEnded_mscoco_{train,val}2014_questions.json``
     (``{"questions": [{"image_id", "question", "question_id"}]}``) and ``v2_mscoco_{train,val}2014_annotations.json``
     (``{"annotations": [{"question_id", "image_id", "answers": [{"answer", ...}] x 10, "multiple_choice_answer",
     "answer_type", ...}]}``); every question must have exactly one annotation on the same image.
 
-    Splits: train = train2014 less ``val_fraction`` of its images (chosen with ``seed``,
+    Splits: train = train2014 less ``options.val_fraction`` of its images (chosen with ``options.seed``,
     :func:`~vlsparse.data.dataset.split_by_image`), val = those images' questions, test = val2014 (the test-dev
     answers are not public). UNITER/LXMERT instead train on train2014 + most of val2014 and test on test-dev.
 
@@ -171,17 +161,16 @@ def load_vqa(
 
     Images: :func:`coco_image_key` (``COCO_train2014_000000000009``), region features in ``data_dir/features``
     (``visual="regions"``, used as they are) or ``data_dir/images/<key>.jpg`` (``"pixels"``, shortest edge
-    ``image_size``).
+    ``options.image_size``).
 
     Raises:
         FileNotFoundError: ``data_dir`` None or missing, one of the four json files, features / images of an
             example (the message names the file or the keys).
-        ValueError: ``visual`` unknown, a file that is not valid JSON or lacks the fields above, questions and
-            annotations that disagree (names the file), an invalid label2ans file, an empty vocabulary,
+        ValueError: a file that is not valid JSON or lacks the fields above, questions and annotations that
+            disagree (names the file), an invalid label2ans file, an empty vocabulary,
             ``num_answers`` / ``min_answer_count`` < 1, bad ``val_fraction`` / ``image_size``.
     """
-    formats.check_visual(visual)
-    root = formats.data_root(data_dir, "vqa")
+    root = formats.data_root(options.data_dir, "vqa")
     data = {split: _read_split(root, split) for split in VQA_FILES}
     examples = {split: [_example(q, a, split, root / VQA_FILES[split][1]) for q, a in pairs]
                 for split, pairs in data.items()}
@@ -196,6 +185,5 @@ def load_vqa(
         if not answers:
             raise ValueError(f"{root / VQA_FILES['train'][1]}: no answer is the multiple_choice_answer of "
                              f"{min_answer_count}+ questions; lower min_answer_count or add {LABEL2ANS_FILE}")
-    train, val = split_by_image(examples["train"], val_fraction, seed)
-    return formats.task_data("vqa", root, (train, val, examples["val"]), answers, VQA_OBJECTIVE, tokenizer,
-                             visual, image_size, cache_dir, max_text_len)
+    train, val = split_by_image(examples["train"], options.val_fraction, options.seed)
+    return formats.task_data("vqa", root, (train, val, examples["val"]), answers, VQA_OBJECTIVE, tokenizer, options)

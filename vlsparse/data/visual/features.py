@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import os
 import re
 import zipfile
@@ -32,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vlsparse.atomic import atomic_write, write_json
+from vlsparse.atomic import atomic_write
 from vlsparse.data.visual.regions import default_cache_dir
+from vlsparse.data.visual.tsv_index import index_path, tsv_index
 
 __all__ = [
     "box7",
@@ -54,7 +53,6 @@ LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
 BOTTOM_UP_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 # field count -> (position of height, width, num_boxes, boxes, features)
 _LAYOUTS = {len(LXMERT_FIELDS): (1, 2, 7, 8, 9), len(BOTTOM_UP_FIELDS): (2, 1, 3, 4, 5)}
-_INDEX_VERSION = 1
 _TSV_NAME = re.compile(r".*\.tsv(\.\d+)?$")  # x.tsv, and split files x.tsv.0, x.tsv.1 (bottom-up releases)
 
 
@@ -163,10 +161,9 @@ class TSVFeatures(_IndexedFeatures):
 
     ``self[img_id]`` -> ``(features (N, D) float32, boxes (N, 7) float32)`` (boxes via
     :func:`box7`), read by seeking to that one line.  The index (img_id -> file number, byte
-    offset) comes from one pass over each file and is cached per file as JSON in
-    ``<cache_dir>/feature-index/<sha256 of absolute path, size, mtime>.json`` (written
-    atomically; an unwritable cache directory only means rescanning next time).  Keys are str;
-    a duplicated id maps to its last line (across files: the later file).
+    offset) comes from one pass over each file, cached per file under ``cache_dir``
+    (:mod:`vlsparse.data.visual.tsv_index`).  Keys are str; a duplicated id maps to its last
+    line (across files: the later file).
 
     Args:
         paths: one TSV file or a sequence of them.
@@ -191,51 +188,13 @@ class TSVFeatures(_IndexedFeatures):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self._index: dict[str, tuple[int, int]] = {}
         for fileno, p in enumerate(self.paths):
-            for img_id, offset in self._file_index(p).items():
+            for img_id, offset in tsv_index(p, self.cache_dir).items():
                 self._index[img_id] = (fileno, offset)  # a later file's line wins
         self._feature_dim: int | None = None
 
     def index_path(self, path: str | os.PathLike) -> Path:
         """Where the cached index of one TSV file lives (changes with its size and mtime)."""
-        p = Path(path).resolve()
-        st = p.stat()
-        key = hashlib.sha256(f"v{_INDEX_VERSION}\0{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
-        return self.cache_dir / "feature-index" / f"{key}.json"
-
-    def _file_index(self, path: Path) -> dict[str, int]:
-        cache = self.index_path(path)
-        try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data["version"] == _INDEX_VERSION and data["path"] == str(path):
-                return dict(zip(data["ids"], data["offsets"], strict=True))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # no cache, or unreadable: rescan
-        index = self._scan(path)
-        try:
-            write_json(cache, {"version": _INDEX_VERSION, "path": str(path),
-                               "ids": list(index), "offsets": list(index.values())})
-        except OSError:
-            pass
-        return index
-
-    @staticmethod
-    def _scan(path: Path) -> dict[str, int]:
-        """img_id -> byte offset of its line, in file order (a repeated id: its last line)."""
-        index: dict[str, int] = {}
-        offset = 0
-        with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
-                tab = line.find(b"\t")
-                if tab > 0:
-                    try:
-                        img_id = line[:tab].decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ValueError(f"{path}: line {line_no}: image id is not UTF-8") from None
-                    index[img_id] = offset
-                elif line.strip():
-                    raise ValueError(f"{path}: line {line_no}: expected tab-separated fields starting with an image id")
-                offset += len(line)
-        return index
+        return index_path(path, self.cache_dir)
 
     def __getitem__(self, img_id: str) -> tuple[np.ndarray, np.ndarray]:
         try:

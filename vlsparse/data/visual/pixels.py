@@ -18,6 +18,7 @@ from collections.abc import Hashable, Iterator, Mapping
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["PixelImages", "image_processor"]
 
@@ -28,6 +29,8 @@ def image_processor(image_size: int, **kw):
     Raises:
         ValueError: ``image_size`` is not a positive multiple of 32.
     """
+    # transformers' image processing takes seconds to import: only the pixel (ViLT) path pays for it, not
+    # every user of vlsparse.data.dataset (which imports this module) on region features.
     from transformers import ViltImageProcessorPil
 
     if image_size < 32 or image_size % 32:
@@ -48,8 +51,6 @@ class PixelImages(Mapping):
     """
 
     def __init__(self, paths: Mapping[Hashable, str | os.PathLike], image_size: int):
-        from PIL import Image, UnidentifiedImageError
-
         self.image_size = image_size
         self.processor = image_processor(image_size)
         resize = image_processor(image_size, do_rescale=False, do_normalize=False, do_pad=False)

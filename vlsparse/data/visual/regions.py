@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 __all__ = [
@@ -227,8 +228,6 @@ def extract_regions(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB; any failure -> ValueError naming the file."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
