@@ -29,11 +29,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlsparse.atomic import cpu_state, default_mode
+from vlsparse.export.onnx_sparse import sparsify_onnx
 from vlsparse.lottery.runs import load_weights
 from vlsparse.models.registry import dims_from_state, load_model
 from vlsparse.pruning.mask import Mask, apply_mask, check_mask_fits
@@ -145,8 +147,6 @@ def model_from_weights(model: str, weights: str | Path, objective: dict | None =
 def save_onnx(proto, directory: Path) -> Path:
     """Write ``proto`` as DIRECTORY/model.onnx, with the weights in model.onnx.data when the model
     is larger than EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB); returns the file's path."""
-    import onnx
-
     big = proto.ByteSize() > EXTERNAL_DATA_BYTES
     path = Path(directory) / ONNX_FILE
     onnx.save_model(proto, str(path), save_as_external_data=big, location=ONNX_FILE + ".data" if big else None)
@@ -168,8 +168,6 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
             head (``config.task_head``; export those with :func:`export_csr`).
         BundleError: ``bundle_extras`` that do not fit the model.
     """
-    import onnx
-
     head = getattr(model.config, "task_head", "answer")
     if head != "answer":
         raise ExportError(f"ONNX export covers the answer head (VQA, GQA, SNLI-VE, easy-VQA); this model has the "
@@ -189,7 +187,6 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         proto = onnx.load(str(raw))
         raw.unlink()
         if sparse:
-            from vlsparse.export.onnx_sparse import sparsify_onnx
             proto = sparsify_onnx(proto, min_sparsity=min_sparsity)
         save_onnx(proto, tmp)
         _write_config(net, tmp)

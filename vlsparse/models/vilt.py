@@ -69,13 +69,14 @@ class ViltForTask(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
         x = emb.patch_embeddings(pixel_values)  # (B, h, ph, pw)
         batch, hidden, ph, pw = x.shape
         grid = c.image_size // c.patch_size
-        pos = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, grid, grid)
-        pos = F.interpolate(pos, size=(ph, pw), mode="bilinear", align_corners=True)  # traced: any size in ONNX
-        x = (x + pos).flatten(2).transpose(1, 2)
-        cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(batch, -1, -1)
-        x = emb.dropout(torch.cat([cls, x], dim=1))
-        mask = F.interpolate(pixel_mask[:, None].float(), size=(ph, pw)).long().flatten(1)
-        return x, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        pos = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, grid, grid)  # (1, h, grid, grid)
+        # (1, h, ph, pw); traced, so the ONNX graph takes any image size
+        pos = F.interpolate(pos, size=(ph, pw), mode="bilinear", align_corners=True)
+        x = (x + pos).flatten(2).transpose(1, 2)  # (B, P, h), P = ph * pw
+        cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(batch, -1, -1)  # (B, 1, h)
+        x = emb.dropout(torch.cat([cls, x], dim=1))  # (B, 1 + P, h)
+        mask = F.interpolate(pixel_mask[:, None].float(), size=(ph, pw)).long().flatten(1)  # (B, P)
+        return x, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # (B, 1 + P, h), (B, 1 + P)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 pixel_mask: torch.Tensor, img_pos: torch.Tensor | None = None, img_mask: torch.Tensor | None = None,
@@ -105,15 +106,15 @@ class ViltForTask(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
         ``image_index`` (B,) int64: which image of its example each row is (pair head); image k gets
         modality token type k + 1, as ViLT's NLVR2 model (``ViltForImagesAndTextClassification``) does.
         """
-        image_embeds, image_mask = self.visual_embed(pixel_values, pixel_mask)
+        image_embeds, image_mask = self.visual_embed(pixel_values, pixel_mask)  # (B, 1 + P, h), (B, 1 + P)
         if image_index is not None:  # transformers adds token type 1 to every image: move image k to type k + 1
             types = self.vilt.embeddings.token_type_embeddings
-            image_embeds = image_embeds + (types(image_index + 1) - types.weight[1])[:, None, :]
+            image_embeds = image_embeds + (types(image_index + 1) - types.weight[1])[:, None, :]  # (B, 1 + P, h)
         out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
-                        pixel_mask=image_mask, return_dict=False)
+                        pixel_mask=image_mask, return_dict=False)  # last hidden (B, L + 1 + P, h), pooled (B, h)
         if img_pos is None:
             return out[1], None, None
-        patches = out[0][:, input_ids.shape[1] + 1:]
+        patches = out[0][:, input_ids.shape[1] + 1:]  # (B, P, h): after the text and the [CLS] patch
         grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
         return out[1], self.box_pool(patches, grid, pixel_mask, img_pos), img_mask
 
@@ -142,9 +143,9 @@ class ViltForTask(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
         x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))  # (B, N, 1)
         inside = ((cx[:, None] >= x1) & (cx[:, None] <= x2) & (cy[:, None] >= y1) & (cy[:, None] <= y2)).to(patches.dtype)
         dist = (cx[:, None] - (x1 + x2) / 2) ** 2 + (cy[:, None] - (y1 + y2) / 2) ** 2  # (B, N, P)
-        nearest = torch.nn.functional.one_hot(dist.argmin(-1), dist.shape[-1]).to(patches.dtype)
-        weights = torch.where(inside.sum(-1, keepdim=True) > 0, inside, nearest)
-        return (weights / weights.sum(-1, keepdim=True)) @ patches
+        nearest = torch.nn.functional.one_hot(dist.argmin(-1), dist.shape[-1]).to(patches.dtype)  # (B, N, P)
+        weights = torch.where(inside.sum(-1, keepdim=True) > 0, inside, nearest)  # (B, N, P)
+        return (weights / weights.sum(-1, keepdim=True)) @ patches  # (B, N, P) @ (B, P, h) -> (B, N, h)
 
     def example_inputs(self, batch: int = 2, text_len: int = 8, regions: int = 6, seed: int = 0) -> dict:
         """Random but valid inputs (for export and benchmarks): images of ``image_size`` pixels square;

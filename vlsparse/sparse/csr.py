@@ -77,12 +77,53 @@ def _shape_from(tensors: dict, prefix: str, shape) -> tuple[int, int]:
     return shape
 
 
+class _StoredArrays:
+    """What both layouts share: their arrays (``_ARRAYS``, in field order, then ``shape``) as a flat
+    tensor dict, read back validated, and the counts derived from them."""
+
+    _ARRAYS: tuple[str, ...] = ()
+    _LAYOUT = ""  # names the layout in error messages
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, prefix: str = "", shape=None):
+        """Read back what to_tensors wrote (shape from the argument or <prefix>.shape); validated."""
+        shape = _shape_from(tensors, prefix, shape)
+        try:
+            arrays = [tensors[_key(prefix, name)] for name in cls._ARRAYS]
+        except KeyError as e:
+            raise ValueError(f"missing {cls._LAYOUT} tensor {e.args[0]!r}") from None
+        return cls(*arrays, shape).validate()
+
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat dict for safetensors: <prefix>.<array> for each array, and <prefix>.shape."""
+        out = {_key(prefix, name): getattr(self, name).contiguous() for name in self._ARRAYS}
+        out[_key(prefix, "shape")] = torch.tensor(self.shape, dtype=torch.int64)
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (what a file stores, without headers)."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self._ARRAYS)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes of the same matrix dense in fp32."""
+        return self.shape[0] * self.shape[1] * 4
+
+
 @dataclass
-class CSRMatrix:
+class CSRMatrix(_StoredArrays):
     crow_indices: torch.Tensor
     col_indices: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+
+    _ARRAYS = ("crow_indices", "col_indices", "values")
+    _LAYOUT = "CSR"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -114,23 +155,7 @@ class CSRMatrix:
             shape=(int(out_f), int(in_f)),
         )
 
-    @classmethod
-    def from_tensors(cls, tensors: dict, prefix: str = "", shape=None) -> "CSRMatrix":
-        """Read back what to_tensors wrote (shape from the argument or <prefix>.shape); validated."""
-        shape = _shape_from(tensors, prefix, shape)
-        try:
-            m = cls(tensors[_key(prefix, "crow_indices")], tensors[_key(prefix, "col_indices")],
-                    tensors[_key(prefix, "values")], shape)
-        except KeyError as e:
-            raise ValueError(f"missing CSR tensor {e.args[0]!r}") from None
-        m.validate()
-        return m
-
     # ------------------------------------------------------------------ properties
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
     @property
     def density(self) -> float:
         n = self.shape[0] * self.shape[1]
@@ -139,16 +164,6 @@ class CSRMatrix:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.density
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the three arrays (what a file stores, without headers)."""
-        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values))
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the same matrix dense in fp32."""
-        return self.shape[0] * self.shape[1] * 4
 
     # ------------------------------------------------------------------ conversion
     def row_indices(self) -> torch.Tensor:
@@ -181,15 +196,6 @@ class CSRMatrix:
         """torch.sparse_csr_tensor view (int32 indices, values as stored)."""
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int32), self.values,
                                        size=self.shape)
-
-    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Flat dict for safetensors: <prefix>.crow_indices / .col_indices / .values / .shape."""
-        return {
-            _key(prefix, "crow_indices"): self.crow_indices.contiguous(),
-            _key(prefix, "col_indices"): self.col_indices.contiguous(),
-            _key(prefix, "values"): self.values.contiguous(),
-            _key(prefix, "shape"): torch.tensor(self.shape, dtype=torch.int64),
-        }
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "CSRMatrix":
@@ -263,10 +269,13 @@ def _unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @dataclass
-class BitmaskMatrix:
+class BitmaskMatrix(_StoredArrays):
     bitmask: torch.Tensor  # uint8 (ceil(out*in/8),)
     values: torch.Tensor   # (nnz,) kept values, row-major order
     shape: tuple[int, int]
+
+    _ARRAYS = ("bitmask", "values")
+    _LAYOUT = "bitmask"
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
@@ -280,28 +289,6 @@ class BitmaskMatrix:
     @classmethod
     def from_csr(cls, csr: CSRMatrix) -> "BitmaskMatrix":
         return cls(_pack_bits(csr.mask()), csr.values.contiguous(), csr.shape)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict, prefix: str = "", shape=None) -> "BitmaskMatrix":
-        shape = _shape_from(tensors, prefix, shape)
-        try:
-            m = cls(tensors[_key(prefix, "bitmask")], tensors[_key(prefix, "values")], shape)
-        except KeyError as e:
-            raise ValueError(f"missing bitmask tensor {e.args[0]!r}") from None
-        m.validate()
-        return m
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def nbytes(self) -> int:
-        return self.bitmask.numel() * self.bitmask.element_size() + self.values.numel() * self.values.element_size()
-
-    @property
-    def dense_nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * 4
 
     def validate(self) -> "BitmaskMatrix":
         out_f, in_f = self.shape
@@ -338,13 +325,6 @@ class BitmaskMatrix:
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_f), 0)
         return CSRMatrix(crow.to(torch.int32), cols.to(index_dtype).contiguous(), self.values.contiguous(),
                          self.shape)
-
-    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {
-            _key(prefix, "bitmask"): self.bitmask.contiguous(),
-            _key(prefix, "values"): self.values.contiguous(),
-            _key(prefix, "shape"): torch.tensor(self.shape, dtype=torch.int64),
-        }
 
     def __repr__(self) -> str:
         return f"BitmaskMatrix(shape={self.shape}, nnz={self.nnz}, values={self.values.dtype}, nbytes={self.nbytes})"

@@ -20,6 +20,7 @@ input that requires grad, forward falls back to the differentiable "dense" path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsparse.sparse.csr import CSRMatrix
+from vlsparse.sparse.kernels import cpu as cpu_kernel
+from vlsparse.sparse.kernels import triton_spmm  # imports without triton (the gpu extra); see its docstring
 
 __all__ = ["SparseLinear", "BACKENDS", "sparsify_linears"]
 
@@ -50,9 +53,7 @@ def _triton_interpret() -> bool:
 
 def _load_cpu_ext():
     global _cpu_ext
-    from vlsparse.sparse.kernels.cpu import load_extension
-
-    _cpu_ext = load_extension()
+    _cpu_ext = cpu_kernel.load_extension()
     return _cpu_ext
 
 
@@ -64,8 +65,6 @@ def _auto_backend(x: torch.Tensor) -> str:
     triton not installed) the masked dense path / torch's CUDA sparse path, with one warning."""
     if x.is_cuda:
         if "cuda" not in _auto_cache:
-            import importlib.util
-
             ok = importlib.util.find_spec("triton") is not None
             if not ok:
                 warnings.warn("SparseLinear(backend='auto'): triton is not installed, using 'torch-sparse' on CUDA",
@@ -94,7 +93,7 @@ def _check_backend(backend: str) -> str:
                          "in the interpreter for testing)")
     if backend == "torch_sparse":
         try:
-            import torch_sparse  # noqa: F401
+            import torch_sparse  # noqa: F401  # PyG, optional (in no extra): only this backend needs it
         except ImportError as e:
             raise ImportError("backend 'torch_sparse' needs the torch_sparse package (PyG), which is not "
                               f"installed ({e}); use backend='cpu' or 'torch-sparse' (MKL) instead") from e
@@ -209,7 +208,7 @@ class SparseLinear(nn.Module):
             backend = _auto_backend(x)
         if backend in _NO_BACKWARD and x.requires_grad and torch.is_grad_enabled():
             backend = "dense"  # custom kernels have no backward
-        x2 = x.reshape(-1, in_f)
+        x2 = x.reshape(-1, in_f)  # (T, in): the leading axes are tokens
         if backend == "cpu":
             y2 = self._forward_cpu(x2)
         elif backend == "dense":
@@ -223,8 +222,8 @@ class SparseLinear(nn.Module):
         else:  # pragma: no cover - _check_backend guards
             raise ValueError(f"unknown backend {backend!r}")
         if x.dim() == 2:
-            return y2
-        return y2.reshape(*x.shape[:-1], self.out_features)
+            return y2  # (T, out)
+        return y2.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def _bias_f32(self):
         if self.bias is None:
@@ -237,13 +236,13 @@ class SparseLinear(nn.Module):
         return self._cached("values_f32", lambda: self.values.float().contiguous())
 
     def _forward_dense(self, x2: torch.Tensor) -> torch.Tensor:
-        w = self._cached("dense", lambda: self.to_csr().to_dense(self.values.dtype))
+        w = self._cached("dense", lambda: self.to_csr().to_dense(self.values.dtype))  # (out, in)
         bias = self.bias
         if w.dtype != x2.dtype:
             w = w.to(x2.dtype)
         if bias is not None and bias.dtype != x2.dtype:
             bias = bias.to(x2.dtype)
-        return F.linear(x2, w, bias)
+        return F.linear(x2, w, bias)  # (T, out)
 
     def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.is_cuda or self.values.is_cuda:
@@ -255,17 +254,15 @@ class SparseLinear(nn.Module):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         y = ext.spmm(xf.contiguous(), self.crow_indices, self.col_indices, self._values_f32(), bias,
-                          self.out_features)
+                     self.out_features)  # (T, out)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
     def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
         if not x2.is_cuda and not _triton_interpret():
             raise ValueError(f"SparseLinear backend 'triton' needs CUDA tensors, got input on {x2.device}")
-        from vlsparse.sparse.kernels.triton_spmm import spmm_triton
-
-        vals = self._values_f32()
-        y = spmm_triton(x2.float().contiguous(), self.crow_indices, self.col_indices, vals, self._bias_f32(),
-                        self.out_features)
+        vals = self._values_f32()  # (nnz,) fp32
+        y = triton_spmm.spmm_triton(x2.float().contiguous(), self.crow_indices, self.col_indices, vals,
+                                    self._bias_f32(), self.out_features)  # (T, out)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
     def _forward_torch_sparse(self, x2: torch.Tensor) -> torch.Tensor:
@@ -275,21 +272,21 @@ class SparseLinear(nn.Module):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
-            w = self._cached(f"torch_csr_{x2.dtype}", build)
-            y = (w @ x2.t()).t()
+            w = self._cached(f"torch_csr_{x2.dtype}", build)  # (out, in) sparse
+            y = (w @ x2.t()).t()  # (out, in) @ (in, T) -> (T, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     def _forward_pyg(self, x2: torch.Tensor) -> torch.Tensor:
-        from torch_sparse import SparseTensor
+        from torch_sparse import SparseTensor  # PyG, optional (in no extra)
 
         def build():
             return SparseTensor(rowptr=self.crow_indices.long(), col=self.col_indices.long(),
                                 value=self.values.to(x2.dtype), sparse_sizes=(self.out_features, self.in_features))
 
-        w = self._cached(f"pyg_{x2.dtype}", build)
-        y = (w @ x2.t()).t()
+        w = self._cached(f"pyg_{x2.dtype}", build)  # (out, in) sparse
+        y = (w @ x2.t()).t()  # (T, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

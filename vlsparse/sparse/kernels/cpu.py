@@ -101,7 +101,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
         if _module is not None:
             return _module
         _find_compiler()
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load  # build time only: it imports setuptools, no vlsparse dependency
 
         key = _build_key()
         build_dir = cache_dir() / f"spmm_{key}"
@@ -157,8 +157,8 @@ def spmm_cpu(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Ten
         raise ValueError(f"spmm_cpu: x must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
         raise ValueError(f"spmm_cpu: x must be float32, got {x.dtype}")
-    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)
-    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features))
+    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
+    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features))  # (T, out)
 
 
 def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
@@ -172,5 +172,5 @@ def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch
         raise ValueError(f"spmm_cpu_fm: xt must be 2-D (in_features, tokens), got shape {tuple(xt.shape)}")
     if xt.dtype != torch.float32:
         raise ValueError(f"spmm_cpu_fm: xt must be float32, got {xt.dtype}")
-    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)
-    return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features))
+    crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
+    return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features))  # (out, T)

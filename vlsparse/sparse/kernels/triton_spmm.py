@@ -15,6 +15,12 @@ Kernel ("row-split gather", one kernel, two layouts of X):
   caller's X already is), so each gathered strip ``X^T[col, t0:t0+BLOCK_T]`` is one contiguous
   load. ``variant="gather_x"`` gathers from X as it is (tokens strided by in_features): no extra
   pass over X, which wins when T is small (T = 1 is a plain CSR SpMV). ``"auto"`` picks by T.
+  The 3-D tiles are ``[BLOCK_N, BLOCK_J, BLOCK_T]`` in gather_xt and ``[BLOCK_N, BLOCK_T, BLOCK_J]``
+  in gather_x (neighbouring nonzeros of a row read neighbouring columns of X): the fastest-varying
+  axis is the one that coalesces (``TOK_FAST``; ``T_AX`` / ``J_AX`` name the token / chunk axes).
+* X loads are masked by ``n_tok_x >= n_tok``: in gather_xt the rows of X^T are padded to a multiple
+  of 16 tokens, so the mask is constant over 16 tokens and the loads vectorise; padding tokens only
+  reach accumulator entries that are never stored.
 * Rows of a tile loop to the longest row of the tile; shorter rows are masked.
 * ``pipeline=True`` (default) prefetches in registers: while chunk i is multiplied, chunk i+1's X
   gather and chunk i+2's index/value loads are in flight. Triton's ``num_stages`` does not
@@ -40,6 +46,7 @@ the kernel is decorated, does not work. Tests therefore run the interpreter in a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -60,15 +67,13 @@ triton = None  # set by _import_triton()
 tl = None
 
 
-# --------------------------------------------------------------------------------------------
-# triton import and availability
-# --------------------------------------------------------------------------------------------
+# ---- triton import and availability ----------------------------------------------------------
 def _import_triton():
     """Import triton into this module's globals; return the exception on failure, else None."""
     global triton, tl
     if triton is not None:
         return None
-    try:
+    try:  # the gpu extra: triton stays optional, imported on first use
         import triton as _triton
         import triton.language as _tl
     except Exception as exc:  # ImportError, or a broken install raising something else
@@ -78,16 +83,11 @@ def _import_triton():
 
 
 def _interpreter_active() -> bool:
-    """Whether triton in this process runs kernels through its interpreter.
-
-    Fixed when triton is first imported: ``triton.language`` decorates its own library functions
-    (``tl.sum``, ``tl.max``, ...) at import time, as interpreted functions if ``TRITON_INTERPRET=1``
-    is set then, as compiled ones otherwise, and the two kinds cannot be mixed in one kernel.
-    Setting the variable after ``import triton`` therefore does not switch the mode.
-    """
+    """Whether triton in this process runs kernels through its interpreter (fixed when triton is
+    first imported, see the module docstring: setting ``TRITON_INTERPRET`` later does not switch it)."""
     if _import_triton() is not None:
         return False
-    try:
+    try:  # gpu extra (triton), optional
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
@@ -113,9 +113,7 @@ def triton_available() -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
-# --------------------------------------------------------------------------------------------
-# the kernel
-# --------------------------------------------------------------------------------------------
+# ---- the kernel ------------------------------------------------------------------------------
 def _kernel_sources():
     """Define the kernel functions (plain Python; decorated by the caller). Needs ``tl`` set."""
 
@@ -123,16 +121,9 @@ def _kernel_sources():
         x_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr, y_ptr,
         n_rows, n_tok, n_tok_x,
         stride_xk, stride_xt, stride_yt, stride_yn,
-        HAS_BIAS: tl.constexpr,
-        TOK_FAST: tl.constexpr,
-        PIPELINE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_J: tl.constexpr,
-        BLOCK_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr, TOK_FAST: tl.constexpr, PIPELINE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        # 3-D tiles are [BLOCK_N, BLOCK_J, BLOCK_T] when tokens are X's contiguous axis (gather_xt)
-        # and [BLOCK_N, BLOCK_T, BLOCK_J] otherwise (gather_x: neighbouring nonzeros of a row read
-        # neighbouring columns of X), so the fastest-varying axis is the one that coalesces.
         if TOK_FAST:
             T_AX: tl.constexpr = 2
             J_AX: tl.constexpr = 1
@@ -142,29 +133,25 @@ def _kernel_sources():
 
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         row_ok = rows < n_rows
         start = tl.load(crow_ptr + rows, mask=row_ok, other=0)
-        length = tl.load(crow_ptr + rows + 1, mask=row_ok, other=0) - start
+        length = tl.load(crow_ptr + rows + 1, mask=row_ok, other=0) - start  # [BLOCK_N] nonzeros per row
         max_len = tl.max(length, axis=0)  # the tile's rows walk to its longest row, masked
-        toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
         tok_ok = toks < n_tok
-        # X loads are masked by n_tok_x >= n_tok: in gather_xt, X^T's rows are padded to a multiple
-        # of 16 tokens, so the mask is constant over 16 tokens and the loads vectorise; padding
-        # tokens only reach accumulator entries that are never stored.
-        x_tok = x_ptr + tl.expand_dims(tl.expand_dims(toks, 0), J_AX) * stride_xt
+        x_tok = x_ptr + tl.expand_dims(tl.expand_dims(toks, 0), J_AX) * stride_xt  # [1, BLOCK_T] on the T axis
         tmask = tl.expand_dims(tl.expand_dims(toks < n_tok_x, 0), J_AX)
         jj = tl.arange(0, BLOCK_J)
         acc = tl.zeros((BLOCK_N, BLOCK_J, BLOCK_T) if TOK_FAST else (BLOCK_N, BLOCK_T, BLOCK_J), dtype=tl.float32)
 
         if PIPELINE:
-            # Software pipeline (Triton's num_stages does not pipeline gathers): while chunk i is
-            # multiplied, chunk i+1's X gather and chunk i+2's index/value loads are in flight.
-            nz = jj[None, :] < length[:, None]
-            idx = start[:, None] + jj[None, :]
+            # software pipeline: chunk i multiplied, i+1's X gather and i+2's loads in flight
+            nz = jj[None, :] < length[:, None]  # [BLOCK_N, BLOCK_J]
+            idx = start[:, None] + jj[None, :]  # [BLOCK_N, BLOCK_J]
             cols = tl.load(col_ptr + idx, mask=nz, other=0).to(tl.int32)
             vals_c = tl.load(val_ptr + idx, mask=nz, other=0.0)
-            xv_c = tl.load(x_tok + tl.expand_dims(cols, T_AX) * stride_xk,
+            xv_c = tl.load(x_tok + tl.expand_dims(cols, T_AX) * stride_xk,  # 3-D tile, as acc
                            mask=tl.expand_dims(nz, T_AX) & tmask, other=0.0)
             nz_n = (BLOCK_J + jj)[None, :] < length[:, None]
             idx = start[:, None] + (BLOCK_J + jj)[None, :]
@@ -213,22 +200,15 @@ def _get_kernel():
     mode = "interpreted" if _interpreter_active() else "compiled"
     kern = _KERNELS.get(mode)
     if kern is None:
-        fn = _kernel_sources()["spmm_csr"]
         if mode == "interpreted":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            kern = InterpretedFunction(fn)
+            from triton.runtime.interpreter import InterpretedFunction as decorate  # gpu extra: triton stays optional
         else:
-            from triton.runtime.jit import JITFunction
-
-            kern = JITFunction(fn)
-        _KERNELS[mode] = kern
+            from triton.runtime.jit import JITFunction as decorate  # gpu extra: triton stays optional
+        kern = _KERNELS[mode] = decorate(_kernel_sources()["spmm_csr"])
     return kern, mode == "interpreted"
 
 
-# --------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------
+# ---- configuration ---------------------------------------------------------------------------
 def _pow2_ceil(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -271,34 +251,7 @@ def select_config(n_tok: int, n_rows: int, nnz: int, *, variant: str = "auto", n
                 pipeline=True)
 
 
-# --------------------------------------------------------------------------------------------
-# public entry point
-# --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _check_power_of_two(name: str, v: int) -> None:
-    if not isinstance(v, int) or v < 1 or (v & (v - 1)) != 0:
-        raise ValueError(f"{name} must be a positive power of two, got {v!r}")
-
-
-def _validate_csr(crow: torch.Tensor, col: torch.Tensor, in_features: int) -> None:
-    """Full structural check (synchronises with the device)."""
-    nnz = col.numel()
-    if int(crow[0]) != 0:
-        raise ValueError(f"crow_indices[0] must be 0, got {int(crow[0])}")
-    if int(crow[-1]) != nnz:
-        raise ValueError(f"crow_indices[-1] must equal nnz = len(col_indices) = {nnz}, got {int(crow[-1])}")
-    if crow.numel() > 1 and bool((crow[1:] < crow[:-1]).any()):
-        raise ValueError("crow_indices must be non-decreasing")
-    if nnz:
-        lo, hi = int(col.min()), int(col.max())
-        if lo < 0 or hi >= in_features:
-            raise ValueError(f"col_indices must lie in [0, {in_features}), found range [{lo}, {hi}]")
-
-
+# ---- public entry point: checks, launch configuration, launch --------------------------------
 def spmm_triton(
     x: torch.Tensor,
     crow_indices: torch.Tensor,
@@ -334,7 +287,32 @@ def spmm_triton(
     Raises ValueError for bad inputs and ImportError when triton is missing. Forward only: the
     output carries no autograd history.
     """
-    # ---- types and shapes -------------------------------------------------------------------
+    n_rows = _check_inputs(x, crow_indices, col_indices, values, bias, out_features, variant)  # N = out_features
+    kernel, interpret = _check_device(x, crow_indices, col_indices, values, bias)
+    in_features = x.shape[-1]  # K
+    x2 = x.reshape(-1, in_features)  # (T, K): the leading axes are tokens
+    n_tok = x2.shape[0]
+    if n_tok * max(in_features, n_rows, 1) > _INT32_MAX or values.numel() > _INT32_MAX:
+        raise ValueError("inputs too large for 32-bit offsets: split x into smaller token batches")
+    if n_tok == 0 or n_rows == 0:
+        y = torch.zeros((n_tok, n_rows), dtype=x.dtype, device=x.device)  # (T, N)
+        if bias is not None and n_tok:
+            y += bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], n_rows)  # (..., N)
+    crow = crow_indices.contiguous()  # (N + 1,)
+    col, val = col_indices.contiguous(), values.contiguous()  # (nnz,), (nnz,)
+    b = bias.contiguous() if bias is not None else None  # (N,)
+    if validate or interpret:
+        _validate_csr(crow, col, in_features)
+    overrides = dict(block_n=block_n, block_j=block_j, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
+                     pipeline=pipeline)
+    cfg = _launch_config(n_tok, n_rows, val.numel(), variant, x.device, overrides)
+    y = _launch(kernel, interpret, cfg, x2, crow, col, val, b, n_rows)  # (T, N)
+    return y.reshape(*x.shape[:-1], n_rows)  # (..., N)
+
+
+def _check_inputs(x, crow_indices, col_indices, values, bias, out_features, variant) -> int:
+    """Types, dtypes and shapes of :func:`spmm_triton`'s arguments; returns out_features (N)."""
     for name, t in (("x", x), ("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -349,20 +327,15 @@ def spmm_triton(
     if x.dim() < 2:
         raise ValueError(f"x must have shape (T, in_features), got {tuple(x.shape)}")
     if crow_indices.dim() != 1 or crow_indices.numel() < 1:
-        raise ValueError(
-            f"crow_indices must be 1-D with out_features + 1 entries, got shape {tuple(crow_indices.shape)}"
-        )
+        raise ValueError("crow_indices must be 1-D with out_features + 1 entries, got shape "
+                         f"{tuple(crow_indices.shape)}")
     if col_indices.dim() != 1 or values.dim() != 1 or col_indices.numel() != values.numel():
-        raise ValueError(
-            f"col_indices and values must be 1-D of equal length (nnz), got {tuple(col_indices.shape)} "
-            f"and {tuple(values.shape)}"
-        )
+        raise ValueError(f"col_indices and values must be 1-D of equal length (nnz), got {tuple(col_indices.shape)} "
+                         f"and {tuple(values.shape)}")
     n_rows = crow_indices.numel() - 1
     if out_features is not None and int(out_features) != n_rows:
-        raise ValueError(
-            f"out_features={out_features} but crow_indices has {crow_indices.numel()} entries "
-            "(expects out_features + 1)"
-        )
+        raise ValueError(f"out_features={out_features} but crow_indices has {crow_indices.numel()} entries "
+                         "(expects out_features + 1)")
     in_features = x.shape[-1]
     if col_indices.dtype == torch.int16 and in_features > 2**15:
         raise ValueError(f"int16 col_indices address at most 32768 input features, x has {in_features}")
@@ -374,8 +347,11 @@ def spmm_triton(
             raise ValueError(f"bias must have shape ({n_rows},), got {tuple(bias.shape)}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return n_rows
 
-    # ---- devices ----------------------------------------------------------------------------
+
+def _check_device(x, crow_indices, col_indices, values, bias) -> tuple[Any, bool]:
+    """All inputs on x's device, one the kernel can run on; returns (kernel, interpreted)."""
     dev = x.device
     tensors = {"crow_indices": crow_indices, "col_indices": col_indices, "values": values}
     if bias is not None:
@@ -392,70 +368,76 @@ def spmm_triton(
             "process with TRITON_INTERPRET=1 set before triton is first imported to use Triton's "
             "interpreter on CPU tensors (slow; for tests)."
         )
+    return kernel, interpret
 
-    lead_shape = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    n_tok = x2.shape[0]
-    if n_tok * max(in_features, n_rows, 1) > _INT32_MAX or values.numel() > _INT32_MAX:
-        raise ValueError("inputs too large for 32-bit offsets: split x into smaller token batches")
 
-    if n_tok == 0 or n_rows == 0:
-        y = torch.zeros((n_tok, n_rows), dtype=x.dtype, device=dev)
-        if bias is not None and n_tok:
-            y += bias.to(x.dtype)
-        return y.reshape(*lead_shape, n_rows)
+def _validate_csr(crow: torch.Tensor, col: torch.Tensor, in_features: int) -> None:
+    """Full structural check (synchronises with the device)."""
+    nnz = col.numel()
+    if int(crow[0]) != 0:
+        raise ValueError(f"crow_indices[0] must be 0, got {int(crow[0])}")
+    if int(crow[-1]) != nnz:
+        raise ValueError(f"crow_indices[-1] must equal nnz = len(col_indices) = {nnz}, got {int(crow[-1])}")
+    if crow.numel() > 1 and bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError("crow_indices must be non-decreasing")
+    if nnz:
+        lo, hi = int(col.min()), int(col.max())
+        if lo < 0 or hi >= in_features:
+            raise ValueError(f"col_indices must lie in [0, {in_features}), found range [{lo}, {hi}]")
 
-    crow = crow_indices.contiguous()
-    col = col_indices.contiguous()
-    val = values.contiguous()
-    b = bias.contiguous() if bias is not None else None
-    if validate or interpret:
-        _validate_csr(crow, col, in_features)
 
-    # ---- configuration ----------------------------------------------------------------------
+def _launch_config(n_tok: int, n_rows: int, nnz: int, variant: str, dev: torch.device, overrides: dict) -> dict:
+    """:func:`select_config` for this device, with the caller's non-None ``overrides`` applied and checked."""
     n_sm = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 8
-    cfg = select_config(n_tok, n_rows, val.numel(), variant=variant, n_sm=n_sm)
-    for key, v in (("block_n", block_n), ("block_j", block_j), ("block_t", block_t),
-                   ("num_warps", num_warps), ("num_stages", num_stages), ("pipeline", pipeline)):
-        if v is not None:
-            cfg[key] = v
+    cfg = select_config(n_tok, n_rows, nnz, variant=variant, n_sm=n_sm)
+    cfg.update({key: v for key, v in overrides.items() if v is not None})
     for key in ("block_n", "block_j", "block_t", "num_warps"):
         _check_power_of_two(key, cfg[key])
+    return cfg
 
-    if cfg["variant"] == "gather_xt":
-        if n_tok > 1 and x2.stride(0) == 1 and x2.stride(1) >= n_tok:
-            xk, n_tok_x = x2.t(), n_tok  # the caller's X is already feature-major: no copy
-        else:
-            # X^T (K, T_pad), T_pad a multiple of 16: aligned rows let the gathers vectorise
-            n_tok_x = -(-n_tok // 16) * 16
-            alloc = torch.zeros if interpret else torch.empty  # padding never reaches y; zeros keep numpy quiet
-            xk = alloc((in_features, n_tok_x), dtype=x.dtype, device=dev)
-            xk[:, :n_tok].copy_(x2.t())
-        stride_xk, stride_xt = xk.stride(0), xk.stride(1)
-    else:
-        xk, n_tok_x = x2, n_tok
-        stride_xk, stride_xt = x2.stride(1), x2.stride(0)
-    y = torch.empty((n_tok, n_rows), dtype=x.dtype, device=dev)
 
-    grid = (triton.cdiv(n_rows, cfg["block_n"]), triton.cdiv(n_tok, cfg["block_t"]))
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_power_of_two(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1 or (v & (v - 1)) != 0:
+        raise ValueError(f"{name} must be a positive power of two, got {v!r}")
+
+
+def _launch(kernel, interpret: bool, cfg: dict, x2: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+            val: torch.Tensor, b: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """Run the kernel on x2 (T, K) with configuration ``cfg``; returns Y (T, N) in x2's dtype."""
+    n_tok = x2.shape[0]
+    xk, n_tok_x, stride_xk, stride_xt = _x_operand(x2, cfg["variant"] == "gather_xt", interpret)
+    y = torch.empty((n_tok, n_rows), dtype=x2.dtype, device=x2.device)  # (T, N)
+    grid = (triton.cdiv(n_rows, cfg["block_n"]), triton.cdiv(n_tok, cfg["block_t"]))  # (row tiles, token tiles)
     if grid[1] > 65535:
         raise ValueError(f"too many token blocks ({grid[1]}): raise block_t or split x")
-    launch = dict(
-        HAS_BIAS=b is not None,
-        TOK_FAST=cfg["variant"] == "gather_xt",
-        PIPELINE=bool(cfg["pipeline"]),
-        BLOCK_N=cfg["block_n"],
-        BLOCK_J=cfg["block_j"],
-        BLOCK_T=cfg["block_t"],
-    )
+    meta = dict(HAS_BIAS=b is not None, TOK_FAST=cfg["variant"] == "gather_xt", PIPELINE=bool(cfg["pipeline"]),
+                BLOCK_N=cfg["block_n"], BLOCK_J=cfg["block_j"], BLOCK_T=cfg["block_t"])
     if not interpret:
         # enable_fp_fusion: acc += v * x as one FMA (explicit: triton 3.9 warns when it is left to a default)
-        launch.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True)
+        meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True)
     args = (xk, crow, col, val, b if b is not None else val, y,
             n_rows, n_tok, n_tok_x, stride_xk, stride_xt, y.stride(0), y.stride(1))
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            kernel[grid](*args, **launch)
-    else:
-        kernel[grid](*args, **launch)
-    return y.reshape(*lead_shape, n_rows)
+    with torch.cuda.device(x2.device) if x2.device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **meta)
+    return y
+
+
+def _x_operand(x2: torch.Tensor, feature_major: bool, interpret: bool) -> tuple[torch.Tensor, int, int, int]:
+    """X as the kernel gathers from it: (xk, n_tok_x, stride_xk, stride_xt), where X[t, k] is at
+    ``k * stride_xk + t * stride_xt``; gather_xt (``feature_major``) reads X^T (K, T_pad)."""
+    n_tok, in_features = x2.shape
+    if not feature_major:
+        return x2, n_tok, x2.stride(1), x2.stride(0)  # X (T, K) as it is
+    if n_tok > 1 and x2.stride(0) == 1 and x2.stride(1) >= n_tok:
+        xk = x2.t()  # (K, T): the caller's X is already feature-major: no copy
+        return xk, n_tok, xk.stride(0), xk.stride(1)
+    n_tok_x = -(-n_tok // 16) * 16  # T_pad, a multiple of 16: aligned rows let the gathers vectorise
+    alloc = torch.zeros if interpret else torch.empty  # padding never reaches y; zeros keep numpy quiet
+    xk = alloc((in_features, n_tok_x), dtype=x2.dtype, device=x2.device)  # (K, T_pad)
+    xk[:, :n_tok].copy_(x2.t())
+    return xk, n_tok_x, xk.stride(0), xk.stride(1)
