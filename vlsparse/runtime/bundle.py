@@ -19,8 +19,12 @@ Every export directory (``vlsparse export``, :func:`vlsparse.export.exporters.ex
 task.json, ticket.json and the tokenizer come from :class:`BundleExtras`; an export without them has
 only the model files and the manifest (it verifies, but :class:`vlsparse.Pipeline` refuses it).
 :func:`read_bundle` checks the manifest first: a missing file, a file whose sha256 differs, a
-manifest of an unknown format or one written by a newer vlsparse each raise :class:`BundleError`
-with one line naming the file. This module imports no torch (the ONNX runtime path uses it).
+manifest of an unknown format or one written by a newer vlsparse, a listed path that is not a plain
+relative name inside the bundle or that goes through a symlink each raise :class:`BundleError` with
+one line naming the file. Then the contents (:mod:`vlsparse.runtime.checks`): config.json's sizes,
+task.json against the model's head and region features (finite statistics, std > 0).
+:class:`vlsparse.Pipeline` adds the tokenizer and the model file before the first call. This module
+imports no torch (the ONNX runtime path uses it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from vlsparse._version import __version__
 from vlsparse.atomic import write_json
+from vlsparse.runtime.checks import ANSWER_FIELDS, REGION_FIELDS, BundleError, check_config, check_manifest_entry, check_task
 
 __all__ = ["FORMAT", "KINDS", "MANIFEST", "BundleError", "BundleExtras", "Bundle", "write_bundle", "read_bundle",
            "find_task_info", "ticket_metadata", "sha256"]
@@ -44,13 +49,7 @@ MANIFEST = "manifest.json"
 CSR_FILE, ONNX_FILE = "model.safetensors", "model.onnx"
 KINDS = {"csr": CSR_FILE, "onnx": ONNX_FILE, "onnx-sparse": ONNX_FILE}
 TASK_FILE, TICKET_FILE, TOKENIZER_FILE = "task.json", "ticket.json", "tokenizer.json"
-#: config.json fields holding the answer count and the region feature size (UNITER, LXMERT, ViLT)
-ANSWER_FIELDS = ("num_answers", "num_qa_labels", "num_labels")
-REGION_FIELDS = ("img_dim", "visual_feat_dim")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be written or read: missing or altered file, foreign or newer manifest."""
+__all__ += ["ANSWER_FIELDS", "REGION_FIELDS"]
 
 
 @dataclass
@@ -101,28 +100,6 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _field(config: dict, names: tuple[str, ...]):
-    return next((config[n] for n in names if n in config), None)
-
-
-def _check_task(task: dict, config: dict) -> None:
-    answers = task.get("answers")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise BundleError("task info: 'answers' must be a non-empty list of strings")
-    heads = _field(config, ANSWER_FIELDS)
-    if heads is None and isinstance(config.get("id2label"), dict):
-        heads = len(config["id2label"])  # transformers configs (ViLT) store the label count this way
-    if len(answers) != heads:
-        raise BundleError(f"task info has {len(answers)} answers but the model's head has {heads}: "
-                          "task.json and weights come from different tasks")
-    dim, model_dim = task.get("region_feature_dim"), _field(config, REGION_FIELDS)
-    if task.get("visual", "regions") == "regions" and dim != model_dim:
-        raise BundleError(f"task info gives region features of size {dim}, the model expects {model_dim}")
-    for key in ("feature_mean", "feature_std"):
-        if task.get(key) is not None and len(task[key]) != dim:
-            raise BundleError(f"task info: {key} has {len(task[key])} values, expected region_feature_dim = {dim}")
-
-
 def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None = None) -> dict:
     """Write task.json, ticket.json and the tokenizer files from ``extras`` into ``directory`` (which
     already holds config.json and the model file), then manifest.json over every file; returns the manifest.
@@ -139,7 +116,7 @@ def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None =
         raise BundleError(f"{directory / KINDS[kind]}: the {kind} bundle's model file is missing")
     extras = extras or BundleExtras()
     if extras.task_info is not None:
-        _check_task(extras.task_info, json.loads((directory / "config.json").read_text()))
+        check_task(extras.task_info, json.loads((directory / "config.json").read_text()))
         write_json(directory / TASK_FILE, extras.task_info)
     if extras.ticket is not None:
         write_json(directory / TICKET_FILE, extras.ticket)
@@ -157,14 +134,14 @@ def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None =
 
 
 def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", str(v))[:3])
+    return tuple(int(x) for x in re.findall(r"\d{1,9}", str(v))[:3])
 
 
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: unreadable JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: unreadable JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: expected a JSON object")
     return data
@@ -175,7 +152,11 @@ def read_bundle(path: str | Path) -> Bundle:
 
     Checks, in order: the directory and manifest.json exist; the manifest's format is
     ``vlsparse-bundle-1`` and its vlsparse version is not newer than this one; its kind is known; every
-    listed file exists with the listed size and sha256; config.json and the model file are listed.
+    listed path is a plain relative name inside the bundle, through no symlink, and the file exists with
+    the listed size (bytes) and sha256; config.json and the model file are listed; config.json, task.json
+    and ticket.json are JSON objects; config.json's sizes are positive integers; task.json fits the model
+    (:func:`vlsparse.runtime.checks.check_task`: answers vs head, region feature size, finite statistics
+    with std > 0).
 
     Raises:
         FileNotFoundError: ``path`` is not a directory.
@@ -187,6 +168,8 @@ def read_bundle(path: str | Path) -> Bundle:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; not a vlsparse bundle (write one with `vlsparse export`)")
+    if mpath.is_symlink():
+        raise BundleError(f"{mpath}: a symlink; bundles hold plain files only")
     manifest = _read_json(mpath)
     fmt, version = str(manifest.get("format", "")), str(manifest.get("vlsparse_version", ""))
     if _version(version) > _version(__version__):
@@ -198,16 +181,20 @@ def read_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{mpath}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}, "
                           "or the file list is missing")
     for name, entry in manifest["files"].items():
-        f = path / name
+        f = check_manifest_entry(path, name, entry, mpath)
         if not f.is_file():
             raise BundleError(f"{f}: missing from the bundle (listed in {MANIFEST})")
-        if f.stat().st_size != entry.get("bytes") or sha256(f) != entry.get("sha256"):
+        if f.stat().st_size != entry["bytes"] or sha256(f) != entry["sha256"]:
             raise BundleError(f"{f}: checksum mismatch with {MANIFEST} (the file was altered after export)")
     for name in ("config.json", KINDS[manifest["kind"]]):
         if name not in manifest["files"]:
             raise BundleError(f"{mpath}: does not list {name}")
     optional = {name: _read_json(path / name) if name in manifest["files"] else {} for name in (TASK_FILE, TICKET_FILE)}
-    return Bundle(path, manifest, _read_json(path / "config.json"), optional[TASK_FILE], optional[TICKET_FILE])
+    config = _read_json(path / "config.json")
+    check_config(config, path / "config.json")
+    if optional[TASK_FILE]:
+        check_task(optional[TASK_FILE], config, path / TASK_FILE)
+    return Bundle(path, manifest, config, optional[TASK_FILE], optional[TICKET_FILE])
 
 
 def find_task_info(weights: str | Path) -> Path | None:

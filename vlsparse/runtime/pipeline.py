@@ -16,44 +16,50 @@ feature_mean / feature_std) and the question tokenized by the bundle's tokenizer
 (``[CLS] ... [SEP]``, truncated to max_text_len tokens), batched and padded as
 :func:`vlsparse.data.collate` does. Region-feature models (UNITER, LXMERT) are supported; bundles of
 pixel models (ViLT, task.json ``visual: "pixels"``) are refused with a BundleError.
+
+Safety: :meth:`Pipeline.load` checks every file before the first call (the manifest and contents through
+:func:`~vlsparse.runtime.bundle.read_bundle`, then the tokenizer, the model file and, for ONNX, the model's
+inputs and outputs); inputs are bounded (:mod:`vlsparse.runtime.inputs`: at most ``max_image_pixels``
+pixels per image, down-sampled to ``region_image_side``, questions of at most ``max_question_chars``
+characters and ``max_text_len`` tokens, cuts reported by :meth:`Pipeline.predict` and a
+:class:`~vlsparse.runtime.inputs.QuestionTruncated` warning); scores are never NaN: a non-finite logit
+raises :class:`~vlsparse.runtime.checks.NonFiniteError`.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image as PILImage
-from tokenizers import Tokenizer
 
-from vlsparse.data.visual.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions, load_image
+from vlsparse.data.visual.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions
 from vlsparse.runtime.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
+from vlsparse.runtime.checks import check_finite, load_tokenizer
+from vlsparse.runtime.inputs import (MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, REGION_IMAGE_SIDE, InputLimits,
+                                     QuestionTruncated, cut_question, image_array)
 from vlsparse.runtime.runners import Runner, load_runner
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "Prediction", "InputLimits", "QuestionTruncated"]
 
 Image = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W, 3) uint8
 
 
-def _image_array(image: Image, where: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB array of a path, PIL image or array; ValueError / FileNotFoundError naming ``where``."""
-    if isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"{where}: file {os.fspath(image)} not found")
-        return load_image(image)  # ValueError naming the file when it is not an image
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-            raise ValueError(f"{where}: expected an (H, W, 3) uint8 array, got shape {image.shape} dtype {image.dtype}")
-        return image
-    if isinstance(image, PILImage.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    raise ValueError(f"{where}: expected an image path, a PIL image or an (H, W, 3) uint8 array, "
-                     f"got {type(image).__name__}")
+@dataclass
+class Prediction:
+    """One question's result: ``answers`` (top-k ``(answer, score)`` pairs, best first, scores in [0, 1]),
+    ``truncated`` (True when part of the question was cut: more than ``max_text_len`` tokens or
+    ``max_question_chars`` characters) and ``tokens`` (the tokens the model read, [CLS] and [SEP] included)."""
+
+    answers: list[tuple[str, float]]
+    truncated: bool
+    tokens: int
 
 
-def _checked(images: Sequence[Image], questions: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+def _checked(images: Sequence[Image], questions: Sequence[str],
+             limits: InputLimits) -> tuple[list[np.ndarray], list[str]]:
     """Images as (H, W, 3) uint8 arrays and the questions, checked; errors name ``question[i]`` / ``image[i]``
     (without the index for a single pair)."""
     if len(images) != len(questions):
@@ -64,7 +70,7 @@ def _checked(images: Sequence[Image], questions: Sequence[str]) -> tuple[list[np
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"question{at(i)}: expected a non-empty string, got {q!r}")
-    return [_image_array(im, f"image{at(i)}") for i, im in enumerate(images)], list(questions)
+    return [image_array(im, f"image{at(i)}", limits) for i, im in enumerate(images)], list(questions)
 
 
 class Pipeline:
@@ -72,10 +78,11 @@ class Pipeline:
 
     Build it with :meth:`load`. Attributes: ``bundle`` (the verified :class:`~vlsparse.runtime.bundle.Bundle`),
     ``answers`` (list of str, index = logit position), ``kind`` ("csr" | "onnx" | "onnx-sparse"), ``runner``
-    (the loaded model: :class:`~vlsparse.runtime.runners.Runner`, numpy inputs -> (B, A) float32 logits).
+    (the loaded model: :class:`~vlsparse.runtime.runners.Runner`, numpy inputs -> (B, A) float32 logits),
+    ``limits`` (:class:`~vlsparse.runtime.inputs.InputLimits`), ``max_text_len`` (tokens read per question).
     """
 
-    def __init__(self, bundle: Bundle, runner: Runner, batch_size: int = 32):
+    def __init__(self, bundle: Bundle, runner: Runner, batch_size: int = 32, limits: InputLimits | None = None):
         task = bundle.task
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -91,18 +98,21 @@ class Pipeline:
                               f"(D={task.get('region_feature_dim')}) are not this vlsparse's {EXTRACTOR_VERSION!r} "
                               f"(D={REGION_FEATURE_DIM})")
         self.bundle, self.kind, self.runner, self.batch_size = bundle, bundle.kind, runner, int(batch_size)
+        self.limits = limits or InputLimits()
         self.answers: list[str] = list(task["answers"])
         stats = [task.get("feature_mean"), task.get("feature_std")]
         self._mean, self._std = (None, None) if None in stats else (np.asarray(s, dtype=np.float32) for s in stats)
-        max_len = min(int(task.get("max_text_len") or 40), int(bundle.config.get("max_position_embeddings", 512)))
-        self.tokenizer = Tokenizer.from_file(str(bundle.path / TOKENIZER_FILE))
-        self.tokenizer.enable_truncation(max_len)
+        self.max_text_len = min(int(task.get("max_text_len") or 40), int(bundle.config.get("max_position_embeddings", 512)))
+        self.tokenizer = load_tokenizer(bundle.path / TOKENIZER_FILE, bundle.config)
+        self.tokenizer.enable_truncation(self.max_text_len)
         self.tokenizer.enable_padding(pad_id=0)  # as vlsparse.data.collate: right padding with id 0
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-             batch_size: int = 32) -> "Pipeline":
-        """Verify and open a bundle directory (see vlsparse.runtime.bundle).
+             batch_size: int = 32, *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+             region_image_side: int = REGION_IMAGE_SIDE, max_question_chars: int = MAX_QUESTION_CHARS) -> "Pipeline":
+        """Verify and open a bundle directory (see vlsparse.runtime.bundle); every file is checked here, before
+        the first call.
 
         Args:
             path: the directory written by ``vlsparse export`` (any --format).
@@ -111,58 +121,101 @@ class Pipeline:
             threads: CPU threads (torch.set_num_threads for csr; onnxruntime intra-op threads for onnx, and
                 the SparseLinear OpenMP threads for onnx-sparse); None keeps the defaults.
             batch_size: questions per model call when called with many questions (>= 1).
+            max_image_pixels: images with more pixels are refused, from their header (default 4096 x 4096).
+            region_image_side: larger images are down-sampled to this longest side in pixels before region
+                extraction (default 1024).
+            max_question_chars: longer questions are cut to this many characters before tokenizing (default
+                10,000); the tokenizer then keeps task.json's ``max_text_len`` tokens. Cuts are reported.
 
         Raises:
             FileNotFoundError: ``path`` is not a directory.
-            BundleError (a ValueError): missing or altered file, newer or foreign manifest, no task info
-                or tokenizer in the bundle, region features of another extractor version.
-            ValueError: a ``backend`` other than "auto" for an onnx bundle.
+            BundleError (a ValueError): missing or altered file, newer or foreign manifest, a path outside the
+                bundle or a symlink, no task info or tokenizer in the bundle, region features of another
+                extractor version, a file whose contents do not fit (task.json, config.json, tokenizer.json,
+                the model file: unreadable, other inputs or outputs); each names the file.
+            ValueError: a ``backend`` other than "auto" for an onnx bundle, a limit that is not a positive integer.
             ImportError: a csr bundle where torch is not installed.
         """
+        limits = InputLimits(max_image_pixels, region_image_side, max_question_chars)
         bundle = read_bundle(path)
         if bundle.kind != "csr" and backend != "auto":
             raise ValueError(f"backend={backend!r} applies to csr bundles; {bundle.path} is {bundle.kind}")
         # onnxruntime's intra-op threads sleep instead of spin-waiting, as vlsparse.ort_session's default
-        return cls(bundle, load_runner(bundle.kind, bundle.path, threads=threads, spin=False, backend=backend),
-                   batch_size)
+        runner = load_runner(bundle.kind, bundle.path, threads=threads, spin=False, backend=backend,
+                             answers=len(bundle.task.get("answers") or []) or None)
+        return cls(bundle, runner, batch_size, limits)
+
+    def _tokenize(self, questions: Sequence[str]) -> tuple[list, list[bool]]:
+        """Encodings of the questions (cut to the limits) and, per question, whether it was cut."""
+        cut = [cut_question(q, self.limits) for q in questions]
+        enc = self.tokenizer.encode_batch([q for q, _ in cut])
+        return enc, [was_cut or bool(e.overflowing) for (_, was_cut), e in zip(cut, enc)]
 
     def encode(self, images: Sequence[Image], questions: Sequence[str]) -> dict[str, np.ndarray]:
         """Model inputs for B (image, question) pairs: ``input_ids`` (B, L) int64, ``attention_mask`` (B, L)
         int64, ``img_feat`` (B, 6, 294) float32 (standardised), ``img_pos`` (B, 6, 7) float32,
-        ``img_mask`` (B, 6) int64.
+        ``img_mask`` (B, 6) int64. Questions are cut to the limits (L <= ``max_text_len``).
 
         Raises:
-            ValueError: a question that is not a non-empty string, or an image that is not one (named
-                ``question[i]`` / ``image[i]``, the index left out for one pair); FileNotFoundError: an image
-                path that does not exist.
+            ValueError: a question that is not a non-empty string, or an image that is not one or is larger
+                than ``limits.max_image_pixels`` (named ``question[i]`` / ``image[i]``, the index left out
+                for one pair); FileNotFoundError: an image path that does not exist.
         """
-        images, questions = _checked(images, questions)
+        images, questions = _checked(images, questions, self.limits)
         feats, boxes = zip(*(extract_regions(im) for im in images))
         feat = np.stack(feats)
         if self._mean is not None:
             feat = ((feat - self._mean) / self._std).astype(np.float32)
-        enc = self.tokenizer.encode_batch(questions)
+        enc, _ = self._tokenize(questions)
         return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
                 "img_feat": feat, "img_pos": np.stack(boxes),
                 "img_mask": np.ones((len(enc), NUM_REGIONS), dtype=np.int64)}
 
     def logits(self, images: Sequence[Image], questions: Sequence[str]) -> np.ndarray:
-        """Answer logits (B, A) float32 for B (image, question) pairs, computed ``batch_size`` at a time.
+        """Answer logits (B, A) float32 for B (image, question) pairs, computed ``batch_size`` at a time;
+        always finite.
 
-        Raises: as :meth:`encode`, and ValueError for lists of different lengths or no questions.
+        Raises: as :meth:`encode`, ValueError for lists of different lengths or no questions, and
+        NonFiniteError (a ValueError) when the model gives NaN or Inf (naming the question and the cause).
         """
-        images, questions = _checked(images, questions)
-        parts = [self.runner.logits(self.encode(images[i:i + self.batch_size], questions[i:i + self.batch_size]))
-                 for i in range(0, len(questions), self.batch_size)]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        images, questions = _checked(images, questions, self.limits)
+        parts = []
+        for i in range(0, len(questions), self.batch_size):
+            inputs = self.encode(images[i:i + self.batch_size], questions[i:i + self.batch_size])
+            out = np.asarray(self.runner.logits(inputs), dtype=np.float32)
+            finite = all(np.isfinite(inputs[k]).all() for k in ("img_feat", "img_pos"))
+            check_finite(out, finite, self.bundle.model_file, first=i, single=len(questions) == 1)
+            parts.append(out)
+        return np.concatenate(parts)
+
+    def predict(self, images: Image | Sequence[Image], questions: str | Sequence[str],
+                top_k: int = 5) -> list[Prediction]:
+        """One :class:`Prediction` per question (answers with scores as :meth:`__call__`, and whether the
+        question was truncated), for a single pair or lists of B images and questions.
+
+        Raises: as :meth:`__call__` (no warning is issued: the cut is in the result).
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if isinstance(questions, str):
+            images, questions = [images], [questions]
+        elif not isinstance(images, (list, tuple)) or not isinstance(questions, (list, tuple)):
+            raise ValueError("for many questions pass a list of images and a list of question strings")
+        logits = self.logits(images, questions)
+        enc, cut = self._tokenize(questions)
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        scores = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # sigmoid, no overflow
+        return [Prediction([(self.answers[j], float(scores[b, j])) for j in row], cut[b], sum(enc[b].attention_mask))
+                for b, row in enumerate(order)]
 
     def __call__(self, images: Image | Sequence[Image], questions: str | Sequence[str], top_k: int = 5):
         """Top-k answers, best first, as ``[(answer, score), ...]``.
 
         ``score`` is sigmoid(logit), in [0, 1]: the model is trained with binary cross-entropy per answer
         (UNITER's VQA head), so scores are independent per answer and need not sum to 1. The first answer
-        is the arg-max of the logits.
+        is the arg-max of the logits. A question cut to ``max_text_len`` tokens (or ``max_question_chars``)
+        issues a :class:`~vlsparse.runtime.inputs.QuestionTruncated` warning (:meth:`predict` returns the fact).
 
         Args:
             images: one image (a path, PIL image or (H, W, 3) uint8 array) with ``questions`` a string; or a
@@ -174,18 +227,15 @@ class Pipeline:
             one list of ``min(top_k, len(answers))`` (str, float) pairs, or a list of B such lists.
 
         Raises:
-            ValueError: empty question, non-image input, ``top_k`` < 1, lists of different lengths.
+            ValueError: empty question, non-image input, an image above ``max_image_pixels``, ``top_k`` < 1,
+                lists of different lengths; NonFiniteError (a ValueError): the model gave NaN or Inf.
             FileNotFoundError: an image path that does not exist.
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        single = isinstance(questions, str)
-        if single:
-            images, questions = [images], [questions]
-        elif not isinstance(images, (list, tuple)) or not isinstance(questions, (list, tuple)):
-            raise ValueError("for many questions pass a list of images and a list of question strings")
-        logits = self.logits(images, questions)
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
-        scores = 0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # sigmoid, no overflow
-        out = [[(self.answers[j], float(scores[b, j])) for j in row] for b, row in enumerate(order)]
-        return out[0] if single else out
+        preds = self.predict(images, questions, top_k)
+        for i, p in enumerate(preds):
+            if p.truncated:
+                where = "question" if len(preds) == 1 else f"question[{i}]"
+                warnings.warn(QuestionTruncated(f"{where}: truncated to {p.tokens} tokens (max_text_len "
+                                                f"{self.max_text_len}); the rest was not read"), stacklevel=2)
+        out = [p.answers for p in preds]
+        return out[0] if isinstance(questions, str) else out

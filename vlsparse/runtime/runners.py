@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from vlsparse.runtime.bundle import ONNX_FILE
+from vlsparse.runtime.bundle import CSR_FILE, ONNX_FILE
+from vlsparse.runtime.checks import BundleError, check_session_io
 from vlsparse.runtime.ort import ort_session
 
 __all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "INPUTS", "Runner", "TorchRunner",
@@ -38,6 +40,8 @@ DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 #: the model inputs a runner feeds, in the order of vlsparse.data.collate
 INPUTS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")
+#: what onnxruntime raises for a model file it cannot load (its exception types derive from Exception only)
+_ORT_ERRORS = tuple(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
 class Runner:
@@ -130,7 +134,7 @@ class OrtRunner(Runner):
 
 
 def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
-                spin: bool = True, backend: str = "auto") -> Runner:
+                spin: bool = True, backend: str = "auto", answers: int | None = None) -> Runner:
     """Load a format's directory (a bundle, or one written by vlsparse.bench.levels.export_formats) as a Runner.
 
     Args:
@@ -144,27 +148,54 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
         spin: False turns off the spin-waiting of onnxruntime's intra-op threads
             (session.intra_op.allow_spinning = 0), which helps on a machine shared with other work.
         backend: csr: the SparseLinear backend ("auto", "cpu", "triton", "dense", ...).
+        answers: the answer count the model's output must have (ONNX formats: checked on the session's
+            output with its inputs, :func:`vlsparse.runtime.checks.check_session_io`); None: not checked.
 
     Raises:
-        ValueError: an unknown format (ExportError for an unreadable csr directory).
+        ValueError: an unknown format.
+        BundleError (a ValueError): a model file that cannot be loaded (not ONNX, truncated, corrupt CSR
+            arrays, a config.json the model classes refuse) or ONNX inputs / outputs that are not a vlsparse
+            model's, naming the file.
         ImportError: a PyTorch format where torch is not installed.
     """
     path = Path(path)
     if fmt in TORCH_FORMATS:
-        return _load_torch(fmt, path, device, dtype, threads, backend)
+        try:
+            return _load_torch(fmt, path, device, dtype, threads, backend)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, RuntimeError) as exc:  # on a bad config
+            if isinstance(exc, BundleError) or isinstance(exc, RuntimeError) and "state_dict" not in str(exc):
+                raise  # RuntimeError: only load_state_dict's size mismatches are the file's fault
+            raise BundleError(f"{path / CSR_FILE}: cannot be loaded as a {fmt} model "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
     if fmt not in ONNX_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    runner = _load_onnx(fmt, path, device, threads, spin)
+    if answers is not None:
+        check_session_io(runner.session, answers, runner.file)
+    return runner
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def _load_onnx(fmt: str, path: Path, device: str, threads: int | None, spin: bool) -> OrtRunner:
     file = path / ONNX_FILE
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     so = ort.SessionOptions()
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if fmt == "onnx":  # stock onnxruntime: no custom-op library
-        if threads:
-            so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        session = ort.InferenceSession(str(file), so, providers=providers)
-    else:
-        session = ort_session(file, providers=providers, threads=threads, sess_options=so)
+    if not file.is_file():
+        raise BundleError(f"{file}: missing (the {fmt} model)")
+    try:
+        if fmt == "onnx":  # stock onnxruntime: no custom-op library
+            if threads:
+                so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+            session = ort.InferenceSession(str(file), so, providers=providers)
+        else:
+            session = ort_session(file, providers=providers, threads=threads, sess_options=so)
+    except _ORT_ERRORS as exc:
+        raise BundleError(f"{file}: onnxruntime cannot load it ({_first_line(exc)})") from None
     return OrtRunner(fmt, file, session, device)
 
 
