@@ -4,7 +4,8 @@ questions cut to a bounded length with the fact reported.
 Images (:func:`image_array`): a path is opened lazily (Pillow reads the size from the file header) and
 refused before decoding when it has more than ``max_pixels`` pixels (default :data:`MAX_IMAGE_PIXELS`,
 4096 x 4096 = 16.7 Mpx): a 41 KB PNG can declare 12000 x 12000 pixels, 432 MB decoded. The same bound
-is Pillow's decompression-bomb check for the call, so Pillow's own limit never applies instead. JPEGs are
+replaces Pillow's decompression-bomb warning (above 89 Mpx); Pillow still refuses images above 179 Mpx
+when they are opened, which is reported the same way. JPEGs are
 decoded at a reduced scale where that still leaves the longest side >= ``side``. Arrays and PIL images
 are checked the same way. Every image larger than ``side`` (default :data:`REGION_IMAGE_SIDE`, 1024
 pixels) on its longest side is then down-sampled, nearest neighbour (it keeps the exact colours that the
@@ -81,7 +82,7 @@ def _open_path(path: Path, limits: InputLimits, where: str) -> np.ndarray:
         raise FileNotFoundError(f"{where}: file {os.fspath(path)} not found")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our limit decides, just below
             with PILImage.open(path) as im:  # lazy: the header only
                 w, h = im.size
                 if w * h > limits.max_image_pixels:
@@ -94,6 +95,9 @@ def _open_path(path: Path, limits: InputLimits, where: str) -> np.ndarray:
         if str(e).startswith(where):
             raise
         raise ValueError(f"{where}: cannot read image {os.fspath(path)}: {e}") from None
+    except PILImage.DecompressionBombError as e:  # beyond twice Pillow's own limit (179 Mpx): refused at open
+        raise ValueError(f"{where}: {os.fspath(path)} is more than the limit of {limits.max_image_pixels / 1e6:.1f} "
+                         f"Mpx (max_image_pixels): {e}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, DecompressionBomb*, struct.error, ...
         raise ValueError(f"{where}: cannot read image {os.fspath(path)}: {type(e).__name__}: {e}") from None
 
