@@ -121,7 +121,10 @@ def load_flickr30k(tokenizer: Any, options: LoadOptions = LoadOptions(), *, nega
     options = options.with_defaults()
     root = formats.data_root(options.data_dir, "flickr30k")
     captions = karpathy_captions(root / FLICKR30K_FILE)
-    train = sample_negatives(captions["train"], negatives, options.seed)
+    try:
+        train = sample_negatives(captions["train"], negatives, options.seed)
+    except ValueError as e:
+        raise ValueError(f"{e} in {root / FLICKR30K_FILE}") from None
     val, test = (_first_images(captions[s], eval_images) for s in ("val", "test"))
     keys = {key for _, key in captions["train"] + val + test}
     visuals, dim = formats.visual_inputs(root, keys, options)

@@ -55,21 +55,22 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     path = _require(Path(path), what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); expected {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise ValueError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); expected {what}") from None
 
 
 def read_jsonl(path: str | os.PathLike, what: str) -> list[dict]:
     """Parse a JSON-lines file (one object per non-empty line); errors as :func:`read_json`, with the line number."""
     path = _require(Path(path), what)
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc}); expected {what}") from None
+                    out.append(json.loads(line.decode("utf-8")))
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                                     f"expected {what}") from None
     return out
 
 

@@ -49,7 +49,11 @@ def _examples(path: os.PathLike) -> list[VLExample]:
             raise ValueError(f"{path}:{n}: expected an object with identifier, sentence and label") from None
         if label not in NLVR2_ANSWERS:
             raise ValueError(f"{path}:{n}: label must be one of {', '.join(NLVR2_ANSWERS)}, got {label!r}")
-        out.append(VLExample(sentence, nlvr2_image_keys(identifier), {label: 1.0}))
+        try:
+            keys = nlvr2_image_keys(identifier)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        out.append(VLExample(sentence, keys, {label: 1.0}))
     return out
 
 

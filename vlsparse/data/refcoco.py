@@ -74,8 +74,8 @@ def _load_plain_pickle(path: Path) -> Any:
     except _Refused as e:
         raise ValueError(f"{path}: refused to unpickle the global {e} (this file must hold only dicts, lists, "
                          f"strings and numbers: {_REFS_WHAT})") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            UnicodeDecodeError, MemoryError) as e:
+    except (pickle.PickleError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            UnicodeDecodeError, MemoryError, OverflowError, RecursionError) as e:  # what bytes make the unpickler raise
         raise ValueError(f"{path}: not a valid pickle ({type(e).__name__}: {e}); expected {_REFS_WHAT}") from None
 
 
@@ -126,7 +126,7 @@ def _instances(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, 
         for im in images.values():
             if not (float(im["width"]) > 0 and float(im["height"]) > 0):
                 raise ValueError(f"image {im['id']}: width and height must be positive")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of a huge integer
         raise ValueError(f"{path}: malformed COCO instances ({type(e).__name__}: {e})") from None
     return images, anns, by_image
 

@@ -133,7 +133,7 @@ def _example(q: dict, a: dict, split: str, path: Path) -> VLExample:
         counts = Counter(normalize_answer(x["answer"]) for x in a["answers"])
         return VLExample(q["question"], coco_image_key(split, q["image_id"]),
                           {ans: soft_score(c) for ans, c in counts.items()}, question_type=a["answer_type"])
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, ValueError, OverflowError):  # int(image_id) of "x", of 1e999
         raise ValueError(f"{path}: question {q.get('question_id')}: expected question, image_id, "
                          "answers [{answer}] and answer_type") from None
 

@@ -177,7 +177,8 @@ def read_bundle(path: str | Path) -> Bundle:
                           "upgrade vlsparse to load it")
     if fmt != FORMAT:
         raise BundleError(f"{mpath}: format {fmt!r} is not {FORMAT!r}")
-    if manifest.get("kind") not in KINDS or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest.get("kind"), str) or manifest["kind"] not in KINDS \
+            or not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{mpath}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}, "
                           "or the file list is missing")
     for name, entry in manifest["files"].items():

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["BundleError", "NonFiniteError", "check_manifest_entry", "check_config", "check_task", "load_tokenizer",
+           "check_token_ids",
            "check_session_io", "check_finite", "ANSWER_FIELDS", "REGION_FIELDS", "MODEL_INPUTS"]
 
 #: config.json fields holding the answer count and the region feature size (UNITER, LXMERT, ViLT)
@@ -162,7 +163,25 @@ def load_tokenizer(path: Path, config: dict):
     if _is_int(vocab) and tok.get_vocab_size(with_added_tokens=True) > vocab:
         raise BundleError(f"{path}: {tok.get_vocab_size(with_added_tokens=True)} tokens, more than the model's "
                           f"vocab_size {vocab}: tokenizer and model do not belong together")
+    try:  # a tokenizer that parses can still fail on its first text (e.g. WordLevel without its unk token)
+        check_token_ids(tok.encode("what color is the shape?").ids, config, path)
+    except Exception as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{path}: the tokenizer fails on a question ({str(exc).splitlines()[0][:200]})") from None
     return tok
+
+
+def check_token_ids(ids: Sequence[int] | np.ndarray, config: dict, path: Path) -> None:
+    """Every token id is below config.json's ``vocab_size`` (when given) and >= 0.
+
+    Raises:
+        BundleError: an id outside the model's embeddings (naming ``path``, tokenizer.json).
+    """
+    vocab = config.get("vocab_size")
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or _is_int(vocab) and ids.max() >= vocab):
+        raise BundleError(f"{path}: gives token id {int(ids.max())}, outside the model's vocab_size {vocab}")
 
 
 def check_session_io(session: Any, answers: int, where: Path) -> None:

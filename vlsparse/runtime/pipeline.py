@@ -37,7 +37,7 @@ import numpy as np
 
 from vlsparse.data.visual.regions import EXTRACTOR_VERSION, NUM_REGIONS, REGION_FEATURE_DIM, extract_regions
 from vlsparse.runtime.bundle import TOKENIZER_FILE, Bundle, BundleError, read_bundle
-from vlsparse.runtime.checks import check_finite, load_tokenizer
+from vlsparse.runtime.checks import check_finite, check_token_ids, load_tokenizer
 from vlsparse.runtime.inputs import (MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, REGION_IMAGE_SIDE, InputLimits,
                                      QuestionTruncated, cut_question, image_array)
 from vlsparse.runtime.runners import Runner, load_runner
@@ -148,7 +148,11 @@ class Pipeline:
     def _tokenize(self, questions: Sequence[str]) -> tuple[list, list[bool]]:
         """Encodings of the questions (cut to the limits) and, per question, whether it was cut."""
         cut = [cut_question(q, self.limits) for q in questions]
-        enc = self.tokenizer.encode_batch([q for q, _ in cut])
+        try:
+            enc = self.tokenizer.encode_batch([q for q, _ in cut])
+        except Exception as exc:  # tokenizers raises a bare Exception (the probe at load passed: a rare text)
+            raise BundleError(f"{self.bundle.path / TOKENIZER_FILE}: the tokenizer fails on this question "
+                              f"({str(exc)[:200]})") from None
         return enc, [was_cut or bool(e.overflowing) for (_, was_cut), e in zip(cut, enc)]
 
     def encode(self, images: Sequence[Image], questions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -167,7 +171,9 @@ class Pipeline:
         if self._mean is not None:
             feat = ((feat - self._mean) / self._std).astype(np.float32)
         enc, _ = self._tokenize(questions)
-        return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        check_token_ids(ids, self.bundle.config, self.bundle.path / TOKENIZER_FILE)
+        return {"input_ids": ids,
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
                 "img_feat": feat, "img_pos": np.stack(boxes),
                 "img_mask": np.ones((len(enc), NUM_REGIONS), dtype=np.int64)}

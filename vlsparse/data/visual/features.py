@@ -25,6 +25,7 @@ import binascii
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def _decode(field: bytes, dtype: str, what: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype)
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # values that overflow float32 are refused as Inf
 def _parse_tsv_line(line: bytes, path: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """One TSV line -> (img_id, features (N, D) float32, boxes (N, 7) float32)."""
     fields = line.rstrip(b"\r\n").split(b"\t")
@@ -118,7 +120,39 @@ def _parse_tsv_line(line: bytes, path: Path) -> tuple[str, np.ndarray, np.ndarra
         b7 = box7(boxes.reshape(n, 4), img_w, img_h)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    return img_id, feats.reshape(n, -1).astype(np.float32), b7
+    return (img_id, *_finite(feats.reshape(n, -1).astype(np.float32), b7, where))
+
+
+def _finite(feats: np.ndarray, boxes: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(feats, boxes)``; ValueError naming ``where`` when either holds NaN or Inf (training would diverge)."""
+    if not (np.isfinite(feats).all() and np.isfinite(boxes).all()):
+        raise ValueError(f"{where}: region features or boxes hold NaN or Inf")
+    return feats, boxes
+
+
+#: the most bytes the arrays of one .npz may take once decompressed (a zip bomb is refused before reading)
+MAX_NPZ_BYTES = 2**30
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one .npz file, each of real numbers (bool, int or float).
+
+    Raises:
+        ValueError: not an .npz archive (or an .npy), more than :data:`MAX_NPZ_BYTES` decompressed, an array
+            of another dtype (complex, str, object), or any read error (naming the file).
+    """
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            if sum(i.file_size for i in z.zip.infolist()) > MAX_NPZ_BYTES:
+                raise ValueError(f"more than {MAX_NPZ_BYTES} bytes decompressed")
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError, NotImplementedError, zlib.error,
+            AttributeError, TypeError) as e:  # AttributeError/TypeError: np.load gave an .npy array, no archive
+        raise ValueError(f"{path}: cannot read .npz: {type(e).__name__}: {str(e)[:200]}") from None
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: array {k!r} has dtype {a.dtype}, expected real numbers")
+    return arrays
 
 
 class _IndexedFeatures(Mapping):
@@ -247,19 +281,16 @@ class NpzFeatures(_IndexedFeatures):
             self._index = {e.name[:-4]: Path(e.path) for e in it if e.name.endswith(".npz") and e.is_file()}
         self._feature_dim: int | None = None
 
+    @np.errstate(over="ignore", invalid="ignore", divide="ignore")  # values that overflow float32 are refused as Inf
     def __getitem__(self, img_id: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             path = self._index[img_id]
         except KeyError:
             raise KeyError(f"image id {img_id!r}: no {img_id}.npz in {self.directory}") from None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: cannot read .npz: {e}") from None
+        arrays = _read_npz(path)
         keys = ", ".join(sorted(arrays)) or "none"
         feats = arrays.get("features")
-        if feats is None or feats.ndim != 2:
+        if feats is None or feats.ndim != 2 or 0 in feats.shape:
             raise ValueError(f"{path}: expected `features` (N, D); keys: {keys}")
         if "norm_bb" in arrays:
             nb = arrays["norm_bb"].astype(np.float32)
@@ -275,7 +306,7 @@ class NpzFeatures(_IndexedFeatures):
             raise ValueError(f"{path}: expected `norm_bb`, or `boxes` + `img_h` + `img_w`; keys: {keys}")
         if boxes.shape[0] != feats.shape[0]:
             raise ValueError(f"{path}: {feats.shape[0]} feature rows but {boxes.shape[0]} boxes")
-        return feats.astype(np.float32), boxes
+        return _finite(feats.astype(np.float32), boxes, str(path))
 
     def _empty(self) -> str:
         return f"{self.directory}: no .npz files"

@@ -57,13 +57,16 @@ def scan_tsv(path: Path) -> dict[str, int]:
 
 def tsv_index(path: Path, cache_dir: str | os.PathLike) -> dict[str, int]:
     """:func:`scan_tsv` of ``path`` (an absolute path), read from the cache under ``cache_dir`` when it is
-    there and written to it when it is not; an unreadable cache entry is rebuilt."""
+    there and written to it when it is not; an unreadable or damaged cache entry (ids not strings, offsets not
+    integers >= 0) is rebuilt."""
     cache = index_path(path, cache_dir)
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
         if data["version"] == INDEX_VERSION and data["path"] == str(path):
-            return dict(zip(data["ids"], data["offsets"], strict=True))
-    except (OSError, ValueError, KeyError, TypeError):
+            index = dict(zip(data["ids"], data["offsets"], strict=True))
+            if all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in index.items()):
+                return index  # else a damaged entry: rescan
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass  # no cache, or unreadable: rescan
     index = scan_tsv(path)
     try:
