@@ -26,12 +26,12 @@ from vlsparse.pruning.mask import ones_mask
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
-from tests.fixtures.bundles import KINDS, N_TEST, build_easy_bundles  # noqa: E402  (needs easy_vqa)
+from tests.fixtures.bundles import KINDS, N_TEST, shared_easy_bundles  # noqa: E402  (needs easy_vqa)
 
 
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory):
-    return build_easy_bundles(tmp_path_factory.mktemp("bundles"))
+    return shared_easy_bundles(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
