@@ -75,7 +75,7 @@ class Batcher(Generic[T, R]):
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, int(max_batch), float(max_wait_s)
         self.max_queue, self.workers, self.on_batch = int(max_queue), int(workers), on_batch
         self.in_flight = self.batches = 0
-        self._queue: deque[tuple[T, asyncio.Future]] = deque()
+        self._queue: deque[tuple[T, asyncio.Future, float]] = deque()  # (item, its future, arrival time)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = self._draining = False
         self._running: set[asyncio.Task] = set()
@@ -119,7 +119,7 @@ class Batcher(Generic[T, R]):
         if depth >= self.max_queue:
             raise QueueFull(depth)
         future = self._loop.create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, self._loop.time()))
         self._wakeup.set()
         return future
 
@@ -148,8 +148,8 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
 
     def _prune(self) -> None:
-        if any(f.done() for _, f in self._queue):
-            self._queue = deque((i, f) for i, f in self._queue if not f.done())
+        if any(entry[1].done() for entry in self._queue):
+            self._queue = deque(entry for entry in self._queue if not entry[1].done())
 
     async def _wait(self, timeout: Optional[float]) -> bool:
         """Wait for a submission or a drain/close request, at most ``timeout`` seconds; False on timeout."""
@@ -161,19 +161,18 @@ class Batcher(Generic[T, R]):
             return False
 
     async def _next_batch(self) -> Optional[list[tuple[T, asyncio.Future]]]:
-        """The next batch (waiting for it), or None when closed with nothing left."""
+        """The next batch (waiting for it): (item, future) pairs; None when closed with nothing left."""
         while not self.depth:
             if self._closed:
                 return None
             await self._wait(None)
-        deadline = self._loop.time() + self.max_wait_s
-        while self.depth < self.max_batch and not (self._draining or self._closed):
-            remaining = deadline - self._loop.time()
+        while 0 < self.depth < self.max_batch and not (self._draining or self._closed):
+            remaining = self._queue[0][2] + self.max_wait_s - self._loop.time()  # the oldest item's deadline
             if remaining <= 0 or not await self._wait(remaining):
                 break
         self._prune()
         n = min(self.max_batch, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)] if n else []
+        return [self._queue.popleft()[:2] for _ in range(n)]
 
     async def _collect(self) -> None:
         while True:

@@ -1,6 +1,6 @@
 """Run the app under uvicorn with a graceful shutdown: :func:`main` (what ``vlsparse serve`` calls).
 
-On SIGTERM (or Ctrl+C) the server stops accepting connections, runs every request already queued at once
+Sets OMP_WAIT_POLICY=PASSIVE unless it is set. On SIGTERM (or Ctrl+C) the server stops accepting connections, runs every request already queued at once
 (no more waiting for fuller batches), answers them, then exits with status 0. Requests still running after
 ``timeout_s + 5`` seconds are cancelled.
 """
@@ -70,6 +70,9 @@ def main(bundle: str | os.PathLike, settings: Optional[Settings] = None) -> None
         SystemExit: the address cannot be bound (uvicorn exits with status 1).
     """
     settings = settings or Settings()
+    # between requests the OpenMP threads of our sparse op sleep instead of spin-waiting (read when the op
+    # library loads, below): a server idles between batches, and shares its machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.perf_counter()
     pipeline = Pipeline.load(bundle, threads=settings.threads, batch_size=settings.max_batch)
     app = create_app(pipeline, settings)
