@@ -280,20 +280,22 @@ def test_every_limit_and_bad_request_gets_a_4xx_naming_the_field(easy, pipe, tmp
 def test_full_queue_gets_503_with_retry_after_and_timeouts_get_504(easy, pipe):
     image, question = easy.images[0], easy.questions[0]
     with client(pipe, max_batch=8, max_wait_ms=LONG_WAIT_MS, max_queue=2) as c:
-        batcher = c.app.state.batcher
+        def depth():  # read by the app, in its event loop
+            return metric(c.get("/metrics").text, "vlsparse_queue_depth")
+
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(post_file, c, image, question) for _ in range(2)]
-            wait_until(lambda: batcher.depth == 2, "two queued requests")
+            wait_until(lambda: depth() == 2, "two queued requests")
             r = post_file(c, image, question)
             assert r.status_code == 503 and r.headers["retry-after"] == "1" and "waiting" in r.json()["error"]
-            assert metric(c.get("/metrics").text, "vlsparse_queue_depth") == 2
-            batcher.drain_soon()
+            assert depth() == 2
+            c.app.state.batcher.drain_soon()  # thread-safe
             done = [f.result() for f in waiting]
         assert [d.status_code for d in done] == [200, 200] and {d.json()["batch_size"] for d in done} == {2}
     with client(pipe, max_batch=8, max_wait_ms=LONG_WAIT_MS, timeout_s=0.2) as c:
         r = post_file(c, image, question)
         assert r.status_code == 504 and "timeout" in r.json()["error"]
-        assert c.app.state.batcher.depth == 0  # the timed-out request left the queue
+        assert metric(c.get("/metrics").text, "vlsparse_queue_depth") == 0  # the timed-out request left the queue
         assert c.app.state.batcher.batches == 0
 
 

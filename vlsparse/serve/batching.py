@@ -87,7 +87,7 @@ class Batcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        """Items waiting for a batch (cancelled ones not counted)."""
+        """Items waiting for a batch (cancelled ones not counted). Read it in the event loop's thread."""
         self._prune()
         return len(self._queue)
 
