@@ -292,6 +292,8 @@ def test_full_queue_gets_503_with_retry_after_and_timeouts_get_504(easy, pipe):
             c.app.state.batcher.drain_soon()  # thread-safe
             done = [f.result() for f in waiting]
         assert [d.status_code for d in done] == [200, 200] and {d.json()["batch_size"] for d in done} == {2}
+        health = c.get("/healthz")
+        assert (health.status_code, health.json()) == (503, {"status": "draining"})  # a balancer stops sending
     with client(pipe, max_batch=8, max_wait_ms=LONG_WAIT_MS, timeout_s=0.2) as c:
         r = post_file(c, image, question)
         assert r.status_code == 504 and "timeout" in r.json()["error"]
