@@ -333,6 +333,30 @@ def predict(model: Path = typer.Option(..., "--model", help="bundle directory wr
 
 
 @app.command()
+def serve(model: Path = typer.Option(..., "--model", help="bundle directory written by `vlsparse export`"),
+          host: Optional[str] = typer.Option(None, help="interface to listen on (default 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="TCP port (default 8000)"),
+          max_batch: Optional[int] = typer.Option(None, help="most requests per model batch (default 32)"),
+          max_wait_ms: Optional[float] = typer.Option(None, help="ms a request waits for a fuller batch (default 5)"),
+          workers: Optional[int] = typer.Option(None, help="batches run at once, one thread each (default 1)"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads per model call (default the runtime's)"),
+          max_upload_mb: Optional[float] = typer.Option(None, help="largest request body, MB (default 10)"),
+          max_question_chars: Optional[int] = typer.Option(None, help="longest question, characters (default 500)"),
+          max_image_side: Optional[int] = typer.Option(None, help="largest image side, pixels (default 4096)"),
+          timeout_s: Optional[float] = typer.Option(None, help="seconds from a request to its answer (default 30)"),
+          max_queue: Optional[int] = typer.Option(None, help="most waiting requests; more get 503 (default 256)")):
+    """Serve a bundle over HTTP: POST /v1/predict, GET /v1/model, /healthz, /metrics, /docs and a page at /.
+
+    Concurrent requests are batched dynamically; SIGTERM drains them, then exits 0. Needs the `serve` extra
+    and no torch for onnx bundles (README "Serve").
+    """
+    options = {k: v for k, v in locals().items() if k != "model"}
+    from vlsparse import serve as serving
+
+    serving.main(model, serving.Settings.from_options(**options))
+
+
+@app.command()
 def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out directory, or OUT/imp"),
           out: Path = typer.Option(..., help="report directory (bench.csv, bench.json, PNG plots); re-running resumes"),
           formats: str = typer.Option("dense,csr,onnx,onnx-sparse", help="comma-separated formats"),
