@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.fixtures.bundles import ANSWERS, copy_bundle, rehash
+from tests.fixtures.tiny_bundles import ANSWERS, copy_bundle, rehash
 from vlsparse import Pipeline
 from vlsparse.runtime.bundle import BundleError, read_bundle, sha256
 

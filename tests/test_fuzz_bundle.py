@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fixtures.bundles import TASK
+from tests.fixtures.tiny_bundles import TASK
 from tests.fuzzing import json_file_contents, own_errors_only, write_files
 from vlsparse.runtime.bundle import read_bundle, write_bundle
 from vlsparse.runtime.pipeline import Pipeline

@@ -15,79 +15,23 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from vlsparse import Pipeline
-from vlsparse.data import collate, task_info
-from vlsparse.data.easy_vqa import _examples
-from vlsparse.data.visual.regions import RegionFeatureCache
-from vlsparse.data.dataset import TaskData, VLDataset, region_feature_stats, standardize_regions
-from vlsparse.runtime.bundle import BundleError, BundleExtras, ticket_metadata
-from vlsparse.export.exporters import export_csr, export_onnx
-from vlsparse.models import load_model
-from vlsparse.pruning.magnitude import global_magnitude_prune
+from vlsparse.runtime.bundle import BundleError
+from vlsparse.export.exporters import export_onnx
 from vlsparse.pruning.mask import ones_mask
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
-KINDS = ("csr", "onnx", "onnx-sparse")
-N_TEST = 300
-
-
-def _pick(examples, n, seed):
-    return [examples[i] for i in sorted(np.random.default_rng(seed).choice(len(examples), n, replace=False))]
-
-
-def _regions(examples, paths):
-    ids = sorted({e.image_id for e in examples})
-    feats, boxes = RegionFeatureCache.extract([paths[i] for i in ids])
-    return {i: (feats[k], boxes[k]) for k, i in enumerate(ids)}
+from tests.fixtures.bundles import KINDS, N_TEST, shared_easy_bundles  # noqa: E402  (needs easy_vqa)
 
 
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory):
-    torch.set_num_threads(2)
-    answers = list(easy_vqa.get_answers())
-    train = _pick(_examples(*easy_vqa.get_train_questions()), 800, 0)
-    test = _pick(_examples(*easy_vqa.get_test_questions()), N_TEST, 1)
-    test_paths = easy_vqa.get_test_image_paths()
-    train_regions, test_regions = _regions(train, easy_vqa.get_train_image_paths()), _regions(test, test_paths)
-    mean, std = region_feature_stats(np.stack([f for f, _ in train_regions.values()]))
-    net, tokenizer = load_model("uniter-tiny", img_dim=294, num_answers=len(answers), seed=0)
-    ds_train, ds_test = (VLDataset(ex, standardize_regions(reg, mean, std), tokenizer, answers, max_text_len=40)
-                         for ex, reg in ((train, train_regions), (test, test_regions)))
-    mask = global_magnitude_prune(dict(net.named_parameters()), ones_mask(net, net.prune_scope()), 0.7)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name in mask:
-                p.mul_(mask[name])
-        # fit the answer layer: ridge regression of +-1 targets on the head's hidden features
-        batch = collate([ds_train[i] for i in range(len(ds_train))])
-        y = batch.pop("targets")
-        h = net.vqa_output[:3](net.uniter(**batch)[0])
-        h = torch.cat([h, torch.ones(len(h), 1)], 1)
-        w = torch.linalg.solve(h.T @ h + 1e-2 * torch.eye(h.shape[1]), h.T @ (2 * y - 1))
-        net.vqa_output[3].weight.copy_(w[:-1].T)
-        net.vqa_output[3].bias.copy_(w[-1])
-        batch = collate([ds_test[i] for i in range(len(ds_test))])
-        batch.pop("targets")
-        ref = net(**batch).numpy()  # the masked PyTorch model: (N_TEST, 13) logits
-    top = np.sort(ref, axis=1)
-    assert len(set(ref.argmax(1).tolist())) >= 4 and (top[:, -1] - top[:, -2]).min() > 1e-4  # a telling comparison
-
-    info = task_info(TaskData("easy-vqa", ds_train, ds_train, ds_test, answers, 294, feature_mean=mean,
-                              feature_std=std))
-    extras = BundleExtras(info, tokenizer, ticket_metadata({"model": "uniter-tiny", "task": "easy-vqa"}, 0.7))
-    root = tmp_path_factory.mktemp("bundles")
-    bundles = {"csr": export_csr(net, mask, root / "csr", bundle_extras=extras),
-               "onnx": export_onnx(net, mask, root / "onnx", bundle_extras=extras),
-               "onnx-sparse": export_onnx(net, mask, root / "onnx-sparse", sparse=True, bundle_extras=extras)}
-    return SimpleNamespace(answers=answers, images=[test_paths[e.image_id] for e in test],
-                           questions=[e.question for e in test], ref=ref, bundles=bundles, root=root)
+    return shared_easy_bundles(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

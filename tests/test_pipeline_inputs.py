@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tests.fixtures.bundles import tiny_bundles
+from tests.fixtures.tiny_bundles import tiny_bundles
 from vlsparse import Pipeline
 
 SMALL = np.zeros((64, 64, 3), np.uint8)

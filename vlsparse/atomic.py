@@ -50,7 +50,7 @@ def cpu_state(model) -> dict:
 
 def save_weights(path: str | Path, model, metadata: dict[str, str] | None = None) -> Path:
     """Atomically write ``model``'s state_dict to ``path`` as safetensors (string ``metadata`` in the header)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # the `train` extra (torch): the torch-free runtime imports this module
 
     state = cpu_state(model)
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

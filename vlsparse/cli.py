@@ -2,15 +2,29 @@
 
 User errors (bad names, paths, files, values) print one line ``error: ...`` to stderr and exit
 with code 2, without a traceback.
+
+The training options (``--steps``, ``--batch-size``, ``--lr``, ...) and ``--rewind-step`` are generated from
+the fields of :class:`~vlsparse.training.config.TrainConfig` and :class:`~vlsparse.lottery.config.IMPConfig`
+(their defaults and ``metadata["help"]``), see :class:`_ConfigOptions`. Only torch-free modules are imported
+here at the top: ``vlsparse predict`` runs without torch; the commands import the library they call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import json
 import sys
+import time
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from vlsparse.lottery.config import IMPConfig, parse_levels, train_config
+from vlsparse.training.config import TrainConfig
 
 app = typer.Typer(help="Find lottery tickets in vision-and-language transformers and ship them as sparse models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -22,6 +36,56 @@ _MODEL = typer.Option(..., "--model", help="preset name, save_pretrained directo
 _TASK = typer.Option("easy-vqa", "--task", help="task name")
 
 
+@dataclasses.dataclass(frozen=True)
+class _ConfigOptions:
+    """The default of a command parameter that stands for options made from a configuration dataclass.
+
+    :func:`_config_options` replaces the parameter by one option per name in ``fields`` (``--batch-size`` for
+    ``batch_size``), in its place, typed, with the field's default and ``metadata["help"]`` (or ``help``'s
+    text for that field); the command receives the parameter as a dict field name -> value.
+    """
+
+    config: type
+    fields: tuple[str, ...]
+    help: tuple[tuple[str, str], ...] = ()
+
+    def with_help(self, **help: str) -> "_ConfigOptions":
+        """The same options with other help texts for some fields."""
+        return dataclasses.replace(self, help=self.help + tuple(help.items()))
+
+    def parameters(self, kind) -> list[inspect.Parameter]:
+        """The typer options, as parameters of kind ``kind``."""
+        types, helps = typing.get_type_hints(self.config), dict(self.help)
+        fields = {f.name: f for f in dataclasses.fields(self.config)}
+        return [inspect.Parameter(n, kind, annotation=types[n], default=typer.Option(
+            fields[n].default, help=helps.get(n, fields[n].metadata.get("help")))) for n in self.fields]
+
+
+def _config_options(command):
+    """Decorator: expand the command's :class:`_ConfigOptions` parameters into options (see there)."""
+    sig = inspect.signature(command, eval_str=True)
+    params, groups = [], {}
+    for p in sig.parameters.values():
+        if isinstance(p.default, _ConfigOptions):
+            groups[p.name] = p.default.fields
+            params += p.default.parameters(p.kind)
+        else:
+            params.append(p)
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        for name, fields in groups.items():
+            kwargs[name] = {f: kwargs.pop(f) for f in fields}
+        return command(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)
+    return wrapper
+
+
+_TRAIN = _ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
+_IMP = _ConfigOptions(IMPConfig, ("rewind_step",))
+
+
 class _Progress:
     """One tqdm bar per training run: progress(description, done, total)."""
 
@@ -29,7 +93,7 @@ class _Progress:
         self.bar, self.desc = None, None
 
     def __call__(self, desc: str, done: int, total: int) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # the `train` extra: only the training commands draw progress bars
 
         if desc != self.desc:
             self.close()
@@ -42,48 +106,10 @@ class _Progress:
         self.bar = self.desc = None
 
 
-def _setup(model: str, task: str, seed: int, data_dir: Optional[Path] = None):
-    """Load the task's data and the model sized for it; returns (model, task data, collate)."""
-    import torch
-
-    from vlsparse.data import collate, load_task
-    from vlsparse.models.registry import load_model, load_tokenizer, visual_input
-
-    from vlsparse.models.heads import head_outputs
-
-    torch.manual_seed(seed)
-    data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
-    obj = data.objective
-    net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=head_outputs(obj.head, len(data.answers)),
-                        seed=seed, head=obj.head, num_images=obj.images)
-    return net, data, collate
-
-
-def _train_config(steps, batch_size, lr, head_lr, warmup, seed, device):
-    from vlsparse.training.loop import TrainConfig
-
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=min(warmup, steps),
-                       seed=seed, device=device)
-
-
-def _parse_levels(levels: Optional[str], sparsity: float, rate: Optional[float]) -> list[float]:
-    from vlsparse.lottery.imp import schedule
-
-    if levels is None:
-        return schedule(sparsity, rate=rate)
-    try:
-        out = [float(x) for x in levels.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--levels must be comma-separated fractions like 0.5,0.7, got {levels!r}") from None
-    if not out or abs(out[-1] - sparsity) > 1e-9:
-        raise ValueError(f"--levels must end at --sparsity {sparsity}, got {levels!r}")
-    return out
-
-
 @app.command()
 def scope(model: str = _MODEL):
     """Print the prune scope of a model: every prunable weight with its shape and count."""
-    from vlsparse.models.registry import load_model
+    from vlsparse.models.registry import load_model  # the `train` extra (torch): imported by the commands that need it
 
     net, _ = load_model(model)
     params = dict(net.named_parameters())
@@ -97,29 +123,21 @@ def scope(model: str = _MODEL):
 
 
 @app.command("find-ticket")
+@_config_options
 def find_ticket(model: str = _MODEL, task: str = _TASK,
                 sparsity: float = typer.Option(..., help="target global sparsity, a fraction in [0, 1)"),
                 out: Path = typer.Option(..., help="run directory (re-running resumes)"),
                 rate: Optional[float] = typer.Option(None, help="prune this fraction of remaining weights per round"),
                 levels: Optional[str] = typer.Option(None, help="explicit sparsity levels, e.g. 0.5,0.6,0.7"),
-                steps: int = typer.Option(500, help="training steps per IMP round"),
-                batch_size: int = typer.Option(32), lr: float = typer.Option(1e-4),
-                head_lr: float = typer.Option(1e-3, help="lr of image embeddings and head"),
-                warmup: int = typer.Option(100), seed: int = typer.Option(0),
-                device: str = typer.Option("cpu", help="cpu | cuda"),
-                rewind_step: int = typer.Option(0, help="rewind to θ_i after i steps instead of θ0"),
+                train: dict = _TRAIN.with_help(steps="training steps per IMP round"), imp: dict = _IMP,
                 data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
     """Run IMP (Gan et al. 2022, Algorithm 1) and write a ticket at every sparsity level."""
-    from vlsparse.data import save_task_info
-    from vlsparse.lottery.imp import IMPConfig, check_config, run_imp
+    from vlsparse.lottery.imp import find_ticket as run_find_ticket  # the `train` extra (torch)
 
-    cfg = IMPConfig(model=model, task=task, levels=_parse_levels(levels, sparsity, rate),
-                    train=_train_config(steps, batch_size, lr, head_lr, warmup, seed, device), rewind_step=rewind_step)
-    net, data, collate = _setup(model, task, seed, data_dir)
+    cfg = IMPConfig(model=model, task=task, levels=parse_levels(levels, sparsity, rate), train=train_config(**train),
+                    **imp)
     bar = _Progress()
-    check_config(Path(out), cfg)  # refuse another configuration before writing anything
-    save_task_info(data, Path(out) / "task.json")
-    results = run_imp(out, net, data, collate, cfg, bar)
+    results, data = run_find_ticket(out, cfg, data_dir, bar)
     bar.close()
     metric = data.metric_name
     for m in results:
@@ -129,31 +147,20 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
 
 
 @app.command("train-ticket")
+@_config_options
 def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), model: str = _MODEL, task: str = _TASK,
                  out: Path = typer.Option(..., help="output directory for metrics.json and weights.safetensors"),
                  init: str = typer.Option("pretrained", help="pretrained | shuffled | random"),
                  theta0: Optional[Path] = typer.Option(None, help="θ0 weights; default: theta0.safetensors of the "
                                                                    "ticket's run directory if there is one"),
-                 steps: int = typer.Option(500), batch_size: int = typer.Option(32), lr: float = typer.Option(1e-4),
-                 head_lr: float = typer.Option(1e-3), warmup: int = typer.Option(100), seed: int = typer.Option(0),
-                 device: str = typer.Option("cpu"), data_dir: Optional[Path] = typer.Option(None)):
+                 train: dict = _TRAIN, data_dir: Optional[Path] = typer.Option(None)):
     """Reset to θ0, train the ticket's subnetwork and write its test metrics and trained weights."""
-    from vlsparse.data import save_task_info
-    from vlsparse.pruning.reinit import INITS
-    from vlsparse.pruning.ticket import Ticket
-    from vlsparse.lottery.retrain import retrain_ticket
+    from vlsparse.lottery.retrain import train_ticket as run_train_ticket  # the `train` extra (torch)
 
-    if init not in INITS:
-        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    t = Ticket.load(ticket)
-    if theta0 is None and (ticket.parent.parent / "theta0.safetensors").is_file():
-        theta0 = ticket.parent.parent / "theta0.safetensors"
-    cfg = _train_config(steps, batch_size, lr, head_lr, warmup, seed, device)
-    net, data, collate = _setup(model, task, seed, data_dir)
+    cfg = train_config(**train)
     bar = _Progress()
-    m = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
-                       progress=lambda s: bar("train", s, steps))
-    save_task_info(data, out / "task.json")
+    m, data = run_train_ticket(ticket, out, model, task, cfg, init=init, theta0=theta0, data_dir=data_dir,
+                               progress=lambda s: bar("train", s, cfg.steps))
     bar.close()
     metric = data.metric_name
     typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {metric} {m['val'][metric]:.2%}  "
@@ -164,14 +171,12 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
 def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help="global sparsity in [0, 1)"),
                   out: Path = typer.Option(..., help="ticket file to write"), seed: int = typer.Option(0)):
     """Random pruning baseline: a ticket with uniformly random pruned weights at global ``sparsity``."""
+    # the `train` extra (torch): imported by the commands that need it
+    from vlsparse.lottery.main_job import random_ticket as make_random_ticket
     from vlsparse.models.registry import load_model
-    from vlsparse.pruning.magnitude import random_prune
-    from vlsparse.pruning.mask import ones_mask
-    from vlsparse.pruning.ticket import Ticket
 
     net, _ = load_model(model)
-    mask = random_prune(ones_mask(net, net.prune_scope()), sparsity, seed=seed)
-    t = Ticket(mask, {"model": model, "method": "random", "seed": str(seed), "target_sparsity": f"{sparsity:.6f}"})
+    t = make_random_ticket(net, sparsity, seed, model=model)
     t.save(out)
     typer.echo(f"random ticket, sparsity {t.sparsity:.2%} -> {out}")
 
@@ -179,6 +184,7 @@ def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help=
 @ticket_app.command("info")
 def ticket_info(path: Path):
     """Print a ticket's metadata, global and per-layer sparsity."""
+    # the `train` extra (torch): imported by the commands that need it
     from vlsparse.pruning.mask import layer_sparsity
     from vlsparse.pruning.ticket import Ticket
 
@@ -193,6 +199,7 @@ def ticket_info(path: Path):
 @ticket_app.command("compare")
 def ticket_compare(a: Path, b: Path):
     """Mask overlap |A∩B|/|A∪B| over pruned weights (Gan et al. 2022's mask similarity)."""
+    # the `train` extra (torch): imported by the commands that need it
     from vlsparse.pruning.mask import overlap
     from vlsparse.pruning.ticket import Ticket
 
@@ -204,16 +211,9 @@ def ticket_compare(a: Path, b: Path):
 @ticket_app.command("to-prune")
 def ticket_to_prune(path: Path, out: Path = typer.Option(..., help="safetensors file to write")):
     """Write the masks under torch.nn.utils.prune's names (``<module>.weight_mask``, float 0/1)."""
-    from safetensors.torch import save_file
+    from vlsparse.pruning.ticket import save_torch_prune_masks  # the `train` extra (torch)
 
-    from vlsparse.atomic import atomic_write
-    from vlsparse.pruning.mask import to_torch_prune_names
-    from vlsparse.pruning.ticket import Ticket
-
-    if out.exists():
-        raise ValueError(f"{out}: exists; refusing to overwrite")
-    masks = to_torch_prune_names(Ticket.load(path).mask)
-    atomic_write(out, lambda tmp: save_file(masks, tmp))
+    masks = save_torch_prune_masks(path, out)
     typer.echo(f"{len(masks)} masks -> {out}")
 
 
@@ -230,8 +230,7 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            out: Path = typer.Option(..., help="output directory (must not exist)")):
     """Export a masked model as a self-contained bundle: CSR-sparse PyTorch or ONNX (dense or sparse custom op),
     with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.runtime.bundle)."""
-    import json
-
+    # the `train` extra (torch): imported by the commands that need it
     from vlsparse.runtime.bundle import BundleExtras, find_task_info, ticket_metadata
     from vlsparse.export.exporters import ExportError, export_csr, export_onnx, model_from_weights
     from vlsparse.models.registry import load_tokenizer
@@ -266,44 +265,30 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
 
 
 @app.command("main-job")
+@_config_options
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
              model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,
              levels: str = typer.Option("0.5,0.7,0.8", help="IMP sparsity levels after the dense level"),
              compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
-             steps: int = typer.Option(500), batch_size: int = typer.Option(32), seed: int = typer.Option(0),
-             device: str = typer.Option("cpu"), threads: Optional[int] = typer.Option(None),
+             train: dict = _TRAIN.with_help(steps="training steps per IMP round"),
+             threads: Optional[int] = typer.Option(None),
              bench: bool = typer.Option(True, help="end with a short bench of the dense model and the tickets "
                                                    "at --bench-level (vlsparse bench)"),
              bench_level: float = typer.Option(0.7, help="sparsity level whose IMP and random tickets are benched"),
              bench_questions: int = typer.Option(1000, help="test questions for the bench's accuracy column")):
     """The README's main job: dense model, IMP tickets, random pruning at three levels, one table, a bench."""
-    import time
-
+    # the `train` extra (torch): imported by the commands that need it
     import torch
 
-    from vlsparse.lottery.main_job import format_table
-    from vlsparse.lottery.main_job import main_job as run_main_job
-    from vlsparse.lottery.imp import IMPConfig
+    from vlsparse.lottery.main_job import format_table, job_levels, run_main_job
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    lv = _parse_levels(levels, float(levels.split(",")[-1]), None)
-    cmp = _parse_levels(compare, float(compare.split(",")[-1]), None)
-
-    def level_of(s: float, what: str) -> int:
-        for i, x in enumerate(lv):
-            if abs(x - s) < 1e-9:
-                return i + 1
-        raise ValueError(f"{what} {s} is not among --levels {lv}")
-
-    compare_idx = [level_of(c, "--compare level") for c in cmp]
-    bench_idx = level_of(bench_level, "--bench-level") if bench else None
-    cfg = IMPConfig(model=model, task=task, levels=lv,
-                    train=_train_config(steps, batch_size, 1e-4, 1e-3, 100, seed, device))
-    net, data, collate = _setup(model, task, seed)
+    lv, compare_idx, bench_idx = job_levels(levels, compare, bench_level if bench else None)
+    cfg = IMPConfig(model=model, task=task, levels=lv, train=train_config(**train))
     bar = _Progress()
-    rows = run_main_job(out, net, data, collate, cfg, compare_idx, bar)
+    rows, data = run_main_job(out, cfg, compare_idx, bar)
     bar.close()
     typer.echo(format_table([r for r in rows if r.random is not None], data.metric_name))
     typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
@@ -331,9 +316,6 @@ def predict(model: Path = typer.Option(..., "--model", help="bundle directory wr
     Scores are sigmoid(logit) in [0, 1]; latency is the wall time of the pipeline call (region features,
     tokenizer, model) after loading. Needs no torch for onnx bundles.
     """
-    import json
-    import time
-
     from vlsparse.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
@@ -348,6 +330,30 @@ def predict(model: Path = typer.Option(..., "--model", help="bundle directory wr
     for a, s in answers:
         typer.echo(f"{s:8.4f}  {a}")
     typer.echo(f"latency {latency_ms:.1f} ms ({pipe.kind} bundle; loading took {load_ms:.0f} ms)")
+
+
+@app.command()
+def serve(model: Path = typer.Option(..., "--model", help="bundle directory written by `vlsparse export`"),
+          host: Optional[str] = typer.Option(None, help="interface to listen on (default 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="TCP port (default 8000)"),
+          max_batch: Optional[int] = typer.Option(None, help="most requests per model batch (default 32)"),
+          max_wait_ms: Optional[float] = typer.Option(None, help="ms a request waits for a fuller batch (default 5)"),
+          workers: Optional[int] = typer.Option(None, help="batches run at once, one thread each (default 1)"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads per model call (default the runtime's)"),
+          max_upload_mb: Optional[float] = typer.Option(None, help="largest request body, MB (default 10)"),
+          max_question_chars: Optional[int] = typer.Option(None, help="longest question, characters (default 500)"),
+          max_image_side: Optional[int] = typer.Option(None, help="largest image side, pixels (default 4096)"),
+          timeout_s: Optional[float] = typer.Option(None, help="seconds from a request to its answer (default 30)"),
+          max_queue: Optional[int] = typer.Option(None, help="most waiting requests; more get 503 (default 256)")):
+    """Serve a bundle over HTTP: POST /v1/predict, GET /v1/model, /healthz, /metrics, /docs and a page at /.
+
+    Concurrent requests are batched dynamically; SIGTERM drains them, then exits 0. Needs the `serve` extra
+    and no torch for onnx bundles (README "Serve").
+    """
+    options = {k: v for k, v in locals().items() if k != "model"}
+    from vlsparse import serve as serving
+
+    serving.main(model, serving.Settings.from_options(**options))
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Iterative Magnitude Pruning (Gan et al. 2022, Algorithm 1), level by level, resumable.
 
-The run directory it fills is defined in :mod:`vlsparse.lottery.runs`.
+The run directory it fills is defined in :mod:`vlsparse.lottery.runs`; what defines a run (:class:`IMPConfig`,
+the :func:`schedule` of levels) in :mod:`vlsparse.lottery.config`, re-exported here.
 
 Level k: reset to θ0 (θ_i with rewinding), train ``steps`` steps with mask m_k, evaluate, then
 prune the trained weights by global magnitude to the next level's sparsity, which gives m_{k+1}.
@@ -15,65 +16,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
 from vlsparse.atomic import atomic_write, save_weights, write_json
+from vlsparse.data import save_task_info
+from vlsparse.lottery.config import IMPConfig, schedule
 from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
+from vlsparse.lottery.setup import setup
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
-from vlsparse.training.loop import TrainConfig, evaluate, train
-
-
-def schedule(target: float, step: float = 0.1, rate: float | None = None) -> list[float]:
-    """Sparsity levels after level 0 (dense), ending exactly at ``target``.
-
-    Default: 0.1, 0.2, ... (each round removes what is needed to reach the next level).
-    ``rate``: remove that fraction of the *remaining* weights per round (Frankle & Carbin 2019):
-    s_{k+1} = 1 - (1 - s_k)(1 - rate). Fractions in [0, 1). Raises ValueError outside that range.
-    """
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {target}")
-    levels: list[float] = []
-    if rate is not None:
-        if not 0.0 < rate < 1.0:
-            raise ValueError(f"--rate must be in (0, 1), got {rate}")
-        s = 0.0
-        while (s := 1.0 - (1.0 - s) * (1.0 - rate)) < target - 1e-9:
-            levels.append(round(s, 6))
-    else:
-        k = 1
-        while k * step < target - 1e-9:
-            levels.append(round(k * step, 6))
-            k += 1
-    return levels + [target] if target > 0 else levels
-
-
-@dataclass
-class IMPConfig:
-    """What defines a run: everything here must match to resume into an existing RUN."""
-
-    model: str
-    task: str
-    levels: list[float]
-    train: TrainConfig = field(default_factory=TrainConfig)
-    rewind_step: int = 0
-
-    def __post_init__(self):
-        if any(not 0.0 <= s < 1.0 for s in self.levels) or self.levels != sorted(set(self.levels)):
-            raise ValueError(f"sparsity levels must be increasing fractions in [0, 1), got {self.levels}")
-        if not 0 <= self.rewind_step < self.train.steps:
-            raise ValueError(f"--rewind-step must be in [0, steps={self.train.steps}), got {self.rewind_step}")
-
-    def identity(self) -> dict:
-        """The JSON-able fields compared on resume (the device is free to change)."""
-        d = asdict(self)
-        d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
-        return d
+from vlsparse.training.loop import evaluate, train
 
 
 def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig,
@@ -144,4 +100,24 @@ def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, 
             "val_metric": json.dumps(val_metric)}
 
 
-__all__ = ["IMPConfig", "run_imp", "schedule"]
+def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict], object]:
+    """``vlsparse find-ticket``: load ``cfg``'s task and model, then run (or resume) IMP into ``run``.
+
+    The configuration is checked against RUN/config.json before anything is written; RUN/task.json
+    gets the task's answers and feature statistics (for ``vlsparse export``).
+
+    Returns:
+        (the metrics of every level, as :func:`run_imp`; the TaskData).
+
+    Raises:
+        RunError: ``run`` holds a run with another configuration, or corrupt files.
+        ValueError / FileNotFoundError / KeyError: see :func:`vlsparse.lottery.setup.setup`.
+    """
+    model, data, collate = setup(cfg.model, cfg.task, cfg.train.seed, data_dir)
+    check_config(run, cfg)  # refuse another configuration before writing anything
+    save_task_info(data, Run(run).task_info)
+    return run_imp(run, model, data, collate, cfg, progress), data
+
+
+__all__ = ["IMPConfig", "find_ticket", "run_imp", "schedule"]

@@ -3,7 +3,7 @@
 Reset to θ0 (or a re-initialisation of it, Table 1 rows 6-7), apply the ticket's mask, train the
 subnetwork fully and measure it on validation and test. Writes ``OUT/metrics.json`` and the trained
 subnetwork ``OUT/weights.safetensors`` (a state_dict with the pruned weights exactly zero), the
-input of ``vlsparse export``.
+input of ``vlsparse export``; :func:`train_ticket` (``vlsparse train-ticket``) adds ``OUT/task.json``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from pathlib import Path
 from torch import nn
 
 from vlsparse.atomic import save_weights, write_json
-from vlsparse.lottery.runs import load_weights
+from vlsparse.data import save_task_info
+from vlsparse.lottery.runs import TASK_INFO, Run, load_weights
+from vlsparse.lottery.setup import setup
 from vlsparse.pruning.mask import check_mask_fits
-from vlsparse.pruning.reinit import reinitialize
+from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket, TicketError
 from vlsparse.training.loop import TrainConfig, evaluate, train
 
@@ -67,3 +69,34 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init})
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
+                 init: str = "pretrained", theta0: str | Path | None = None, data_dir: str | Path | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[dict, object]:
+    """``vlsparse train-ticket``: load the ticket file, the task and the model by name, then :func:`retrain_ticket`
+    into ``out`` and write ``out/task.json``.
+
+    ``theta0`` defaults to the θ0 of the ticket's run directory (:meth:`Run.of_ticket`) when there is one;
+    otherwise the freshly loaded model is θ0.
+
+    Returns:
+        (the metrics dict of :func:`retrain_ticket`, the TaskData).
+
+    Raises:
+        ValueError: unknown ``init``; see also :func:`vlsparse.lottery.setup.setup`.
+        TicketError / RunError: as :func:`retrain_ticket`, or a missing or corrupt ticket file.
+    """
+    if init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    t = Ticket.load(ticket)
+    if theta0 is None and (run := Run.of_ticket(ticket)) is not None:
+        theta0 = run.theta0
+    net, data, collate = setup(model, task, cfg.seed, data_dir)
+    metrics = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
+                             progress=progress)
+    save_task_info(data, Path(out) / TASK_INFO)
+    return metrics, data
+
+
+__all__ = ["retrain_ticket", "train_ticket"]

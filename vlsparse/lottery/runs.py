@@ -54,12 +54,15 @@ class Run:
         return self.path / f"level_{k:02d}"
 
     def ticket(self, k: int) -> Path:
+        """Level k's mask, RUN/level_XX/ticket.safetensors."""
         return self.level(k) / TICKET
 
     def weights(self, k: int) -> Path:
+        """Level k's trained weights, RUN/level_XX/weights.safetensors."""
         return self.level(k) / WEIGHTS
 
     def metrics_file(self, k: int) -> Path:
+        """Level k's metrics, RUN/level_XX/metrics.json (written last)."""
         return self.level(k) / METRICS
 
     def finished(self, k: int) -> bool:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from vlsparse._version import __version__
 from vlsparse.atomic import atomic_write
-from vlsparse.pruning.mask import Mask, sparsity
+from vlsparse.pruning.mask import Mask, sparsity, to_torch_prune_names
 
 
 class TicketError(ValueError):
@@ -83,3 +83,21 @@ class Ticket:
     def metric(self) -> dict:
         """The validation metric stored with the ticket (dict, possibly empty)."""
         return json.loads(self.meta.get("val_metric", "{}") or "{}")
+
+
+def save_torch_prune_masks(ticket: str | Path, out: str | Path) -> dict[str, torch.Tensor]:
+    """Write the masks of the ticket file ``ticket`` under torch.nn.utils.prune's names (``<module>.weight_mask``,
+    float32 0/1; :func:`vlsparse.pruning.mask.to_torch_prune_names`) to the safetensors file ``out``; returns them.
+
+    Raises:
+        TicketError: ``out`` exists (never overwritten), or ``ticket`` is missing or not a ticket.
+    """
+    out = Path(out)
+    if out.exists():
+        raise TicketError(f"{out}: exists; refusing to overwrite")
+    masks = to_torch_prune_names(Ticket.load(ticket).mask)
+    atomic_write(out, lambda tmp: save_file(masks, tmp))
+    return masks
+
+
+__all__ = ["Ticket", "TicketError", "save_torch_prune_masks"]

@@ -16,7 +16,6 @@ pruned weights cannot grow back.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,38 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlsparse.data.objective import VQA_OBJECTIVE
 from vlsparse.atomic import cpu_state
 from vlsparse.pruning.mask import Mask, apply_mask
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run.
-
-    steps: optimizer steps; batch_size: questions per step; lr / head_lr: peak learning rates of
-    pre-trained / new parameters; warmup: linear warm-up steps; weight_decay: AdamW decoupled decay;
-    seed: data order and dropout; device: "cpu" or "cuda"; compact_vocab: train only the word
-    embeddings of tokens the training questions use (see :class:`CompactVocab`).
-    """
-
-    steps: int = 500
-    batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: str = "cpu"
-    compact_vocab: bool = True
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+from vlsparse.training.config import TrainConfig
 
 
 def _batches(dataset: Dataset, collate: Callable, batch_size: int, seed: int) -> Iterator[dict]:
@@ -202,3 +170,6 @@ def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: 
         return dataset.evaluate(model, batch_size=batch_size, device=device)
     logits, targets = predict(model, dataset, collate, batch_size, device)
     return getattr(dataset, "objective", VQA_OBJECTIVE).metrics(logits, targets)
+
+
+__all__ = ["CompactVocab", "TrainConfig", "evaluate", "predict", "train"]
