@@ -145,3 +145,16 @@ def test_cli_prints_one_error_line(tmp_path):
                        env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert p.stderr.startswith("error: ") and "tokenizer.json" in p.stderr, p.stderr
+
+
+def test_a_dense_onnx_bundle_loads_no_custom_library(monkeypatch):
+    from tests.fixtures.tiny_bundles import tiny_bundles
+    from vlsparse.sparse.kernels import ort as ort_library
+
+    def planted(*a, **k):
+        raise AssertionError("a custom-op library was loaded for a dense ONNX bundle")
+
+    monkeypatch.setattr(ort_library, "custom_op_library", planted)
+    monkeypatch.setattr(ort_library, "set_num_threads", planted)
+    pipe = Pipeline.load(tiny_bundles()["onnx"], threads=1)
+    assert [a for a, _ in pipe(IMAGE, "what color?")] and pipe.kind == "onnx"
