@@ -9,7 +9,8 @@ masks it by global magnitude to ``--sparsity``, writes every format with
 checks each format's logits against the masked dense model (max abs difference printed, <= 1e-4 is
 the target) and times all formats interleaved call by call (:func:`vlsparse.bench.timing.time_interleaved`):
 median ms of ``--repeats`` calls per batch size, and each format's speed-up over dense PyTorch and
-over dense onnxruntime. ``--rss`` adds the steady RSS (MB) of each format loaded alone in a fresh
+over dense onnxruntime. ``--openmp`` also times the onnx-sparse session with the op on its own
+OpenMP pool (the threading before onnxruntime's pool was used). ``--rss`` adds the steady RSS (MB) of each format loaded alone in a fresh
 process after a few calls (:func:`vlsparse.bench.memory.steady_rss`). The load average is printed
 before and after. Nothing here is a test: the figures depend on the machine and its load.
 """
@@ -32,6 +33,7 @@ from vlsparse.models import load_model
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import apply_mask, ones_mask
 from vlsparse.runtime.runners import FORMATS
+from vlsparse.sparse.kernels import ort as ort_library
 
 
 def _loadavg() -> str:
@@ -52,6 +54,15 @@ def build(args, work: Path) -> tuple[torch.nn.Module, dict[str, Path]]:
     return model.eval(), export_formats(model, mask, args.formats, work)
 
 
+def _on_openmp(runner, fed) -> np.ndarray:
+    """One call of an onnx-sparse runner with the op on its own OpenMP pool (the pre-0.3 threading)."""
+    ort_library.set_openmp(True)
+    try:
+        return runner.fetch(runner.call(fed))
+    finally:
+        ort_library.set_openmp(False)
+
+
 def measure(args, model, paths: dict[str, Path]) -> None:
     """Print parity and the interleaved medians / ratios per batch size."""
     runners = {f: load_format(f, paths[f], threads=args.threads, spin=not args.no_spin) for f in args.formats}
@@ -61,10 +72,13 @@ def measure(args, model, paths: dict[str, Path]) -> None:
         feeds = {f: r.feed(inputs) for f, r in runners.items()}
         diffs = {f: float(np.abs(r.logits(inputs) - ref).max()) for f, r in runners.items()}
         fns = {f: (lambda r=r, fd=feeds[f]: r.fetch(r.call(fd))) for f, r in runners.items()}
+        if args.openmp and "onnx-sparse" in runners:  # the same session, the op on its own OpenMP pool
+            fns["onnx-sparse/omp"] = lambda r=runners["onnx-sparse"], fd=feeds["onnx-sparse"]: _on_openmp(r, fd)
+            diffs["onnx-sparse/omp"] = float(np.abs(_on_openmp(runners["onnx-sparse"], feeds["onnx-sparse"]) - ref).max())
         times = time_interleaved(fns, args.repeats, warmup=3)
         med = {f: statistics.median(t) * 1e3 for f, t in times.items()}
         print(f"batch {batch} ({batch * (args.text + args.regions)} tokens), median of {args.repeats}, load {_loadavg()}")
-        for f in args.formats:
+        for f in fns:
             vs_onnx = f"{med['onnx'] / med[f]:.2f}x" if "onnx" in med else "-"
             print(f"  {f:12s} {med[f]:9.2f} ms  vs dense {med['dense'] / med[f]:.2f}x  vs onnx {vs_onnx}"
                   f"  max|diff| {diffs[f]:.1e}")
@@ -83,6 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not spin-wait")
+    p.add_argument("--openmp", action="store_true", help="also time onnx-sparse with the op on an OpenMP pool")
     p.add_argument("--rss", action="store_true", help="also the steady RSS of each format in a fresh process")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ The directory is the one :func:`vlsparse.export.exporters.export_csr` writes::
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -33,10 +34,16 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
     """Rebuild a model from a CSR directory with :class:`SparseLinear` in place of the pruned Linears.
 
     Outputs equal the masked dense model's (fp32 values: <= 1e-4 max abs difference, tested).
+    The dense model is never materialised: the model is built with its parameters on the meta device
+    (no storage), each pruned Linear becomes a SparseLinear over the file's arrays, and every other
+    parameter takes the file's tensor itself (``load_state_dict(assign=True)``, no copy), so the loaded
+    model holds one copy of what the file holds (bitmask weights decoded to CSR). Buffers the file does
+    not hold (non-persistent ones such as position ids) are built on the CPU as the model makes them.
 
     Raises:
         ExportError: missing files, a file that is not a vlsparse CSR export, or corrupt sparse arrays
-            (indices out of range, non-monotonic crow_indices, wrong lengths), naming the tensor.
+            (indices out of range, non-monotonic crow_indices, wrong lengths), naming the tensor; a
+            tensor the model lacks or a parameter the file lacks.
     """
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
@@ -52,23 +59,56 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
         raise ExportError(f"{path}: unreadable export ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise ExportError(f"{weights}: not a vlsparse CSR export (header lacks format={FORMAT})")
-    model = model_from_config(config)
+    with parameters_on_meta():
+        model = model_from_config(config)
     sparse = json.loads(meta["sparse"])
     dense_state = {k: v for k, v in tensors.items() if not any(k.startswith(s + ".") for s in sparse)}
-    missing, unexpected = model.load_state_dict({**model.state_dict(), **dense_state}, strict=False)
+    own = set(model.state_dict())
+    unexpected = sorted(set(dense_state) - own)
     if unexpected:
         raise ExportError(f"{weights}: tensors the model does not have: {unexpected[:3]}")
-    own = set(model.state_dict())
     absent = sorted(own - set(dense_state) - set(sparse))
     if absent:
         raise ExportError(f"{weights}: lacks {absent[0]}")
     for name in sparse:
-        module_path = name.removesuffix(".weight")
-        linear = model.get_submodule(module_path)
-        try:
-            csr = decode_sparse(tensors, name, shape=tuple(linear.weight.shape))
-        except (ValueError, KeyError) as exc:
-            raise ExportError(f"{weights}: sparse weight {name}: {exc}") from exc
-        parent, _, child = module_path.rpartition(".")
-        setattr(model.get_submodule(parent), child, SparseLinear.from_csr(csr, bias=linear.bias, backend=backend))
+        _swap_in_sparse(model, name, tensors, dense_state, weights, backend)
+    del tensors  # what is still needed is referenced by the model
+    model.load_state_dict(dense_state, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ExportError(f"{weights}: lacks {left[0]}")
     return model.eval()
+
+
+def _swap_in_sparse(model: nn.Module, name: str, tensors: dict, dense_state: dict, weights: Path,
+                    backend: str) -> None:
+    """Replace the Linear of weight ``name`` (on meta) by a SparseLinear over its arrays in ``tensors``; its
+    bias (fp32 (out,)) moves from ``dense_state`` into the new module."""
+    module_path = name.removesuffix(".weight")
+    linear = model.get_submodule(module_path)
+    try:
+        csr = decode_sparse(tensors, name, shape=tuple(linear.weight.shape))
+    except (ValueError, KeyError) as exc:
+        raise ExportError(f"{weights}: sparse weight {name}: {exc}") from exc
+    bias = dense_state.pop(module_path + ".bias", None) if linear.bias is not None else None
+    parent, _, child = module_path.rpartition(".")
+    setattr(model.get_submodule(parent), child, SparseLinear.from_csr(csr, bias=bias, backend=backend))
+
+
+@contextmanager
+def parameters_on_meta():
+    """Within the block, every parameter a module registers is moved to the meta device (no storage, no
+    init cost: ``reset_parameters`` on meta does nothing); buffers stay on the CPU. Used to build a model
+    whose weights are then assigned from a file."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
