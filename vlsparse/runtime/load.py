@@ -18,10 +18,11 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
+from torch.nn import functional as F
 
 from vlsparse.models.registry import model_from_config
 from vlsparse.sparse.csr import decode_sparse
-from vlsparse.sparse.linear import SparseLinear
+from vlsparse.sparse.linear import InputShare, SparseLinear
 
 FORMAT = "vlsparse-csr-1"
 
@@ -30,7 +31,7 @@ class ExportError(ValueError):
     """An export that cannot be made or an exported directory that cannot be loaded."""
 
 
-def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
+def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> nn.Module:
     """Rebuild a model from a CSR directory with :class:`SparseLinear` in place of the pruned Linears.
 
     Outputs equal the masked dense model's (fp32 values: <= 1e-4 max abs difference, tested).
@@ -39,6 +40,7 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
     parameter takes the file's tensor itself (``load_state_dict(assign=True)``, no copy), so the loaded
     model holds one copy of what the file holds (bitmask weights decoded to CSR). Buffers the file does
     not hold (non-persistent ones such as position ids) are built on the CPU as the model makes them.
+    ``chain``: link consecutive sparse layers (:func:`chain_sparse_layers`): same outputs, fewer transposes.
 
     Raises:
         ExportError: missing files, a file that is not a vlsparse CSR export, or corrupt sparse arrays
@@ -77,6 +79,8 @@ def load_sparse(path: str | Path, backend: str = "auto") -> nn.Module:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ExportError(f"{weights}: lacks {left[0]}")
+    if chain:
+        chain_sparse_layers(model)
     return model.eval()
 
 
@@ -112,3 +116,39 @@ def parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def _exact_gelu(fn) -> bool:
+    """Whether ``fn`` (an activation module) is GELU in its erf form (what the kernel's epilogue computes)."""
+    if isinstance(fn, nn.GELU):
+        return fn.approximate == "none"
+    return type(fn).__name__ == "GELUActivation" and getattr(fn, "act", None) is F.gelu
+
+
+def chain_sparse_layers(model: nn.Module) -> int:
+    """Link the SparseLinears of every transformer layer of ``model`` (in place); return how many links.
+
+    * the query, key and value Linears of an attention share one :class:`InputShare` (their common input
+      is transposed once; the model clears it after each forward);
+    * an ``intermediate`` block (``dense`` + exact GELU ``intermediate_act_fn``, as in BERT, LXMERT and
+      ViLT) computes GELU in the kernel's epilogue (its activation becomes Identity) and, when the
+      ``output.dense`` beside it is sparse too, hands it a feature-major result (no transpose between).
+    Outputs are unchanged (tested against the masked dense model).
+    """
+    share, links = InputShare(), 0
+    for mod in model.modules():
+        qkv = [getattr(mod, n, None) for n in ("query", "key", "value")]
+        if all(isinstance(m, SparseLinear) for m in qkv):
+            for m in qkv:
+                m.input_share = share
+            links += 1
+        inter, out = getattr(mod, "intermediate", None), getattr(mod, "output", None)
+        dense = getattr(inter, "dense", None)
+        if isinstance(dense, SparseLinear) and _exact_gelu(getattr(inter, "intermediate_act_fn", None)):
+            dense.activation, inter.intermediate_act_fn = "gelu", nn.Identity()
+            if isinstance(getattr(out, "dense", None), SparseLinear):
+                dense.out_layout = "feature"
+            links += 1
+    if links:
+        model.register_forward_hook(share.clear)
+    return links

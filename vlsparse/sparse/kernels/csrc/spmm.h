@@ -7,7 +7,9 @@
 //   spmm_f32     row-major X (tokens x in) -> row-major Y (tokens x out). The main entry.
 //   spmm_f32_fm  feature-major X^T (in x ldx) -> feature-major Y^T (out x ldy): lets a caller keep
 //                activations feature-major between consecutive sparse layers (no transposes).
+//   spmm_f32_fm_rm  feature-major X^T in, row-major Y out: the last layer of a feature-major chain.
 //   spmv_f32     one token: y (out) = W x + bias.
+// Every entry takes an epilogue (Act: none or GELU) and a parallel-for policy (OmpFor by default).
 //   simd_name()  "avx512" | "avx2" | "scalar": the vector path compiled in.
 //
 // CSR contract: crow_indices non-decreasing with crow[0] = 0, column indices in [0, in). Columns
@@ -15,9 +17,10 @@
 // result. Duplicated columns are summed.
 //
 // Vector code is chosen at compile time: AVX-512 (__AVX512F__), AVX2 (+FMA), else scalar.
-// Threads: every entry opens one OpenMP parallel region with the caller's omp thread count
-// (omp_get_max_threads()); link the same OpenMP runtime as the host (torch's libgomp) so that
-// torch.set_num_threads applies.
+// Threads: with the default policy (OmpFor) every entry opens OpenMP parallel regions (one per phase:
+// transpose, strips) with the caller's omp thread count (omp_get_max_threads()); link the same OpenMP
+// runtime as the host (torch's libgomp) so that torch.set_num_threads applies. The onnxruntime op
+// passes a policy on onnxruntime's intra-op pool instead.
 //
 // The multi-token kernel: X is transposed to feature-major and padded to a multiple of the
 // vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors, plus a
@@ -682,6 +685,32 @@ void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t
     trim_scratch_x();
 }
 
+namespace detail {
+// Feature-major input X^T (in x ldx): used in place when 64-byte aligned with ldx a multiple of the
+// vector width, else copied into an aligned, zero-padded buffer; then the strips, each tile handed to
+// write(tile, ldd, r0, nr, t0, tn).
+template <typename ColT, typename Par, typename Write>
+void fm_strips(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow,
+               const ColT* col, const float* val, const float* bias, int64_t out_features, Act act, const Par& par,
+               const Write& write) {
+    constexpr int64_t W = V::W;
+    const int64_t ldt = (tokens + W - 1) / W * W;
+    const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
+    float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
+    if (!in_place)
+        par((in_features + kTransposeBlock - 1) / kTransposeBlock, [&](int64_t ib) {
+            const int64_t i0 = ib * kTransposeBlock, i1 = std::min(in_features, i0 + kTransposeBlock);
+            for (int64_t i = i0; i < i1; ++i) {
+                std::memcpy(xpad + i * ldt, xt + i * ldx, static_cast<size_t>(tokens) * sizeof(float));
+                std::memset(xpad + i * ldt + tokens, 0, static_cast<size_t>(ldt - tokens) * sizeof(float));
+            }
+        });
+    strips<ColT>(in_place ? xt : xpad, in_place ? ldx : ldt, tokens, in_features, crow, col, val, bias, out_features,
+                 act, par, write);
+    if (!in_place) trim_scratch_x();
+}
+}  // namespace detail
+
 // Feature-major: Y^T (out_features x ldy) = act(W X^T + bias), X^T (in_features x ldx), columns
 // 0..tokens-1 used (ldx, ldy >= tokens; columns tokens..ldy-1 of Y^T are not written).
 // Fastest when xt is 64-byte aligned and ldx a multiple of 16 (AVX-512; 8 floats on AVX2): then
@@ -700,25 +729,33 @@ void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t l
                            act, par);
         return;
     }
-    constexpr int64_t W = V::W;
-    const int64_t ldt = (tokens + W - 1) / W * W;
-    const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
-    float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
-    if (!in_place)
-        par((in_features + kTransposeBlock - 1) / kTransposeBlock, [&](int64_t ib) {
-            const int64_t i0 = ib * kTransposeBlock, i1 = std::min(in_features, i0 + kTransposeBlock);
-            for (int64_t i = i0; i < i1; ++i) {
-                std::memcpy(xpad + i * ldt, xt + i * ldx, static_cast<size_t>(tokens) * sizeof(float));
-                std::memset(xpad + i * ldt + tokens, 0, static_cast<size_t>(ldt - tokens) * sizeof(float));
-            }
-        });
-    strips<ColT>(in_place ? xt : xpad, in_place ? ldx : ldt, tokens, in_features, crow_indices, col_indices, values,
-                 bias, out_features, act, par,
-                 [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
-                     for (int64_t r = 0; r < nr; ++r)
-                         std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
-                 });
-    if (!in_place) trim_scratch_x();
+    fm_strips<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                    [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                        for (int64_t r = 0; r < nr; ++r)
+                            std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
+                    });
+}
+
+// Feature-major in, row-major out: Y (tokens x out_features) = act(X W^T + bias) from X^T (in_features x
+// ldx) as for spmm_f32_fm. The last of a chain of feature-major layers (no transpose of X; the tiles
+// are transposed in registers on their way out).
+template <typename ColT, typename Par = OmpFor>
+void spmm_f32_fm_rm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
+                    const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
+                    Act act = Act::None, const Par& par = Par()) {
+    using namespace detail;
+    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
+                  "col indices must be int16_t or int32_t");
+    if (tokens <= 0 || out_features <= 0) return;
+    if (tokens <= tuning().small_tokens || in_features <= 0) {
+        small_tokens<ColT>(xt, tokens, 1, ldx, crow_indices, col_indices, values, bias, out_features, y, out_features,
+                           1, act, par);
+        return;
+    }
+    fm_strips<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                    [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                        tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
+                    });
 }
 
 // Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".
