@@ -711,6 +711,24 @@ void fm_strips(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx
 }
 }  // namespace detail
 
+namespace detail {
+// Both feature-major entries: 1-2 tokens go to the small-token kernel (output (t, o) at
+// y[t * ys_t + o * ys_o]), more to fm_strips with `write`.
+template <typename ColT, typename Par, typename Write>
+void fm_entry(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow, const ColT* col,
+              const float* val, const float* bias, int64_t out_features, Act act, const Par& par, float* y,
+              int64_t ys_t, int64_t ys_o, const Write& write) {
+    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
+                  "col indices must be int16_t or int32_t");
+    if (tokens <= 0 || out_features <= 0) return;
+    if (tokens <= tuning().small_tokens || in_features <= 0) {
+        small_tokens<ColT>(xt, tokens, 1, ldx, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+        return;
+    }
+    fm_strips<ColT>(xt, tokens, in_features, ldx, crow, col, val, bias, out_features, act, par, write);
+}
+}  // namespace detail
+
 // Feature-major: Y^T (out_features x ldy) = act(W X^T + bias), X^T (in_features x ldx), columns
 // 0..tokens-1 used (ldx, ldy >= tokens; columns tokens..ldy-1 of Y^T are not written).
 // Fastest when xt is 64-byte aligned and ldx a multiple of 16 (AVX-512; 8 floats on AVX2): then
@@ -720,20 +738,12 @@ template <typename ColT, typename Par = OmpFor>
 void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
                  const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
                  int64_t ldy, Act act = Act::None, const Par& par = Par()) {
-    using namespace detail;
-    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
-                  "col indices must be int16_t or int32_t");
-    if (tokens <= 0 || out_features <= 0) return;
-    if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(xt, tokens, 1, ldx, crow_indices, col_indices, values, bias, out_features, yt, 1, ldy,
-                           act, par);
-        return;
-    }
-    fm_strips<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
-                    [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
-                        for (int64_t r = 0; r < nr; ++r)
-                            std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
-                    });
+    detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                           yt, 1, ldy, [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               for (int64_t r = 0; r < nr; ++r)
+                                   std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd,
+                                               static_cast<size_t>(tn) * sizeof(float));
+                           });
 }
 
 // Feature-major in, row-major out: Y (tokens x out_features) = act(X W^T + bias) from X^T (in_features x
@@ -743,19 +753,11 @@ template <typename ColT, typename Par = OmpFor>
 void spmm_f32_fm_rm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
                     const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
                     Act act = Act::None, const Par& par = Par()) {
-    using namespace detail;
-    static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
-                  "col indices must be int16_t or int32_t");
-    if (tokens <= 0 || out_features <= 0) return;
-    if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(xt, tokens, 1, ldx, crow_indices, col_indices, values, bias, out_features, y, out_features,
-                           1, act, par);
-        return;
-    }
-    fm_strips<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
-                    [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
-                        tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
-                    });
+    detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                           y, out_features, 1,
+                           [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               detail::tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
+                           });
 }
 
 // Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".

@@ -87,28 +87,23 @@ at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tenso
     if (out_layout != 1 && ldy > tokens) buf.narrow(1, tokens, ldy - tokens).zero_();
     at::Tensor out = out_layout == 1 ? buf : buf.narrow(1, 0, tokens);
     if (tokens == 0 || out_features == 0) return out;
+    auto run = [&](auto* c) {  // c: int16_t* or int32_t* column indices
+        using ColT = std::remove_const_t<std::remove_pointer_t<decltype(c)>>;
+        const float* x = xc.data_ptr<float>();
+        const int32_t* cr = crow.data_ptr<int32_t>();
+        if (out_layout == 1)
+            vlsparse::spmm_f32_fm_rm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
+                                           out_features, buf.data_ptr<float>(), act);
+        else
+            vlsparse::spmm_f32_fm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
+                                        out_features, buf.data_ptr<float>(), ldy, act);
+    };
     {
         pybind11::gil_scoped_release nogil;
-        const int32_t* cr = crow.data_ptr<int32_t>();
-        const float* v = values.data_ptr<float>();
-        float* yp = buf.data_ptr<float>();
-        if (col.scalar_type() == at::kShort) {
-            const int16_t* c = col.data_ptr<int16_t>();
-            if (out_layout == 1)
-                vlsparse::spmm_f32_fm_rm<int16_t>(xc.data_ptr<float>(), tokens, in_features, ldx, cr, c, v, b,
-                                                  out_features, yp, act);
-            else
-                vlsparse::spmm_f32_fm<int16_t>(xc.data_ptr<float>(), tokens, in_features, ldx, cr, c, v, b,
-                                               out_features, yp, ldy, act);
-        } else {
-            const int32_t* c = col.data_ptr<int32_t>();
-            if (out_layout == 1)
-                vlsparse::spmm_f32_fm_rm<int32_t>(xc.data_ptr<float>(), tokens, in_features, ldx, cr, c, v, b,
-                                                  out_features, yp, act);
-            else
-                vlsparse::spmm_f32_fm<int32_t>(xc.data_ptr<float>(), tokens, in_features, ldx, cr, c, v, b,
-                                               out_features, yp, ldy, act);
-        }
+        if (col.scalar_type() == at::kShort)
+            run(col.data_ptr<int16_t>());
+        else
+            run(col.data_ptr<int32_t>());
     }
     return out;
 }
