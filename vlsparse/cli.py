@@ -309,39 +309,57 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
 @app.command("main-job")
 @_config_options
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
-             model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,
-             levels: str = typer.Option("0.5,0.7,0.8", help="IMP sparsity levels after the dense level"),
-             compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
-             train: dict = _TRAIN.with_help(steps="training steps per IMP round"),
+             model: str = typer.Option("uniter-minilm-l2", help="the model VL pre-training starts from (θ'0)"),
+             task: str = _TASK,
+             levels: str = typer.Option("0.5,0.7,0.8,0.9", help="IMP sparsity levels after the dense level"),
+             compare: str = typer.Option("0.7", help="the level at which the Table 1 baselines are trained"),
+             seeds: str = typer.Option("0", help="comma-separated seeds; several give mean ± std"),
+             pretrain_steps: int = typer.Option(1500, help="VL pre-training steps (θ0); IMP on pre-training "
+                                                            "rounds take 10% of them"),
+             objectives: str = typer.Option("mlm,mrfr,itm,wra", help="pre-training objectives"),
+             proportions: Optional[str] = typer.Option("2,1,2,1", help="share of pre-training batches per objective"),
+             corpus: str = typer.Option("easy-vqa-captions", help="pre-training corpus"),
+             train: dict = _TRAIN.with_help(steps="training steps per IMP round and per baseline"),
              threads: Optional[int] = typer.Option(None),
              bench: bool = typer.Option(True, help="end with a short bench of the dense model and the tickets "
                                                    "at --bench-level (vlsparse bench)"),
              bench_level: float = typer.Option(0.7, help="sparsity level whose IMP and random tickets are benched"),
              bench_questions: int = typer.Option(1000, help="test questions for the bench's accuracy column")):
-    """The README's main job: dense model, IMP tickets, random pruning at three levels, one table, a bench."""
+    """The README's main job: pre-train θ0, IMP tickets and every Table 1 baseline, one table, a bench."""
     # the `train` extra (torch): imported by the commands that need it
     import torch
 
-    from vlsparse.lottery.main_job import format_table, job_levels, run_main_job
+    from vlsparse.lottery.main_job import JobSettings, format_table, job_levels, run_main_job
+    from vlsparse.training.objectives import parse_objectives
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     lv, compare_idx, bench_idx = job_levels(levels, compare, bench_level if bench else None)
+    if len(compare_idx) != 1:
+        raise ValueError(f"--compare takes one sparsity level, got {compare!r}")
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not seed_list or pretrain_steps < 10:
+        raise ValueError("--seeds needs at least one seed and --pretrain-steps at least 10")
+    parse_objectives(objectives, proportions)  # bad objectives fail before anything runs
     cfg = IMPConfig(model=model, task=task, levels=lv, train=train_config(**train))
+    job = JobSettings(base_model=model, corpus=corpus, objectives=objectives, proportions=proportions,
+                      pretrain_steps=pretrain_steps, agnostic_levels=tuple(lv[:compare_idx[0]]), compare=compare_idx[0])
     bar = _Progress()
-    rows, data = run_main_job(out, cfg, compare_idx, bar)
+    rows, data, first = run_main_job(out, cfg, job, seed_list, bar)
     bar.close()
-    typer.echo(format_table([r for r in rows if r.random is not None], data.metric_name))
-    typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
-               f"took {time.time() - t0:.0f} s")
+    typer.echo(format_table(rows, data.metric_name))
+    typer.echo(f"table: {out / 'table.md'}; took {time.time() - t0:.0f} s")
     if bench:
         from vlsparse.bench.report import format_summary
         from vlsparse.bench.run import Settings, bench_run
 
         t1 = time.time()
-        report = bench_run(out, out / "bench", Settings(threads=torch.get_num_threads(), max_questions=bench_questions,
-                                                        repeats=10, memory="delta"),
+        report = bench_run(first, out / "bench", Settings(threads=torch.get_num_threads(),
+                                                          max_questions=bench_questions, repeats=10, memory="delta"),
                            levels=[0, bench_idx], task=data, progress=lambda m: typer.echo(m, err=True))
         typer.echo(format_summary(report))
         typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
