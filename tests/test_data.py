@@ -62,9 +62,11 @@ def _canvas(h=64, w=64, colour=GREY):
 # --------------------------------------------------------------------------- VQA score
 def test_soft_score_ten_annotators():
     assert soft_score(0) == 0.0
-    assert soft_score(1) == pytest.approx(1 / 3)
-    assert soft_score(2) == pytest.approx(2 / 3)
-    assert soft_score(3) == 1.0
+    # the official score: mean over the 10 leave-one-out subsets of min(#matches / 3, 1), by hand
+    assert soft_score(1) == pytest.approx((1 * 0 + 9 * 1 / 3) / 10) == 0.3
+    assert soft_score(2) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10) == 0.6
+    assert soft_score(3) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10) == 0.9
+    assert soft_score(4) == 1.0
     assert soft_score(10) == 1.0
     with pytest.raises(ValueError):
         soft_score(-1)
@@ -76,20 +78,20 @@ def test_answer_targets_and_vqa_score():
     counts = {"2": 3, "3": 2, "yes": 1, "many": 4}
     t = answer_targets(counts, vocab)
     assert t.dtype == torch.float32 and t.shape == (4,)
-    assert torch.allclose(t, torch.tensor([1 / 3, 0.0, 1.0, 2 / 3]))
+    assert torch.allclose(t, torch.tensor([0.3, 0.0, 0.9, 0.6]))  # official: 1, 2, 3 annotators -> 0.3, 0.6, 0.9
     # dict vocabulary gives the same vector
     assert torch.equal(answer_targets(counts, {a: i for i, a in enumerate(vocab)}), t)
 
     targets = torch.stack([t, t, t, t])
     logits = torch.full((4, 4), -5.0)
-    logits[0, 2] = 1  # "2": 3 annotators -> 1.0
-    logits[1, 3] = 1  # "3": 2 annotators -> 2/3
-    logits[2, 0] = 1  # "yes": 1 annotator -> 1/3
+    logits[0, 2] = 1  # "2": 3 annotators -> 0.9
+    logits[1, 3] = 1  # "3": 2 annotators -> 0.6
+    logits[2, 0] = 1  # "yes": 1 annotator -> 0.3
     logits[3, 1] = 1  # "no": nobody -> 0
     s = vqa_score(logits, targets)
     assert s.shape == (4,) and s.dtype == torch.float32
-    assert torch.allclose(s, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
-    assert s.mean().item() == pytest.approx(0.5)
+    assert torch.allclose(s, torch.tensor([0.9, 0.6, 0.3, 0.0]))
+    assert s.mean().item() == pytest.approx(0.45)
     with pytest.raises(ValueError):
         vqa_score(logits, targets[:, :3])
 

@@ -17,10 +17,11 @@ def test_vqa_score_on_ten_annotator_answers():
     counts = {"2": 4, "3": 2, "4": 1, "many": 3}
     vocab = ["2", "3", "4", "many", "5"]
     t = answer_targets(counts, vocab)
-    assert t.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 1.0, 0.0])
+    # official scores: 4 -> 1.0, 2 -> 0.6, 1 -> 0.3, 3 -> 0.9 (leave-one-out mean of min(#/3, 1))
+    assert t.tolist() == pytest.approx([1.0, 0.6, 0.3, 0.9, 0.0])
     logits = torch.eye(5)  # one question per predicted answer
     got = vqa_score(logits, t.expand(5, -1).clone())
-    assert got.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 1.0, 0.0])
+    assert got.tolist() == pytest.approx([1.0, 0.6, 0.3, 0.9, 0.0])
 
 
 def test_box_iou_hand_values():

@@ -83,7 +83,7 @@ def _config_options(command):
 
 
 _TRAIN = _ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
-_IMP = _ConfigOptions(IMPConfig, ("rewind_step",))
+_IMP = _ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
 
 
 class _Progress:
@@ -92,12 +92,14 @@ class _Progress:
     def __init__(self):
         self.bar, self.desc = None, None
 
-    def __call__(self, desc: str, done: int, total: int) -> None:
+    def __call__(self, desc: str, done: int, total: int, postfix: str | None = None) -> None:
         from tqdm import tqdm  # the `train` extra: only the training commands draw progress bars
 
         if desc != self.desc:
             self.close()
             self.bar, self.desc = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=True), desc
+        if postfix is not None and (done % 10 == 0 or done == total):
+            self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -139,6 +141,13 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
     bar = _Progress()
     results, data = run_find_ticket(out, cfg, data_dir, bar)
     bar.close()
+    if task == "pretrain":  # held-out pre-training metrics per level (task-agnostic tickets)
+        for m in results:
+            v = m["val"]
+            typer.echo(f"level {m['level']:2d}  sparsity {m['sparsity']:.1%}  held-out MLM {v['mlm_accuracy']:.2%}  "
+                       f"ITM {v['itm_accuracy']:.2%}  MRFR loss {v['mrfr_loss']:.4f}")
+        typer.echo(f"summary: {Path(out) / 'summary.csv'}")
+        return
     metric = data.metric_name
     for m in results:
         typer.echo(f"level {m['level']:2d}  sparsity {m['sparsity']:.1%}  val {metric} {m['val'][metric]:.2%}  "
@@ -150,7 +159,8 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
 @_config_options
 def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), model: str = _MODEL, task: str = _TASK,
                  out: Path = typer.Option(..., help="output directory for metrics.json and weights.safetensors"),
-                 init: str = typer.Option("pretrained", help="pretrained | shuffled | random"),
+                 init: str = typer.Option("pretrained", help="pretrained (θ0) | text-only (θ'0) | shuffled (θ''0) | "
+                                                             "random"),
                  theta0: Optional[Path] = typer.Option(None, help="θ0 weights; default: theta0.safetensors of the "
                                                                    "ticket's run directory if there is one"),
                  train: dict = _TRAIN, data_dir: Optional[Path] = typer.Option(None)):
@@ -163,8 +173,40 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
                                progress=lambda s: bar("train", s, cfg.steps))
     bar.close()
     metric = data.metric_name
+    typer.echo(f"θ0: {m['theta0']}  (init {init})")
     typer.echo(f"sparsity {m['sparsity']:.1%}  init {init}  val {metric} {m['val'][metric]:.2%}  "
                f"test {m['test'][metric]:.2%}  -> {out}")
+
+
+@app.command("pretrain")
+@_config_options
+def pretrain(model: str = _MODEL,
+             corpus: str = typer.Option("easy-vqa-captions", help="easy-vqa-captions or a COCO captions JSON file"),
+             objectives: str = typer.Option("mlm,mrfr,itm,wra", help="comma-separated: mlm, mrfr, itm, wra"),
+             proportions: Optional[str] = typer.Option(None, help="share of batches per objective, e.g. 2,1,2,1 "
+                                                                  "(default equal)"),
+             out: Path = typer.Option(..., help="new directory: config.json + model.safetensors (load it with "
+                                                "--model DIR), pretrain_heads.safetensors, pretrain_metrics.json"),
+             train: dict = _TRAIN.with_help(steps="pre-training steps", batch_size="captions per step"),
+             data_dir: Optional[Path] = typer.Option(None, help="region features (DIR/features) of a COCO captions "
+                                                                "corpus; default: the corpus file's directory")):
+    """VL pre-training with UNITER's objectives (MLM, MRFR, ITM, WRA); held-out metrics before and after."""
+    from vlsparse.lottery.pretraining import run_pretrain  # the `train` extra (torch)
+
+    cfg = train_config(**train)
+    bar = _Progress()
+
+    def show(step: int, running: dict) -> None:
+        bar("pretrain", step, cfg.steps, "  ".join(
+            f"{n} {r['loss']:.3f}" + (f"/{r['acc']:.0%}" if "acc" in r else "") for n, r in sorted(running.items())))
+
+    m = run_pretrain(model, corpus, out, cfg, objectives, proportions, data_dir, show)
+    bar.close()
+    for when in ("before", "after"):
+        v = m[when]
+        typer.echo(f"{when:6s}  held-out MLM {v['mlm_accuracy']:.2%}  ITM {v['itm_accuracy']:.2%}  "
+                   f"MRFR loss {v['mrfr_loss']:.4f}  WRA distance {v['wra_distance']:.4f}  ({v['n']} captions)")
+    typer.echo(f"pre-trained in {m['train_seconds']:.0f} s -> {out} (load with --model {out})")
 
 
 @app.command("random-ticket")
@@ -267,39 +309,57 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
 @app.command("main-job")
 @_config_options
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
-             model: str = typer.Option("uniter-minilm-l2"), task: str = _TASK,
-             levels: str = typer.Option("0.5,0.7,0.8", help="IMP sparsity levels after the dense level"),
-             compare: str = typer.Option("0.5,0.7,0.8", help="levels at which random pruning is trained"),
-             train: dict = _TRAIN.with_help(steps="training steps per IMP round"),
+             model: str = typer.Option("uniter-minilm-l2", help="the model VL pre-training starts from (θ'0)"),
+             task: str = _TASK,
+             levels: str = typer.Option("0.5,0.7,0.8,0.9", help="IMP sparsity levels after the dense level"),
+             compare: str = typer.Option("0.7", help="the level at which the Table 1 baselines are trained"),
+             seeds: str = typer.Option("0", help="comma-separated seeds; several give mean ± std"),
+             pretrain_steps: int = typer.Option(1500, help="VL pre-training steps (θ0); IMP on pre-training "
+                                                            "rounds take 10% of them"),
+             objectives: str = typer.Option("mlm,mrfr,itm,wra", help="pre-training objectives"),
+             proportions: Optional[str] = typer.Option("2,1,2,1", help="share of pre-training batches per objective"),
+             corpus: str = typer.Option("easy-vqa-captions", help="pre-training corpus"),
+             train: dict = _TRAIN.with_help(steps="training steps per IMP round and per baseline"),
              threads: Optional[int] = typer.Option(None),
              bench: bool = typer.Option(True, help="end with a short bench of the dense model and the tickets "
                                                    "at --bench-level (vlsparse bench)"),
              bench_level: float = typer.Option(0.7, help="sparsity level whose IMP and random tickets are benched"),
              bench_questions: int = typer.Option(1000, help="test questions for the bench's accuracy column")):
-    """The README's main job: dense model, IMP tickets, random pruning at three levels, one table, a bench."""
+    """The README's main job: pre-train θ0, IMP tickets and every Table 1 baseline, one table, a bench."""
     # the `train` extra (torch): imported by the commands that need it
     import torch
 
-    from vlsparse.lottery.main_job import format_table, job_levels, run_main_job
+    from vlsparse.lottery.main_job import JobSettings, format_table, job_levels, run_main_job
+    from vlsparse.training.objectives import parse_objectives
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     lv, compare_idx, bench_idx = job_levels(levels, compare, bench_level if bench else None)
+    if len(compare_idx) != 1:
+        raise ValueError(f"--compare takes one sparsity level, got {compare!r}")
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not seed_list or pretrain_steps < 10:
+        raise ValueError("--seeds needs at least one seed and --pretrain-steps at least 10")
+    parse_objectives(objectives, proportions)  # bad objectives fail before anything runs
     cfg = IMPConfig(model=model, task=task, levels=lv, train=train_config(**train))
+    job = JobSettings(base_model=model, corpus=corpus, objectives=objectives, proportions=proportions,
+                      pretrain_steps=pretrain_steps, agnostic_levels=tuple(lv[:compare_idx[0]]), compare=compare_idx[0])
     bar = _Progress()
-    rows, data = run_main_job(out, cfg, compare_idx, bar)
+    rows, data, first = run_main_job(out, cfg, job, seed_list, bar)
     bar.close()
-    typer.echo(format_table([r for r in rows if r.random is not None], data.metric_name))
-    typer.echo(f"all levels: {out / 'imp' / 'summary.csv'}; table: {out / 'table.md'}; "
-               f"took {time.time() - t0:.0f} s")
+    typer.echo(format_table(rows, data.metric_name))
+    typer.echo(f"table: {out / 'table.md'}; took {time.time() - t0:.0f} s")
     if bench:
         from vlsparse.bench.report import format_summary
         from vlsparse.bench.run import Settings, bench_run
 
         t1 = time.time()
-        report = bench_run(out, out / "bench", Settings(threads=torch.get_num_threads(), max_questions=bench_questions,
-                                                        repeats=10, memory="delta"),
+        report = bench_run(first, out / "bench", Settings(threads=torch.get_num_threads(),
+                                                          max_questions=bench_questions, repeats=10, memory="delta"),
                            levels=[0, bench_idx], task=data, progress=lambda m: typer.echo(m, err=True))
         typer.echo(format_summary(report))
         typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "

@@ -6,14 +6,12 @@ its labels (or the referred box, for region tasks).
 
 Conventions (VQA v2, as used by UNITER and LXMERT fine-tuning):
 
-* Every question has up to 10 human answers.  An answer given by ``count`` annotators gets
-  the soft score ``min(count / 3, 1)`` (the VQA accuracy formula of Antol et al., ICCV 2015,
-  "VQA: Visual Question Answering", kept for VQA v2 by Goyal et al., CVPR 2017).  Note:
-  the official evaluation script averages this formula over the 10 leave-one-annotator-out
-  subsets, and the target files that UNITER/LXMERT inherit from bottom-up-attention-vqa
-  (Teney et al. / Anderson et al., 2018) use the stepped scores 0.3/0.6/0.9/1.0 for 1/2/3/4+
-  annotators.  We use the plain formula; for single-answer data such as easy-VQA all three
-  agree (score 1 for the given answer).
+* Every question has up to 10 human answers.  An answer given by ``count`` annotators gets the
+  official soft score 0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >= 4 annotators (:func:`soft_score`): the
+  mean over the 10 leave-one-annotator-out subsets of ``min(#matches / 3, 1)`` (the VQA evaluation
+  script; Antol et al., ICCV 2015; Goyal et al., CVPR 2017), the values of the target files that
+  UNITER and LXMERT inherit from bottom-up-attention-vqa (Anderson et al., 2018).  For single-answer
+  data such as easy-VQA the given answer scores 1.
 * The model is trained on the soft target vector (binary cross-entropy per answer) and
   evaluated with the "VQA score": the target score of the arg-max answer, averaged over
   questions (``compute_score_with_logits`` in the UNITER/LXMERT/bottom-up trainers).
@@ -56,11 +54,21 @@ __all__ = [
 #: Text padding id (BERT's [PAD]).
 PAD_TOKEN_ID = 0
 
+#: official VQA soft scores of an answer given by 0, 1, 2, 3 annotators (4 or more: 1.0)
+_SOFT_SCORES = (0.0, 0.3, 0.6, 0.9)
+
+
 def soft_score(count: int) -> float:
-    """VQA soft score of an answer given by ``count`` annotators: ``min(count / 3, 1)``."""
+    """Official VQA v2 soft score of an answer given by ``count`` of 10 annotators: 0.3, 0.6, 0.9 for
+    1, 2, 3 and 1.0 for 4 or more (0 for none).  It is the mean over the 10 leave-one-out subsets of 9
+    annotators of ``min(#matches / 3, 1)``: for count 2, (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+
+    Raises:
+        ValueError: ``count`` < 0.
+    """
     if count < 0:
         raise ValueError(f"negative annotator count {count}")
-    return min(count / 3.0, 1.0)
+    return _SOFT_SCORES[count] if count < len(_SOFT_SCORES) else 1.0
 
 
 def _vocab_index(vocab: Sequence[str] | Mapping[str, int]) -> dict[str, int]:

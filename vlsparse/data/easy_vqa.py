@@ -34,7 +34,8 @@ from vlsparse.data.options import LoadOptions
 from vlsparse.data.visual.pixels import PixelImages
 from vlsparse.data.visual.regions import REGION_FEATURE_DIM, RegionFeatureCache
 
-__all__ = ["load_easy_vqa", "easy_vqa_question_type", "SHAPES", "PIXEL_IMAGE_SIZE"]
+__all__ = ["load_easy_vqa", "easy_vqa_question_type", "easy_vqa_train_split", "easy_vqa_regions", "SHAPES",
+           "PIXEL_IMAGE_SIZE"]
 
 #: shortest image edge (pixels) of the ``visual="pixels"`` datasets: 3x3 patches of 32 pixels
 PIXEL_IMAGE_SIZE = 96
@@ -62,6 +63,28 @@ def _regions(cache: RegionFeatureCache, paths: dict[int, str], name: str):
     return {i: (feats[k], boxes[k]) for k, i in enumerate(ids)}
 
 
+def easy_vqa_train_split(options: LoadOptions) -> tuple[list[VLExample], list[VLExample]]:
+    """(train, val) examples of vlsparse's easy-VQA train split: ``options.val_fraction`` of the train images
+    (with all their questions) form val, chosen with ``options.seed`` (:func:`split_by_image`).
+
+    Raises:
+        ValueError: ``val_fraction`` outside [0, 1).
+    """
+    return split_by_image(_examples(*easy_vqa.get_train_questions()), options.val_fraction, options.seed)
+
+
+def easy_vqa_regions(options: LoadOptions, train: list[VLExample]) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Region features of every easy-VQA image, standardised with the statistics of the images of ``train``
+    only: ``(train-image regions, test-image regions, mean (D,), std (D,))``, regions as image id ->
+    ``(features (6, D) float32, boxes (6, 7) float32)`` (cached under ``options.cache_dir``)."""
+    cache = RegionFeatureCache(options.cache_dir)
+    train_regions = _regions(cache, easy_vqa.get_train_image_paths(), "easy-vqa-train")
+    test_regions = _regions(cache, easy_vqa.get_test_image_paths(), "easy-vqa-test")
+    train_ids = sorted({e.image_id for e in train})
+    mean, std = region_feature_stats(np.stack([train_regions[i][0] for i in train_ids]))
+    return standardize_regions(train_regions, mean, std), standardize_regions(test_regions, mean, std), mean, std
+
+
 def load_easy_vqa(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskData:
     """Load easy-VQA as a :class:`~vlsparse.data.dataset.TaskData` named "easy-vqa".
 
@@ -78,9 +101,8 @@ def load_easy_vqa(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskD
     """
     options = options.with_defaults(image_size=PIXEL_IMAGE_SIZE)
     answers = list(easy_vqa.get_answers())
-    train_all = _examples(*easy_vqa.get_train_questions())
     test = _examples(*easy_vqa.get_test_questions())
-    train, val = split_by_image(train_all, options.val_fraction, options.seed)
+    train, val = easy_vqa_train_split(options)
 
     def ds(examples, images):
         return VLDataset(examples, images, tokenizer, answers, max_text_len=options.max_text_len)
@@ -92,14 +114,7 @@ def load_easy_vqa(tokenizer: Any, options: LoadOptions = LoadOptions()) -> TaskD
                         test=ds(test, test_images), answers=answers, region_feature_dim=None, visual="pixels",
                         image_processor=train_images.processor_config())
 
-    cache = RegionFeatureCache(options.cache_dir)
-    train_regions = _regions(cache, easy_vqa.get_train_image_paths(), "easy-vqa-train")
-    test_regions = _regions(cache, easy_vqa.get_test_image_paths(), "easy-vqa-test")
-
-    train_ids = sorted({e.image_id for e in train})
-    mean, std = region_feature_stats(np.stack([train_regions[i][0] for i in train_ids]))
-    train_regions = standardize_regions(train_regions, mean, std)
-    test_regions = standardize_regions(test_regions, mean, std)
+    train_regions, test_regions, mean, std = easy_vqa_regions(options, train)
 
     return TaskData(
         name="easy-vqa",

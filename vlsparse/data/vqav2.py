@@ -1,7 +1,7 @@
 """VQA v2 (Goyal et al., CVPR 2017) from its official json files, as UNITER and LXMERT fine-tune on it.
 
 Answers are normalised as the official evaluation does (:func:`normalize_answer`), every question's
-10 human answers become soft scores ``min(count / 3, 1)`` (:func:`~vlsparse.data.dataset.soft_score`) over
+10 human answers become the official soft scores 0.3/0.6/0.9/1.0 (:func:`~vlsparse.data.dataset.soft_score`) over
 an answer vocabulary (LXMERT's ``trainval_label2ans.json`` when present, else bottom-up-attention-vqa's
 frequency rule, :func:`answer_vocabulary`), and the model is trained with binary cross-entropy and
 scored with the VQA score (the examples become a :class:`~vlsparse.data.dataset.TaskData` through
@@ -152,7 +152,7 @@ def load_vqa(tokenizer: Any, options: LoadOptions = LoadOptions(), *, num_answer
     answers are not public). UNITER/LXMERT instead train on train2014 + most of val2014 and test on test-dev.
 
     Targets: each question's 10 answers are normalised (:func:`normalize_answer`) and an answer given by
-    ``c`` annotators scores ``min(c / 3, 1)``; answers outside the vocabulary are dropped. Vocabulary:
+    ``c`` annotators scores 0.3, 0.6, 0.9 for c = 1, 2, 3 and 1.0 for c >= 4; answers outside the vocabulary are dropped. Vocabulary:
     ``data_dir/trainval_label2ans.json`` (LXMERT's 3,129 answers, index = label) when present, else
     :func:`answer_vocabulary` of the normalised ``multiple_choice_answer`` of every train2014 question
     with ``num_answers`` and ``min_answer_count`` (bottom-up-attention-vqa counts train2014 + val2014, which is

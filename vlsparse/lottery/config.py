@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 from vlsparse.training.config import TrainConfig
 
+#: the ``--task`` of IMP on the pre-training objectives (task-agnostic tickets, Gan et al. 2022 sec. 3 (ii))
+PRETRAIN = "pretrain"
+
 
 def schedule(target: float, step: float = 0.1, rate: float | None = None) -> list[float]:
     """Sparsity levels after level 0 (dense), ending exactly at ``target``.
@@ -81,18 +84,33 @@ class IMPConfig:
     levels: list[float]
     train: TrainConfig = field(default_factory=TrainConfig)
     rewind_step: int = field(default=0, metadata={"help": "rewind to θ_i after i steps instead of θ0"})
+    theta0: str | None = field(default=None, metadata={"help": "θ0 weights (safetensors state_dict) instead of "
+                                                                "--model's own"})
+    init: str = field(default="pretrained", metadata={"help": "pretrained | text-only | shuffled | random"})
+    corpus: str | None = field(default=None, metadata={"help": "--task pretrain: easy-vqa-captions or a COCO "
+                                                                "captions file"})
+    objectives: str = field(default="mlm,mrfr,itm,wra", metadata={"help": "--task pretrain: objectives"})
+    proportions: str | None = field(default=None, metadata={"help": "--task pretrain: share of batches per "
+                                                                     "objective, e.g. 2,1,2,1 (default equal)"})
 
     def __post_init__(self):
         if any(not 0.0 <= s < 1.0 for s in self.levels) or self.levels != sorted(set(self.levels)):
             raise ValueError(f"sparsity levels must be increasing fractions in [0, 1), got {self.levels}")
         if not 0 <= self.rewind_step < self.train.steps:
             raise ValueError(f"--rewind-step must be in [0, steps={self.train.steps}), got {self.rewind_step}")
+        if (self.task == PRETRAIN) != (self.corpus is not None):
+            raise ValueError("--task pretrain needs --corpus (and --corpus needs --task pretrain)")
+        if self.task == PRETRAIN and self.rewind_step:
+            raise ValueError("--rewind-step is not supported with --task pretrain")
 
     def identity(self) -> dict:
-        """The JSON-able fields compared on resume (the device is free to change)."""
+        """The JSON-able fields compared on resume (the device is free to change; the θ0 and pre-training
+        fields only when they are not their defaults, so that earlier runs resume)."""
         d = asdict(self)
         d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
-        return d
+        defaults = {"theta0": None, "init": "pretrained", "corpus": None, "proportions": None}
+        drop = [k for k, v in defaults.items() if d[k] == v] + ([] if self.task == PRETRAIN else ["objectives"])
+        return {k: v for k, v in d.items() if k not in drop}
 
 
-__all__ = ["IMPConfig", "parse_levels", "schedule", "train_config"]
+__all__ = ["PRETRAIN", "IMPConfig", "parse_levels", "schedule", "train_config"]

@@ -23,17 +23,38 @@ from torch import nn
 
 from vlsparse.atomic import atomic_write, save_weights, write_json
 from vlsparse.data import save_task_info
-from vlsparse.lottery.config import IMPConfig, schedule
+from vlsparse.lottery.config import PRETRAIN, IMPConfig, schedule
 from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
 from vlsparse.lottery.setup import setup
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
+from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.loop import evaluate, train
 
 
+class TaskRounds:
+    """What an IMP round trains and measures on a task: :func:`~vlsparse.training.loop.train` on ``task.train``,
+    :func:`~vlsparse.training.loop.evaluate` on val and test. (Pre-training rounds:
+    :class:`vlsparse.lottery.pretraining.PretrainRounds`.)"""
+
+    def __init__(self, task, collate: Callable):
+        self.task, self.collate = task, collate
+
+    def train(self, model: nn.Module, mask, cfg: IMPConfig, progress: Callable[[int], None] | None,
+              snapshot_step: int | None, start_step: int) -> dict | None:
+        """Train ``model`` with ``mask`` for ``cfg.train.steps``; returns the θ_i snapshot, if asked."""
+        return train(model, mask, self.task.train, self.collate, cfg.train, progress=progress,
+                     snapshot_step=snapshot_step, start_step=start_step)
+
+    def evaluate(self, model: nn.Module, device: str) -> dict:
+        """``{"val": metrics, "test": metrics}`` (fractions)."""
+        return {"val": evaluate(model, self.task.val, self.collate, device=device),
+                "test": evaluate(model, self.task.test, self.collate, device=device)}
+
+
 def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig,
-            progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+            progress: Callable[[str, int, int], None] | None = None, rounds=None) -> list[dict]:
     """Run (or resume) IMP into directory ``run``; returns the metrics of every level.
 
     Args:
@@ -43,11 +64,14 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
         collate: batches dataset items.
         cfg: levels (sparsity after each pruning round), training and rewinding settings.
         progress: ``progress(description, done_steps, total_steps)`` after every training step.
+        rounds: what a round trains and measures (default :class:`TaskRounds` of ``task``; IMP on pre-training:
+            :class:`vlsparse.lottery.pretraining.PretrainRounds`).
 
     Raises:
         RunError: ``run`` holds a run with another configuration, or corrupt files.
     """
     run = Run(run)
+    rounds = rounds or TaskRounds(task, collate)
     check_config(run.path, cfg)
     scope = model.prune_scope()
     levels = [0.0] + list(cfg.levels)
@@ -69,18 +93,15 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
         start = cfg.rewind_step if (cfg.rewind_step and k > 0) else 0
         load_weights(rewound if start else theta0, model)
         t0 = time.time()
-        snap = train(model, ticket.mask if k else None, task.train, collate, cfg.train,
-                     progress=(lambda s, k=k: progress(f"level {k} ({levels[k]:.0%})", s, cfg.train.steps))
-                     if progress else None,
-                     snapshot_step=cfg.rewind_step if (cfg.rewind_step and k == 0) else None, start_step=start)
+        snap = rounds.train(model, ticket.mask if k else None, cfg,
+                            (lambda s, k=k: progress(f"level {k} ({levels[k]:.0%})", s, cfg.train.steps))
+                            if progress else None,
+                            cfg.rewind_step if (cfg.rewind_step and k == 0) else None, start)
         if snap is not None:
             atomic_write(rewound, lambda tmp: save_file(snap, tmp))
         t1 = time.time()
-        dev = cfg.train.device
         metrics = {"level": k, "sparsity": ticket.sparsity, "target_sparsity": target,
-                   "val": evaluate(model, task.val, collate, device=dev),
-                   "test": evaluate(model, task.test, collate, device=dev),
-                   "steps": cfg.train.steps, "rewind_step": cfg.rewind_step,
+                   **rounds.evaluate(model, cfg.train.device), "steps": cfg.train.steps, "rewind_step": cfg.rewind_step,
                    "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
         if k + 1 < len(levels):
             weights = dict(model.named_parameters())
@@ -95,9 +116,10 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
 
 
 def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, str]:
+    extra = {"objectives": cfg.objectives, "corpus": cfg.corpus} if cfg.task == PRETRAIN else {}
     return {"model": cfg.model, "task": cfg.task, "method": "imp", "target_sparsity": f"{target:.6f}",
             "imp_round": str(k), "rewind_step": str(cfg.rewind_step), "seed": str(cfg.train.seed),
-            "val_metric": json.dumps(val_metric)}
+            "val_metric": json.dumps(val_metric), "init": cfg.init, **extra}
 
 
 def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = None,
@@ -114,10 +136,35 @@ def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = N
         RunError: ``run`` holds a run with another configuration, or corrupt files.
         ValueError / FileNotFoundError / KeyError: see :func:`vlsparse.lottery.setup.setup`.
     """
+    if cfg.task == PRETRAIN:
+        from vlsparse.lottery.pretraining import find_pretrain_ticket
+
+        return find_pretrain_ticket(run, cfg, data_dir, progress)
+    reinit_check(cfg.init)
     model, data, collate = setup(cfg.model, cfg.task, cfg.train.seed, data_dir)
     check_config(run, cfg)  # refuse another configuration before writing anything
+    start_from(model, cfg)
     save_task_info(data, Run(run).task_info)
     return run_imp(run, model, data, collate, cfg, progress), data
 
 
-__all__ = ["IMPConfig", "find_ticket", "run_imp", "schedule"]
+def reinit_check(init: str) -> None:
+    """Raise ValueError naming --init unless ``init`` is one of :data:`vlsparse.pruning.reinit.INITS`."""
+    if init not in INITS:
+        raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+
+
+def start_from(model: nn.Module, cfg: IMPConfig) -> None:
+    """Put IMP's θ0 into ``model``: ``cfg.theta0`` (a safetensors state_dict) if given, then the ``cfg.init``
+    re-initialisation (:func:`vlsparse.pruning.reinit.reinitialize`; θ'0, θ''0, random). A run that already has
+    its θ0 file ignores this (the file is loaded instead).
+
+    Raises:
+        RunError: ``cfg.theta0`` is missing or does not fit the model.
+    """
+    if cfg.theta0 is not None:
+        load_weights(cfg.theta0, model)
+    reinitialize(model, cfg.init, seed=cfg.train.seed)
+
+
+__all__ = ["IMPConfig", "TaskRounds", "find_ticket", "reinit_check", "run_imp", "schedule", "start_from"]

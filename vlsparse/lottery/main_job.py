@@ -1,55 +1,47 @@
-"""The main job: IMP tickets against random pruning on one task (Gan et al. 2022, Table 1 rows 2-5).
+"""The main job: Gan et al. (2022) Table 1 in miniature, from a VL-pre-trained θ0, on one task.
 
-Layout of ``OUT``::
+For each seed, ``OUT`` (or ``OUT/seed_<s>`` with several seeds) holds::
 
-    OUT/imp/                 the IMP run directory (vlsparse.lottery.runs); level 0 = dense
-    OUT/random/level_XX/     random ticket at the same sparsity as IMP level XX, re-trained from θ0
-    OUT/table.md             the comparison table
+    pretrained/              θ0's backbone: ``vlsparse pretrain`` of --model on the corpus (vlsparse.lottery.pretraining)
+    imp/                     IMP on the task from θ0 (level 0 = dense θ0), the run directory of vlsparse.lottery.runs
+    random/level_XX/         random pruning at the sparsity of IMP level XX (the compared level), from θ0
+    text-only/level_00/      the dense model from θ'0 (text weights pre-training started from, fresh image embeddings)
+    text-only/level_XX/      IMP level XX's mask (found from θ0) trained from θ'0
+    shuffled/level_XX/       that mask trained from θ''0 (θ0 shuffled within each tensor)
+    pretrain-imp/            IMP on the pre-training objectives (task-agnostic tickets), rounds of 10% of the
+                             pre-training steps (the paper's schedule)
+    task-agnostic/level_XX/  its ticket at the compared sparsity trained on the task from θ0
+    floor/                   every prunable weight pruned, trained from θ0
+    table.md                 this seed's table
 
-Every step skips work already on disk, so re-running the same command resumes.
+and ``OUT/table.md`` the table over all seeds (mean ± std). Every step skips work already on disk, so re-running
+the same command resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vlsparse.atomic import write_text
 from vlsparse.data import save_task_info
-from vlsparse.lottery.config import IMPConfig, parse_levels
+from vlsparse.lottery.config import PRETRAIN, IMPConfig, parse_levels
 from vlsparse.lottery.imp import run_imp
+from vlsparse.lottery.job_table import Row, format_table, table_rows
+from vlsparse.lottery.pretraining import find_pretrain_ticket, run_pretrain
 from vlsparse.lottery.retrain import retrain_ticket
 from vlsparse.lottery.runs import Run, check_config
 from vlsparse.lottery.setup import setup
 from vlsparse.pruning.magnitude import random_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
-
-RELAXED = 0.99  # a relaxed winning ticket keeps >= 99% of the dense metric (Gan et al. 2022, sec. 3)
-
-
-@dataclass
-class Row:
-    """One line of the comparison table; scores are fractions in [0, 1]."""
-
-    sparsity: float
-    dense: float
-    imp: float
-    random: float | None
-
-    @property
-    def imp_of_dense(self) -> float:
-        """IMP's test score as a fraction of the dense model's (0.0 when the dense score is 0)."""
-        return self.imp / self.dense if self.dense else 0.0
-
-    @property
-    def relaxed_winning(self) -> bool:
-        """True when IMP keeps at least :data:`RELAXED` of the dense score."""
-        return self.imp_of_dense >= RELAXED
-
+from vlsparse.training.config import TrainConfig
 
 def random_ticket(net: nn.Module, sparsity: float, seed: int = 0, scope: list[str] | None = None,
                   **meta: str) -> Ticket:
@@ -86,68 +78,122 @@ def job_levels(levels: str, compare: str, bench_level: float | None) -> tuple[li
     return lv, compare_idx, None if bench_level is None else level_of(bench_level, "--bench-level")
 
 
-def random_baselines(out: Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig, levels: list[int],
-                     progress: Callable[[str, int, int], None] | None = None) -> dict[int, dict]:
-    """Random pruning at the sparsity of each IMP level in ``levels``, re-trained from θ0 with the
-    same step budget. Returns level -> metrics. Skips levels already on disk."""
-    imp, rand = Run(Path(out) / "imp"), Run(Path(out) / "random")
-    results = {}
-    for k in levels:
-        imp_ticket = Ticket.load(imp.ticket(k))
-        if rand.finished(k):
-            results[k] = rand.metrics(k)
-            continue
-        tpath = rand.ticket(k)
-        if not tpath.exists():
-            random_ticket(model, imp_ticket.sparsity, cfg.train.seed, list(imp_ticket.mask),
-                          model=cfg.model, task=cfg.task).save(tpath)
-        results[k] = retrain_ticket(Ticket.load(tpath), model, task, collate, cfg.train, rand.level(k),
-                                    theta0=imp.theta0, ticket_path=str(tpath),
-                                    progress=(lambda s, k=k: progress(f"random {k}", s, cfg.train.steps))
-                                    if progress else None)
-    return results
+@dataclass
+class JobSettings:
+    """What the main job adds to the task's IMP configuration.
+
+    base_model: the model pre-training starts from (θ'0's text weights); corpus, objectives, proportions,
+    pretrain_steps, pretrain_batch_size: ``vlsparse pretrain``; agnostic_levels: the sparsity levels of IMP on
+    pre-training (each round pre-trains ``pretrain_steps // 10`` steps, the paper's 10%), ending at the compared
+    level; compare: the level number (1 = first pruned IMP level) at which the baselines are trained.
+    """
+
+    base_model: str = "uniter-minilm-l2"
+    corpus: str = "easy-vqa-captions"
+    objectives: str = "mlm,mrfr,itm,wra"
+    proportions: str | None = "2,1,2,1"
+    pretrain_steps: int = 1500
+    pretrain_batch_size: int = 32
+    agnostic_levels: tuple[float, ...] = (0.5, 0.7)
+    compare: int = 2
 
 
-def main_job(out: str | Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig, compare_levels: list[int],
-             progress: Callable[[str, int, int], None] | None = None) -> list[Row]:
-    """Find IMP tickets, train random tickets at ``compare_levels`` (indices into 1..len(levels)),
-    write OUT/table.md and return the rows (one per compared level)."""
+def _retrain(out: Path, name: str, ticket_path: Path, model, task, collate, cfg: TrainConfig, theta0: Path,
+             init: str, progress) -> dict:
+    """Train ``ticket_path``'s mask from θ0 (``init``) into ``out`` unless finished there; its metrics."""
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    return retrain_ticket(Ticket.load(ticket_path), model, task, collate, cfg, out, theta0=theta0, init=init,
+                          ticket_path=str(ticket_path), progress=(lambda s: progress(name, s, cfg.steps))
+                          if progress else None)
+
+
+def baselines(out: Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig, k: int,
+              progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+    """The Table 1 baselines at IMP level ``k``, each trained with the IMP rounds' budget: random pruning at the
+    same sparsity (row 5), the IMP mask from θ'0 (row 6) and from θ''0 (row 7), the dense θ'0 model, and the
+    floor (every prunable weight pruned). Returns name -> metrics; skips what is on disk."""
+    imp = Run(out / "imp")
+    level = f"level_{k:02d}"
+    rand = out / "random" / level / "ticket.safetensors"
+    if not rand.exists():
+        sparsity = Ticket.load(imp.ticket(k)).sparsity
+        random_ticket(model, sparsity, cfg.train.seed, list(Ticket.load(imp.ticket(k)).mask),
+                      model=cfg.model, task=cfg.task).save(rand)
+    floor = out / "floor" / "ticket.safetensors"
+    if not floor.exists():
+        mask = {n: torch.zeros_like(m) for n, m in Ticket.load(imp.ticket(0)).mask.items()}
+        Ticket(mask, {"model": cfg.model, "task": cfg.task, "method": "floor", "target_sparsity": "1.0"}).save(floor)
+    plan = {"random": (out / "random" / level, rand, "pretrained"),
+            "dense_text": (out / "text-only" / "level_00", imp.ticket(0), "text-only"),
+            "text_only": (out / "text-only" / level, imp.ticket(k), "text-only"),
+            "shuffled": (out / "shuffled" / level, imp.ticket(k), "shuffled"),
+            "floor": (out / "floor", floor, "pretrained")}
+    return {name: _retrain(d, name, t, model, task, collate, cfg.train, imp.theta0, init, progress)
+            for name, (d, t, init) in plan.items()}
+
+
+def task_agnostic(out: Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig, job: JobSettings,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """IMP on the pre-training objectives from θ0 (``OUT/pretrain-imp``), then its ticket at the last of
+    ``job.agnostic_levels`` trained on the task from the task's θ0 (``OUT/task-agnostic``); its metrics."""
+    levels = list(job.agnostic_levels)
+    pcfg = IMPConfig(model=cfg.model, task=PRETRAIN, levels=levels, corpus=job.corpus, objectives=job.objectives,
+                     proportions=job.proportions,
+                     train=dataclasses.replace(cfg.train, steps=max(job.pretrain_steps // 10, 1),
+                                               warmup=min(cfg.train.warmup, max(job.pretrain_steps // 10, 1)),
+                                               batch_size=job.pretrain_batch_size))
+    find_pretrain_ticket(out / "pretrain-imp", pcfg, progress=progress)
+    k = len(levels)
+    return _retrain(out / "task-agnostic" / f"level_{k:02d}", "task-agnostic", Run(out / "pretrain-imp").ticket(k),
+                    model, task, collate, cfg.train, Run(out / "imp").theta0, "pretrained", progress)
+
+
+def one_seed(out: str | Path, cfg: IMPConfig, job: JobSettings,
+             progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, object]:
+    """Every row of the table for one seed (``cfg.train.seed``) into ``out``: pre-training (θ0), IMP from θ0,
+    :func:`baselines` and :func:`task_agnostic`. Returns (key -> metrics, with ``imp`` the IMP levels' list;
+    the TaskData). ``cfg.model`` is ignored: the model is ``out/pretrained``."""
     out = Path(out)
+    pre = out / "pretrained"
+    if not (pre / "config.json").is_file():
+        pcfg = dataclasses.replace(cfg.train, steps=job.pretrain_steps, batch_size=job.pretrain_batch_size,
+                                   warmup=min(cfg.train.warmup, job.pretrain_steps))
+        run_pretrain(job.base_model, job.corpus, pre, pcfg, job.objectives, job.proportions,
+                     progress=(lambda s, r: progress("pretrain", s, pcfg.steps)) if progress else None)
+    cfg = dataclasses.replace(cfg, model=str(pre))
+    model, task, collate = setup(cfg.model, cfg.task, cfg.train.seed)
     check_config(out / "imp", cfg)
     save_task_info(task, Run(out / "imp").task_info)
     imp = run_imp(out / "imp", model, task, collate, cfg, progress)
-    rand = random_baselines(out, model, task, collate, cfg, compare_levels, progress)
-    metric = task.metric_name
-    dense = imp[0]["test"][metric]
-    rows = [Row(imp[k]["sparsity"], dense, imp[k]["test"][metric],
-                rand[k]["test"][metric] if k in rand else None) for k in range(1, len(imp))]
-    write_text(out / "table.md", format_table(rows, metric))
-    return rows
+    results = {"imp": imp, "dense": imp[0], **baselines(out, model, task, collate, cfg, job.compare, progress)}
+    results["agnostic"] = task_agnostic(out, model, task, collate, cfg, job, progress)
+    results = {k: results[k] for k in ("imp", "dense", "dense_text", "random", "text_only", "shuffled", "agnostic",
+                                       "floor")}
+    write_text(out / "table.md", format_table(table_rows([results]), task.metric_name))
+    return results, task
 
 
-def run_main_job(out: str | Path, cfg: IMPConfig, compare_levels: list[int],
-                 progress: Callable[[str, int, int], None] | None = None) -> tuple[list[Row], object]:
-    """``vlsparse main-job``: load ``cfg``'s task and model by name (:func:`vlsparse.lottery.setup.setup`), then
-    :func:`main_job`. Returns (the rows, the TaskData).
+def run_main_job(out: str | Path, cfg: IMPConfig, job: JobSettings, seeds: list[int],
+                 progress: Callable[[str, int, int], None] | None = None) -> tuple[list[Row], object, Path]:
+    """``vlsparse main-job``: :func:`one_seed` for every seed (into ``out``, or ``out/seed_<s>`` for several), then
+    ``out/table.md`` over all seeds. Returns (the rows, the TaskData, the first seed's directory: the one benched).
 
     Raises:
-        RunError: OUT/imp holds a run with another configuration, or corrupt files.
-        ValueError / FileNotFoundError / KeyError: see :func:`vlsparse.lottery.setup.setup`.
+        RunError: a seed's directory holds a run with another configuration, or corrupt files.
+        ValueError / FileNotFoundError: see :func:`vlsparse.lottery.setup.setup` and
+            :func:`vlsparse.lottery.pretraining.run_pretrain`.
     """
-    model, data, collate = setup(cfg.model, cfg.task, cfg.train.seed)
-    return main_job(out, model, data, collate, cfg, compare_levels, progress), data
+    out = Path(out)
+    dirs = [out] if len(seeds) == 1 else [out / f"seed_{s}" for s in seeds]
+    results, task = [], None
+    for s, d in zip(seeds, dirs):
+        r, task = one_seed(d, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s)), job, progress)
+        results.append(r)
+    rows = table_rows(results)
+    write_text(out / "table.md", format_table(rows, task.metric_name))
+    return rows, task, dirs[0]
 
 
-def format_table(rows: list[Row], metric: str = "vqa_score") -> str:
-    """Markdown table: sparsity, dense / IMP / random test scores (percent), IMP as % of dense,
-    and whether IMP's ticket is a relaxed winning ticket (>= 99% of dense)."""
-    head = (f"| sparsity | dense test {metric} | IMP ticket | random pruning | IMP % of dense | "
-            "relaxed winning ticket |\n|---:|---:|---:|---:|---:|:---|\n")
-    lines = [f"| {r.sparsity:.0%} | {r.dense:.2%} | {r.imp:.2%} | "
-             f"{'' if r.random is None else f'{r.random:.2%}'} | {r.imp_of_dense:.1%} | "
-             f"{'yes' if r.relaxed_winning else 'no'} |" for r in rows]
-    return head + "\n".join(lines) + "\n"
-
-
-__all__ = ["RELAXED", "Row", "format_table", "job_levels", "main_job", "random_baselines", "random_ticket",
-           "run_main_job"]
+__all__ = ["JobSettings", "Row", "baselines", "format_table", "job_levels", "one_seed", "random_ticket",
+           "run_main_job", "task_agnostic"]

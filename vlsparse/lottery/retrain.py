@@ -26,7 +26,8 @@ from vlsparse.training.loop import TrainConfig, evaluate, train
 
 def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cfg: TrainConfig, out: str | Path,
                    theta0: str | Path | None = None, init: str = "pretrained", ticket_path: str = "ticket",
-                   progress: Callable[[int], None] | None = None, overwrite: bool = False) -> dict:
+                   progress: Callable[[int], None] | None = None, overwrite: bool = False,
+                   loaded_as: str = "the model as loaded") -> dict:
     """Train ``ticket``'s subnetwork of ``model`` and write metrics + weights into ``out``.
 
     Args:
@@ -36,9 +37,10 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         cfg: training settings (the same step budget as the IMP rounds for a fair comparison).
         out: output directory (created).
         theta0: a safetensors state_dict loaded into ``model`` first (e.g. RUN/theta0.safetensors).
-        init: "pretrained" | "shuffled" | "random" (see :mod:`vlsparse.pruning.reinit`).
+        init: "pretrained" | "text-only" | "shuffled" | "random" (see :mod:`vlsparse.pruning.reinit`).
         ticket_path: name of the ticket's source, used in error messages and metrics.
         overwrite: replace an existing ``out/metrics.json``.
+        loaded_as: what θ0 is when ``theta0`` is None (``metrics["theta0"]``).
 
     Returns:
         the metrics dict: sparsity (fraction), init, val/test metrics (fractions), seconds.
@@ -56,11 +58,17 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         check_mask_fits(ticket.mask, model, ticket_path)
     except ValueError as exc:
         raise TicketError(str(exc)) from exc
-    reinitialize(model, init, seed=cfg.seed)
-    t0 = time.time()
-    train(model, ticket.mask, task.train, collate, cfg, progress=progress)
-    t1 = time.time()
+    fresh_flag = getattr(model.config, "img_embeddings_pretrained", None)
+    try:
+        reinitialize(model, init, seed=cfg.seed)
+        t0 = time.time()
+        train(model, ticket.mask, task.train, collate, cfg, progress=progress)
+        t1 = time.time()
+    finally:  # text-only / random marked the image embeddings fresh for this training only
+        if fresh_flag is not None:
+            model.config.img_embeddings_pretrained = fresh_flag
     metrics = {"ticket": str(ticket_path), "sparsity": ticket.sparsity, "init": init, "steps": cfg.steps,
+               "theta0": str(theta0) if theta0 is not None else loaded_as,
                "seed": cfg.seed, "method": ticket.meta.get("method", ""),
                "val": evaluate(model, task.val, collate, device=cfg.device),
                "test": evaluate(model, task.test, collate, device=cfg.device),
@@ -77,8 +85,10 @@ def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg
     """``vlsparse train-ticket``: load the ticket file, the task and the model by name, then :func:`retrain_ticket`
     into ``out`` and write ``out/task.json``.
 
-    ``theta0`` defaults to the θ0 of the ticket's run directory (:meth:`Run.of_ticket`) when there is one;
-    otherwise the freshly loaded model is θ0.
+    ``theta0`` defaults to the θ0 of the ticket's run directory (:meth:`Run.of_ticket`) when there is one and
+    the ticket was found on the same kind of task; otherwise (and for task-agnostic tickets, ``task=pretrain``,
+    whose run holds the pre-training model) the freshly loaded ``model`` with a new head φ0 is θ0.
+    ``metrics["theta0"]`` says which.
 
     Returns:
         (the metrics dict of :func:`retrain_ticket`, the TaskData).
@@ -90,11 +100,11 @@ def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg
     if init not in INITS:
         raise ValueError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     t = Ticket.load(ticket)
-    if theta0 is None and (run := Run.of_ticket(ticket)) is not None:
+    if theta0 is None and t.meta.get("task") != "pretrain" and (run := Run.of_ticket(ticket)) is not None:
         theta0 = run.theta0
     net, data, collate = setup(model, task, cfg.seed, data_dir)
     metrics = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
-                             progress=progress)
+                             progress=progress, loaded_as=f"--model {model} with a new head (seed {cfg.seed})")
     save_task_info(data, Path(out) / TASK_INFO)
     return metrics, data
 

@@ -19,7 +19,8 @@ def setup(model: str, task: str, seed: int, data_dir: str | Path | None = None) 
     Args:
         model: preset name, save_pretrained directory, or official UNITER / LXMERT checkpoint file.
         task: task name (:data:`vlsparse.data.TASKS`).
-        seed: seeds torch and the head's initialisation (φ0).
+        seed: seeds torch, the head's initialisation (φ0), and the task's validation split (tasks that carve
+            one from train) and sampled negatives (:class:`vlsparse.data.options.LoadOptions`).
         data_dir: directory of the task's data files (tasks other than easy-VQA need one).
 
     Returns:
@@ -30,7 +31,7 @@ def setup(model: str, task: str, seed: int, data_dir: str | Path | None = None) 
             (raised by :func:`vlsparse.data.load_task` and :func:`vlsparse.models.registry.load_model`).
     """
     torch.manual_seed(seed)
-    data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model))
+    data = load_task(task, load_tokenizer(model), data_dir=data_dir, visual=visual_input(model), seed=seed)
     obj = data.objective
     net, _ = load_model(model, img_dim=data.region_feature_dim, num_answers=head_outputs(obj.head, len(data.answers)),
                         seed=seed, head=obj.head, num_images=obj.images)

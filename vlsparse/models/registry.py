@@ -158,7 +158,7 @@ def _official_uniter(raw: dict[str, torch.Tensor], path: Path, img_dim: int | No
         state = _without_head(state, ("vqa_output.",))
     if num_answers is not None:
         fields["num_answers"] = num_answers
-    config = UniterConfig(pooling="cls", **task_head, **fields)
+    config = UniterConfig(pooling="cls", img_embeddings_pretrained=True, **task_head, **fields)
     _check_img_dim(config, img_dim, str(path))
     model = UniterForTask(config)
     _load_state(model, state, strict_prefix="uniter.encoder.")

@@ -36,13 +36,19 @@ class UniterConfig(BertConfig):
         num_answers: size A of the answer vocabulary of the VQA head.
         task_head: "answer" | "pair" | "rank" | "region" (see :mod:`vlsparse.models.heads`).
         task_images: images per example of the ``pair`` head (NLVR2: 2).
+        img_embeddings_pretrained: the image embeddings hold pre-trained values (``vlsparse pretrain``, an
+            official UNITER checkpoint) rather than a fresh initialisation; only fresh ones are "new"
+            parameters (:attr:`UniterForTask.head_prefixes`).
+        pretrained_from: the model VL pre-training started from (a preset name or path; ``vlsparse
+            pretrain`` sets it): the text-only initialisation θ'0 (:mod:`vlsparse.pruning.reinit`).
         **kwargs: every :class:`transformers.BertConfig` field (hidden_size, num_hidden_layers, ...).
     """
 
     model_type = "uniter"
 
     def __init__(self, img_dim: int = 2048, pooling: str = "cls", num_answers: int = 3129, task_head: str = "answer",
-                 task_images: int = 1, **kwargs):
+                 task_images: int = 1, img_embeddings_pretrained: bool = False, pretrained_from: str | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -51,6 +57,8 @@ class UniterConfig(BertConfig):
         self.num_answers = num_answers
         self.task_head = task_head
         self.task_images = task_images
+        self.img_embeddings_pretrained = img_embeddings_pretrained
+        self.pretrained_from = pretrained_from
 
 
 class UniterImageEmbeddings(nn.Module):
@@ -93,9 +101,11 @@ class UniterModel(nn.Module):
         self.pooler = BertPooler(config) if config.pooling == "cls" else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, img_feat: torch.Tensor,
-                img_pos: torch.Tensor, img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                img_pos: torch.Tensor, img_mask: torch.Tensor, img_masks: torch.Tensor | None = None,
+                return_text: bool = False) -> tuple[torch.Tensor, ...]:
         """Encode text and regions; return the pooled vector (B, hidden) float32 and the regions'
-        last hidden states (B, N, hidden) float32.
+        last hidden states (B, N, hidden) float32, then (``return_text``) the text tokens' last hidden
+        states (B, L, hidden) float32 (MLM, WRA: :mod:`vlsparse.training.objectives`).
 
         Args:
             input_ids: (B, L) int64 token ids, [CLS] first.
@@ -103,19 +113,24 @@ class UniterModel(nn.Module):
             img_feat: (B, N, img_dim) float32 region features.
             img_pos: (B, N, 7) float32 boxes [x1, y1, x2, y2, w, h, w*h], normalised to [0, 1].
             img_mask: (B, N) int64/bool, 1 for real regions.
+            img_masks: (B, N) bool/int64, 1 for regions masked by masked region modelling (their
+                features are zeroed by the caller; the mask embedding is added, upstream ``UniterModel``).
+            return_text: also return the text hidden states.
         """
         txt = self.embeddings(input_ids=input_ids)  # (B, L, h)
         type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)  # (B, N): token type 1
-        img = self.img_embeddings(img_feat, img_pos, self.embeddings.token_type_embeddings(type_ids))  # (B, N, h)
+        img = self.img_embeddings(img_feat, img_pos, self.embeddings.token_type_embeddings(type_ids),
+                                  img_masks)  # (B, N, h)
         hidden = torch.cat([txt, img], dim=1)  # (B, L+N, h)
         valid = torch.cat([attention_mask, img_mask], dim=1).to(hidden.dtype)  # (B, L+N)
         additive = (1.0 - valid)[:, None, None, :] * torch.finfo(hidden.dtype).min  # (B, 1, 1, L+N)
         hidden = self.encoder(hidden, attention_mask=additive).last_hidden_state  # (B, L+N, h)
         regions = hidden[:, input_ids.shape[1]:]  # (B, N, h)
         if self.pooler is not None:
-            return self.pooler(hidden), regions  # (B, h): the [CLS] token through the pooler
-        pooled = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # (B, h): masked mean
-        return pooled, regions
+            pooled = self.pooler(hidden)  # (B, h): the [CLS] token through the pooler
+        else:
+            pooled = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)  # (B, h): mean
+        return (pooled, regions, hidden[:, :input_ids.shape[1]]) if return_text else (pooled, regions)
 
 
 class UniterForTask(TaskForwardMixin, PreTrainedModel):
@@ -130,8 +145,8 @@ class UniterForTask(TaskForwardMixin, PreTrainedModel):
 
     config_class = UniterConfig
     base_model_prefix = "uniter"
-    #: parameters that are new for a task (not from text pre-training): trained with a larger lr
-    head_prefixes = ("uniter.img_embeddings.", "vqa_output.")
+    #: the task head φ0: always new for a task
+    task_head_prefixes = ("vqa_output.",)
     _supports_attention_backend = True
 
     def __init__(self, config: UniterConfig):
@@ -160,6 +175,14 @@ class UniterForTask(TaskForwardMixin, PreTrainedModel):
         elif isinstance(module, BertEmbeddings):
             module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             module.token_type_ids.zero_()
+
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the parameters that are new for a task (trained with ``head_lr``, kept
+        by ``--init shuffled|random``): the head, and the image embeddings only when they were freshly
+        initialised (``config.img_embeddings_pretrained`` False: a preset or text-only model)."""
+        fresh = () if getattr(self.config, "img_embeddings_pretrained", False) else ("uniter.img_embeddings.",)
+        return fresh + self.task_head_prefixes
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.uniter.embeddings.word_embeddings

@@ -68,6 +68,39 @@ class CompactVocab:
         self.model.set_input_embeddings(self.full)
 
 
+def mask_gradients(model: nn.Module, mask: Mask | None, device: torch.device) -> list:
+    """Zero the pruned weights of ``model`` (``mask``: name -> bool tensor, True = kept; None: nothing) and
+    mask their gradients with hooks, so that AdamW keeps them exactly zero; returns the hook handles
+    (``.remove()`` them after training)."""
+    hooks = []
+    if mask:
+        apply_mask(model, mask)
+        params = dict(model.named_parameters())
+        for name, m in mask.items():
+            dm = m.to(device, params[name].dtype)
+            hooks.append(params[name].register_hook(lambda g, dm=dm: g * dm))
+    return hooks
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, start_step: int = 0, extra: nn.Module | None = None):
+    """AdamW and its linear warm-up / linear decay schedule (UNITER's recipe): ``cfg.lr`` for the pre-trained
+    parameters, ``cfg.head_lr`` for the model's new ones (``head_prefixes``) and every parameter of ``extra``
+    (e.g. pre-training heads). The schedule starts at ``start_step`` of ``cfg.steps``. Returns (optimizer,
+    scheduler)."""
+    head = tuple(getattr(model, "head_prefixes", ()))
+    groups = [[], []]
+    for n, p in model.named_parameters():
+        groups[n.startswith(head)].append(p)
+    if extra is not None:
+        groups[1] += [p for p in extra.parameters() if all(p is not q for q in groups[0] + groups[1])]
+    opt = torch.optim.AdamW([{"params": groups[0], "lr": cfg.lr}, {"params": groups[1], "lr": cfg.head_lr}],
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + start_step + 1) / max(cfg.warmup, 1),
+                           max(0.0, (cfg.steps - s - start_step) / max(cfg.steps - cfg.warmup, 1))))
+    return opt, sched
+
+
 def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callable, cfg: TrainConfig,
           progress: Callable[[int], None] | None = None, snapshot_step: int | None = None,
           start_step: int = 0) -> dict | None:
@@ -89,28 +122,14 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     """
     device = torch.device(cfg.device)
     model.to(device).train()
-    hooks = []
-    if mask:
-        apply_mask(model, mask)
-        params = dict(model.named_parameters())
-        for name, m in mask.items():
-            dm = m.to(device, params[name].dtype)
-            hooks.append(params[name].register_hook(lambda g, dm=dm: g * dm))
+    hooks = mask_gradients(model, mask, device)
     snapshot = None
     objective = getattr(dataset, "objective", VQA_OBJECTIVE)
     used = sorted({0} | (dataset.used_token_ids() if hasattr(dataset, "used_token_ids") else set()))  # 0: [PAD]
     vocab = CompactVocab(model, torch.tensor(used)) if len(used) > 1 and cfg.compact_vocab else None
     torch.manual_seed(cfg.seed)  # after CompactVocab: dropout draws the same numbers either way
     try:
-        head = tuple(getattr(model, "head_prefixes", ()))
-        groups = [[], []]
-        for n, p in model.named_parameters():
-            groups[n.startswith(head)].append(p)
-        opt = torch.optim.AdamW([{"params": groups[0], "lr": cfg.lr}, {"params": groups[1], "lr": cfg.head_lr}],
-                                weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + start_step + 1) / max(cfg.warmup, 1),
-                               max(0.0, (cfg.steps - s - start_step) / max(cfg.steps - cfg.warmup, 1))))
+        opt, sched = make_optimizer(model, cfg, start_step)
         batches = _batches(dataset, collate, cfg.batch_size, cfg.seed + start_step)
         for step in range(cfg.steps - start_step):
             batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -164,12 +183,30 @@ def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: 
 
     The metrics are those of the dataset's ``objective`` (default VQA: ``{"vqa_score", "n"}``, the soft
     target score of the arg-max answer, UNITER/LXMERT); a dataset with its own ``evaluate`` (retrieval:
-    :class:`vlsparse.data.dataset.RetrievalSet`) computes them itself.
+    :class:`vlsparse.data.dataset.RetrievalSet`) computes them itself. Datasets whose examples carry question
+    types also get the metric per type (:func:`by_question_type`, e.g. ``vqa_score:yes/no``, ``vqa_score:open``).
     """
     if hasattr(dataset, "evaluate"):
         return dataset.evaluate(model, batch_size=batch_size, device=device)
     logits, targets = predict(model, dataset, collate, batch_size, device)
-    return getattr(dataset, "objective", VQA_OBJECTIVE).metrics(logits, targets)
+    objective = getattr(dataset, "objective", VQA_OBJECTIVE)
+    out = objective.metrics(logits, targets)
+    types = list(getattr(dataset, "question_types", None) or [])
+    if logits.shape[0] and any(types) and objective.metric != "ir_r1":
+        out.update(by_question_type(objective.scores(logits, targets)[objective.metric], types, objective.metric))
+    return out
 
 
-__all__ = ["CompactVocab", "TrainConfig", "evaluate", "predict", "train"]
+def by_question_type(scores: torch.Tensor, types: list[str], metric: str) -> dict[str, float]:
+    """The mean of per-example ``scores`` (Q,) float32 per question type: ``{"<metric>:<type>": fraction}``, plus
+    ``"<metric>:open"`` over every type but "yes/no" when there are yes/no questions (the 87% plateau of
+    MEASURED.md is yes/no questions failing while open ones are right)."""
+    kinds = sorted({t for t in types if t})
+    out = {}
+    for t in kinds + (["open"] if "yes/no" in kinds and len(kinds) > 1 else []):
+        keep = torch.tensor([(x != "yes/no" and bool(x)) if t == "open" else x == t for x in types])
+        out[f"{metric}:{t}"] = float(scores[keep].mean())
+    return out
+
+
+__all__ = ["CompactVocab", "TrainConfig", "evaluate", "make_optimizer", "mask_gradients", "predict", "train"]
