@@ -163,8 +163,9 @@ def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path):
     assert m["memory"] == "rss-subprocess"
     # a process with torch and onnxruntime imported holds well over 50 MB; the tiny model adds a little
     assert m["peak_mem_bytes"] > 50 * 2**20 and 0 < m["model_mem_bytes"] < m["peak_mem_bytes"]
+    assert 50 * 2**20 < m["steady_mem_bytes"] <= m["peak_mem_bytes"]
     assert measure_memory("csr", paths["csr"], batch, "cpu", "fp32", 1, "off") == {
-        "peak_mem_bytes": None, "model_mem_bytes": None, "memory": None}
+        "peak_mem_bytes": None, "model_mem_bytes": None, "steady_mem_bytes": None, "memory": None}
 
 
 def test_bad_input(tmp_path, tiny_run, tiny_task, monkeypatch):

@@ -152,3 +152,32 @@ def test_export_is_readable_by_other_users(tmp_path, tiny_model, ticket_mask):
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())  # not mkstemp's 0600
+
+
+def test_load_sparse_builds_no_dense_weights(tmp_path, tiny_model, ticket_mask):
+    """The model is built with parameters on meta (no storage; non-persistent buffers on the CPU as the
+    model makes them); every loaded parameter is the file's tensor; a file lacking one is refused."""
+    import json
+
+    from vlsparse.models.registry import model_from_config
+    from vlsparse.runtime.load import parameters_on_meta
+
+    out = export_csr(tiny_model, ticket_mask, tmp_path / "csr")
+    with parameters_on_meta():
+        empty = model_from_config(json.loads((out / "config.json").read_text()))
+    assert all(p.is_meta for p in empty.parameters())
+    ref_buffers = dict(tiny_model.named_buffers())
+    for name, buf in empty.named_buffers():
+        assert not buf.is_meta and torch.equal(buf, ref_buffers[name])
+    model = load_sparse(out)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    state = load_file(str(out / "model.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state[name])
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    del state["uniter.embeddings.LayerNorm.weight"]
+    save_file(state, str(out / "model.safetensors"), metadata=meta)
+    with pytest.raises(ExportError, match="lacks uniter.embeddings.LayerNorm.weight"):
+        load_sparse(out)

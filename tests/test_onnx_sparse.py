@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from vlsparse.export.onnx_sparse import csr_from_dense, sparsify_onnx  # noqa: E402
 from vlsparse.runtime.ort import DOMAIN, OP_TYPE, ort_session, requires_vlsparse  # noqa: E402
-from vlsparse.sparse.kernels.ort import custom_op_library  # noqa: E402
+from vlsparse.sparse.kernels.ort import custom_op_library, set_openmp, uses_ort_pool  # noqa: E402
 
 TOL = 1e-4
 
@@ -255,6 +255,55 @@ def test_kernel_rejects_bad_input_and_index_dtype_limits():
     assert col.dtype == np.int32 and crow.tolist() == [0, 0, 0, 0] and val.size == 0
     with pytest.raises(ValueError):
         csr_from_dense(np.ones((2, 40000), np.float32), index_dtype="int16")
+
+
+def _one_node(w: np.ndarray, bias: np.ndarray | None, **attrs) -> onnx.ModelProto:
+    """Y = SparseLinear(x) with W (out, in) as CSR initializers; x (T, in) float32."""
+    out_f, in_f = w.shape
+    crow, col, val = csr_from_dense(w)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((crow, "crow"), (col, "col"), (val, "val"))]
+    names = ["x", "crow", "col", "val"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        names.append("b")
+    node = helper.make_node(OP_TYPE, names, ["y"], domain=DOMAIN, in_features=in_f, out_features=out_f, **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", in_f])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", out_f])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 40, 333])
+def test_op_runs_on_onnxruntime_pool_and_on_openmp_alike(tokens):
+    """Both thread pools (onnxruntime's intra-op pool, the OpenMP fallback) give X W^T + b (scipy)."""
+    rng = np.random.default_rng(tokens)
+    w = rng.standard_normal((200, 96)).astype(np.float32) * (rng.random((200, 96)) >= 0.7)
+    b = rng.standard_normal(200).astype(np.float32)
+    x = rng.standard_normal((tokens, 96)).astype(np.float32)
+    ref = np.asarray(scipy_sparse.csr_matrix(w) @ x.T).T + b
+    sess = ort_session(_one_node(w, b), threads=2)
+    assert uses_ort_pool()  # onnxruntime >= 1.17 is installed
+    try:
+        set_openmp(True)
+        assert not uses_ort_pool()
+        y_omp = sess.run(None, {"x": x})[0]
+    finally:
+        set_openmp(False)
+    y_ort = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(y_ort, ref, atol=TOL, rtol=1e-5)
+    np.testing.assert_allclose(y_omp, ref, atol=TOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_gelu_epilogue_matches_torch_gelu(tokens):
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((64, 48)).astype(np.float32) * (rng.random((64, 48)) >= 0.7)
+    b = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((tokens, 48)).astype(np.float32) * 3
+    ref = torch.nn.functional.gelu(torch.from_numpy(x @ w.T + b)).numpy()
+    y = ort_session(_one_node(w, b, activation=1)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, ref, atol=TOL, rtol=1e-5)
+    with pytest.raises(Exception, match="activation must be 0"):
+        ort_session(_one_node(w, b, activation=7)).run(None, {"x": x})
 
 
 def test_library_abi_facts():

@@ -319,3 +319,42 @@ def test_auto_falls_back_to_dense_without_compiler(monkeypatch):
     _check(layer, lin, mask, torch.randn(5, 53))
     with pytest.raises(cpu.CompilerNotFoundError):
         SparseLinear.from_dense(lin, mask, backend="cpu")(torch.randn(5, 53))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 37, 130])
+def test_chained_feature_major_layers_match_masked_dense(cpu_kernel, threads, tokens):
+    """intermediate (GELU in the epilogue, feature-major out) -> output, and Q/K/V sharing one transposed
+    input: the same values as masked F.linear (+ F.gelu), in every layout."""
+    from vlsparse.sparse.linear import InputShare
+
+    threads(2)
+    (l1, m1), (l2, m2) = _layer(96, 40, 0.7, seed=1), _layer(40, 96, 0.7, seed=2)
+    up = SparseLinear.from_dense(l1, m1, backend="cpu")
+    down = SparseLinear.from_dense(l2, m2, backend="cpu")
+    up.activation, up.out_layout = "gelu", "feature"
+    x = torch.randn(2, tokens, 40) if tokens > 2 else torch.randn(tokens, 40)
+    h = up(x)
+    ref_h = F.gelu(_ref(l1, m1, x))
+    torch.testing.assert_close(h, ref_h, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(down(h), _ref(l2, m2, ref_h), atol=1e-4, rtol=1e-5)
+    share = InputShare()
+    qkv = [_layer(40, 40, 0.7, seed=s) for s in (3, 4, 5)]
+    mods = [SparseLinear.from_dense(lin, m, backend="cpu") for lin, m in qkv]
+    for mod in mods:
+        mod.input_share = share
+    for mod, (lin, m) in zip(mods, qkv):
+        torch.testing.assert_close(mod(x), _ref(lin, m, x), atol=1e-4, rtol=1e-5)
+    x.mul_(2)  # a new value in the same tensor: a new forward must not reuse the old transpose
+    share.clear()
+    torch.testing.assert_close(mods[0](x), _ref(*qkv[0], x), atol=1e-4, rtol=1e-5)
+
+
+def test_gelu_epilogue_on_other_backends_and_bad_activation():
+    lin, mask = _layer(24, 16, 0.5)
+    x = torch.randn(5, 16)
+    layer = SparseLinear.from_dense(lin, mask, backend="dense")
+    layer.activation = "gelu"
+    torch.testing.assert_close(layer(x), F.gelu(_ref(lin, mask, x)), atol=1e-5, rtol=1e-5)
+    csr = layer.to_csr()
+    with pytest.raises(ValueError, match="activation"):
+        SparseLinear(16, 24, csr.crow_indices, csr.col_indices, csr.values, activation="relu")

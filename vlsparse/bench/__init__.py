@@ -39,6 +39,8 @@ Columns of ``REPORT/bench.csv`` (one row per level x format x dtype x batch size
         peak minus the process's RSS before loading; "rss-delta": the same delta measured in this
         process (peak reset through /proc/self/clear_refs; no peak column); "cuda-allocated":
         torch.cuda.max_memory_allocated() and its increase over loading and the largest batch;
+    steady_mem_bytes: "rss-subprocess" only: the RSS of that fresh process after loading and three
+        calls, once Python's garbage and glibc's free heap pages are released (what the model keeps);
     cuda_graph: whether the CUDA timing replayed a CUDA graph.
 
 ``REPORT/bench.json`` holds the same rows and, per session, the machine (CPU model, logical CPUs,

@@ -1,8 +1,10 @@
 """Memory of one loaded format running one batch: in this process, or in a fresh one.
 
 The fresh process is this module:  ``python -m vlsparse.bench.memory --probe FORMAT DIR INPUTS.npz
-[--dtype fp32] [--threads N] [--no-spin]`` prints ``{"base": bytes, "peak": bytes}`` (RSS before
-loading, peak RSS after loading and running the batch twice) as its last line. Every probe imports the
+[--dtype fp32] [--threads N] [--no-spin]`` prints ``{"base": bytes, "peak": bytes, "steady": bytes}``
+(RSS before loading, peak RSS after loading and running the batch three times, and the RSS after that
+once Python's garbage and glibc's free heap pages are released: what the loaded model keeps) as its
+last line. Every probe imports the
 same runtimes (torch, onnxruntime, vlsparse.runtime) before its baseline.
 """
 
@@ -26,7 +28,7 @@ import vlsparse.runtime.load  # noqa: F401  (imported before any probe's baselin
 from vlsparse.bench.formats import load_format
 from vlsparse.runtime.runners import INPUTS
 
-__all__ = ["probe_memory", "measure_memory"]
+__all__ = ["probe_memory", "measure_memory", "steady_rss"]
 
 
 def _status_kb(field_name: str) -> int | None:
@@ -87,7 +89,7 @@ def probe_memory(fmt: str, path: str | Path, batch: Mapping[str, Any], device: s
 
 def _probe_subprocess(fmt: str, path: Path, batch: Mapping[str, Any], dtype: str, threads: int,
                       spin: bool) -> dict[str, int | None]:
-    """{"base", "peak"} in bytes of loading ``fmt`` and running ``batch`` in a fresh Python process."""
+    """{"base", "peak", "steady"} in bytes of loading ``fmt`` and running ``batch`` in a fresh Python process."""
     inputs = path.parent / f".probe-inputs-{os.getpid()}.npz"
     np.savez(inputs, **{k: np.asarray(batch[k]) for k in INPUTS})
     try:
@@ -106,7 +108,7 @@ def measure_memory(fmt: str, path: Path, batch: Mapping[str, Any], device: str, 
                    mode: str, spin: bool = True) -> dict[str, Any]:
     """Row fields peak_mem_bytes, model_mem_bytes (bytes) and memory (the kind of measure) for one format
     running ``batch``; ``mode``: "subprocess", "delta" or "off" (see vlsparse.bench)."""
-    empty = {"peak_mem_bytes": None, "model_mem_bytes": None, "memory": None}
+    empty = {"peak_mem_bytes": None, "model_mem_bytes": None, "steady_mem_bytes": None, "memory": None}
     if mode == "off" or (device == "cuda" and fmt not in ("dense", "csr")):
         return empty
     if device == "cuda":
@@ -119,7 +121,18 @@ def measure_memory(fmt: str, path: Path, batch: Mapping[str, Any], device: str, 
     if r["base"] is None or r["peak"] is None:
         return empty
     return {"peak_mem_bytes": None if r.get("hide_peak") else r["peak"], "model_mem_bytes": r["peak"] - r["base"],
-            "memory": kind}
+            "steady_mem_bytes": r.get("steady"), "memory": kind}
+
+
+def steady_rss(fmt: str, path: str | Path, batch: Mapping[str, Any], dtype: str = "fp32", threads: int = 2,
+               spin: bool = True) -> dict[str, int]:
+    """Memory of ``fmt`` loaded alone in a fresh Python process (CPU): {"base", "peak", "steady"} RSS in bytes
+    (before loading; the peak over loading and three calls on ``batch``; after them, once freed memory is
+    returned). Raises RuntimeError when the probe fails (and says why)."""
+    r = _probe_subprocess(fmt, Path(path), batch, dtype, threads, spin)
+    if r.get("steady") is None:
+        raise RuntimeError("steady RSS needs Linux's /proc/self/status")
+    return r
 
 
 def _probe_main(argv: Sequence[str] | None = None) -> None:
@@ -137,16 +150,19 @@ def _probe_main(argv: Sequence[str] | None = None) -> None:
         batch = {k: saved[k] for k in saved.files}
     base = _status_kb("VmRSS")
     runner = load_format(fmt, path, "cpu", args.dtype, args.threads, spin=not args.no_spin)
-    for _ in range(2):
+    for _ in range(3):
         runner.logits(batch)
     peak = _status_kb("VmHWM")
-    if base is None or peak is None:  # no /proc: ru_maxrss (kB on Linux, bytes on macOS)
+    _release_memory()
+    steady = _status_kb("VmRSS")
+    if base is None or peak is None or steady is None:  # no /proc: ru_maxrss (kB on Linux, bytes on macOS)
         import resource  # Unix only: this fallback is for Unixes without /proc
 
         scale = 1 if sys.platform == "darwin" else 1024
-        print(json.dumps({"base": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}))
+        print(json.dumps({"base": None, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                          "steady": None}))
     else:
-        print(json.dumps({"base": base * 1024, "peak": peak * 1024}))
+        print(json.dumps({"base": base * 1024, "peak": peak * 1024, "steady": steady * 1024}))
 
 
 if __name__ == "__main__":

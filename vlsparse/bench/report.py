@@ -30,7 +30,8 @@ COLUMNS: dict[str, type] = {
     "repeats": int, "tokens_per_s": float, "speedup_vs_dense": float, "speedup_vs_onnx": float,
     "metric_name": str, "metric": float, "run_metric": float, "questions": int, "same_pred": float,
     "max_abs_diff": float, "disk_bytes": int, "weight_mem_bytes": int, "linear_disk_bytes": int,
-    "linear_ratio": float, "peak_mem_bytes": int, "model_mem_bytes": int, "memory": str, "cuda_graph": bool,
+    "linear_ratio": float, "peak_mem_bytes": int, "model_mem_bytes": int, "steady_mem_bytes": int,
+    "memory": str, "cuda_graph": bool,
 }
 #: the columns that identify a row (a re-run measures only the keys that are missing)
 KEY = ("method", "level", "format", "device", "dtype", "threads", "batch_size")

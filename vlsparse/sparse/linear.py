@@ -12,6 +12,12 @@ Backends (`backend=`):
     "torch-sparse"  torch.sparse_csr_tensor @ x (MKL sparse on CPU)
     "torch_sparse"  torch_sparse.SparseTensor (the PyG package; only when installed)
 
+Chaining (CPU kernel): ``activation="gelu"`` applies GELU (erf form) in the kernel's epilogue;
+``out_layout="feature"`` returns the (T, out) output as a transposed view of a feature-major (out, T)
+buffer, which the next SparseLinear reads in place (no transposes between the two); ``input_share``
+(an :class:`InputShare` given to the Q, K and V Linears of an attention) transposes their common
+input once. Results are the same tensors in value whatever the layout (any consumer works).
+
 The CSR arrays are buffers (crow_indices, col_indices, values, bias), so .to(), state_dict and
 load_state_dict work; loading a state dict with another nonzero count resizes the buffers.
 The custom kernels ("cpu", "triton", "torch_sparse") have no backward: with autograd on and an
@@ -32,7 +38,7 @@ from vlsparse.sparse.csr import CSRMatrix
 from vlsparse.sparse.kernels import cpu as cpu_kernel
 from vlsparse.sparse.kernels import triton_spmm  # imports without triton (the gpu extra); see its docstring
 
-__all__ = ["SparseLinear", "BACKENDS", "sparsify_linears"]
+__all__ = ["SparseLinear", "BACKENDS", "InputShare", "sparsify_linears"]
 
 BACKENDS = ("auto", "cpu", "triton", "dense", "torch-sparse", "torch_sparse")
 _NO_BACKWARD = ("cpu", "triton", "torch_sparse")
@@ -105,8 +111,13 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, crow_indices: torch.Tensor,
                  col_indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", activation: str = "none"):
         super().__init__()
+        if activation not in cpu_kernel.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(cpu_kernel.ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.out_layout = "row"  # "feature": (T, out) results are views of feature-major buffers (CPU kernel)
+        self.input_share: InputShare | None = None
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         CSRMatrix(crow_indices, col_indices, values, (self.out_features, self.in_features)).validate()
@@ -163,7 +174,9 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, backend={self.backend!r}")
+                f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, backend={self.backend!r}"
+                + (f", activation={self.activation!r}" if self.activation != "none" else "")
+                + (f", out_layout={self.out_layout!r}" if self.out_layout != "row" else ""))
 
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -210,7 +223,7 @@ class SparseLinear(nn.Module):
             backend = "dense"  # custom kernels have no backward
         x2 = x.reshape(-1, in_f)  # (T, in): the leading axes are tokens
         if backend == "cpu":
-            y2 = self._forward_cpu(x2)
+            y2 = self._forward_cpu(x2, x)
         elif backend == "dense":
             y2 = self._forward_dense(x2)
         elif backend == "triton":
@@ -221,6 +234,8 @@ class SparseLinear(nn.Module):
             y2 = self._forward_pyg(x2)
         else:  # pragma: no cover - _check_backend guards
             raise ValueError(f"unknown backend {backend!r}")
+        if self.activation == "gelu" and backend != "cpu":  # the CPU kernel applies it in its epilogue
+            y2 = F.gelu(y2)
         if x.dim() == 2:
             return y2  # (T, out)
         return y2.reshape(*x.shape[:-1], self.out_features)  # (..., out)
@@ -244,7 +259,10 @@ class SparseLinear(nn.Module):
             bias = bias.to(x2.dtype)
         return F.linear(x2, w, bias)  # (T, out)
 
-    def _forward_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+    def _forward_cpu(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) -> (T, out) on our kernel: row-major in and out, or feature-major where x2 is the
+        transposed view of an (in, T) buffer (the output of an ``out_layout="feature"`` layer), where
+        ``input_share`` has (or makes) x's transpose, or where this layer's output is feature-major."""
         if x2.is_cuda or self.values.is_cuda:
             raise ValueError("SparseLinear backend 'cpu' needs CPU tensors (input on "
                              f"{x2.device}, weights on {self.values.device}); use backend='triton' on CUDA")
@@ -253,8 +271,19 @@ class SparseLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        y = ext.spmm(xf.contiguous(), self.crow_indices, self.col_indices, self._values_f32(), bias,
-                     self.out_features)  # (T, out)
+        act = cpu_kernel.ACTIVATIONS[self.activation]
+        args = (self.crow_indices, self.col_indices, self._values_f32(), bias, self.out_features, act)
+        xt = xf.t() if xf.shape[0] > 1 and xf.stride(0) == 1 else None  # (in, T), unit stride along T
+        if xt is None and self.input_share is not None and x.dtype == torch.float32:
+            xt = self.input_share.transposed(x, xf)
+        if xt is None and self.out_layout == "feature" and xf.shape[0] > 2:
+            xt = padded_transpose(xf)
+        if xt is None:
+            y = ext.spmm(xf.contiguous(), *args)  # (T, out)
+        elif self.out_layout == "feature":
+            y = ext.spmm_fm(xt, *args, 0, _round_up(xf.shape[0])).t()  # (T, out) view of (out, T)
+        else:
+            y = ext.spmm_fm(xt, *args, 1, 0)  # (T, out)
         return y if y.dtype == x2.dtype else y.to(x2.dtype)
 
     def _forward_triton(self, x2: torch.Tensor) -> torch.Tensor:
@@ -290,6 +319,45 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+
+def _round_up(tokens: int, multiple: int = 16) -> int:
+    return (tokens + multiple - 1) // multiple * multiple
+
+
+def padded_transpose(x2: torch.Tensor) -> torch.Tensor:
+    """(in, T) float32 view of x2 (T, in) transposed, in a buffer whose rows are T rounded up to 16 floats
+    (zero beyond T) so that the kernel reads it in place."""
+    tokens, in_f = x2.shape
+    buf = torch.empty(in_f, _round_up(tokens), dtype=x2.dtype)
+    buf[:, :tokens].copy_(x2.t())
+    buf[:, tokens:].zero_()
+    return buf[:, :tokens]
+
+
+class InputShare:
+    """The transpose of one input, shared by the SparseLinears it is given to (Q, K, V of an attention).
+
+    :meth:`transposed` returns the (in, T) padded transpose of ``x`` (:func:`padded_transpose`), made
+    the first time it sees that very tensor object and reused while it is the same object (the share
+    holds x, so another tensor cannot take its place; x must not be modified in place in between).
+    :meth:`clear` drops both (call it after each forward of the model).
+    """
+
+    def __init__(self):
+        self._x: torch.Tensor | None = None
+        self._xt: torch.Tensor | None = None
+
+    def transposed(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """(in, T) transpose of x (..., in), whose (T, in) view is x2; None for 1-2 tokens (no gain)."""
+        if x2.shape[0] <= 2:
+            return None
+        if self._x is not x or self._xt is None or self._xt.shape[1] != x2.shape[0]:
+            self._x, self._xt = x, padded_transpose(x2)
+        return self._xt
+
+    def clear(self, *_args) -> None:
+        self._x = self._xt = None
 
 
 def sparsify_linears(module: nn.Module, masks: dict[str, torch.Tensor] | None = None, backend: str = "auto",

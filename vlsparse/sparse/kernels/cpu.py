@@ -6,9 +6,10 @@ torch/python versions and the CPU's feature flags, so an edited source (or anoth
 sharing the cache) rebuilds instead of loading a stale library. It links torch's own OpenMP
 runtime, so ``torch.set_num_threads`` sets the kernel's thread count too.
 
-Public API:
-    spmm_cpu(x, crow_indices, col_indices, values, bias=None, out_features=...) -> (T, out)
-    spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=...) -> (out, T)
+Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
+    spmm_cpu(x, crow_indices, col_indices, values, bias=None, out_features=..., activation=) -> (T, out)
+    spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=..., activation=,
+                out_layout="feature" | "row", pad=0) -> (out, T) or (T, out)
     simd() -> "avx512" | "avx2" | "scalar"
 """
 
@@ -25,13 +26,15 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "cache_dir", "CompilerNotFoundError"]
+__all__ = ["ACTIVATIONS", "spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "cache_dir", "CompilerNotFoundError"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("spmm_torch.cpp",)
 HEADERS = ("spmm.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized")
 
+#: epilogue name -> the kernel's code (0 none, 1 GELU in its erf form, as torch.nn.functional.gelu)
+ACTIVATIONS = {"none": 0, "gelu": 1}
 _lock = threading.Lock()
 _module: ModuleType | None = None
 
@@ -146,31 +149,47 @@ def _csr_args(crow_indices, col_indices, values, bias):
     return crow, col, vals, b
 
 
+def _act(activation: str) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
 def spmm_cpu(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
              values: torch.Tensor, bias: torch.Tensor | None = None, *,
-             out_features: int) -> torch.Tensor:
-    """Y (T, out) = x (T, in) @ W.T + bias with W (out, in) in CSR (crow int32, col int16/int32).
+             out_features: int, activation: str = "none") -> torch.Tensor:
+    """Y (T, out) float32 = act(x (T, in) @ W.T + bias) with W (out, in) in CSR (crow int32, col int16/int32).
 
-    x must be float32 on the CPU; a non-contiguous x is copied. No autograd.
+    x must be float32 on the CPU; a non-contiguous x is copied. No autograd. Raises ValueError for another
+    rank, dtype or activation.
     """
     if x.dim() != 2:
         raise ValueError(f"spmm_cpu: x must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
         raise ValueError(f"spmm_cpu: x must be float32, got {x.dtype}")
+    act = _act(activation)
     crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
-    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features))  # (T, out)
+    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features), act)  # (T, out)
 
 
 def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                 values: torch.Tensor, bias: torch.Tensor | None = None, *,
-                out_features: int) -> torch.Tensor:
-    """Feature-major: Y^T (out, T) = W @ xt + bias[:, None], xt of shape (in, T).
+                out_features: int, activation: str = "none", out_layout: str = "feature",
+                pad: int = 0) -> torch.Tensor:
+    """Feature-major input xt (in, T) float32 (unit stride along T; else copied).
 
-    For chains of sparse layers that keep activations feature-major (no transposes).
+    out_layout "feature": Y^T (out, T) = act(W @ xt + bias[:, None]), a view of an (out, max(T, pad)) buffer
+    whose columns T.. are zero (pad = T rounded up to 16 lets the next layer read it in place); "row":
+    Y (T, out). For chains of sparse layers that keep activations feature-major (no transposes).
+    Raises ValueError for another rank, dtype, activation or layout.
     """
     if xt.dim() != 2:
         raise ValueError(f"spmm_cpu_fm: xt must be 2-D (in_features, tokens), got shape {tuple(xt.shape)}")
     if xt.dtype != torch.float32:
         raise ValueError(f"spmm_cpu_fm: xt must be float32, got {xt.dtype}")
+    if out_layout not in ("feature", "row"):
+        raise ValueError(f"out_layout must be 'feature' or 'row', got {out_layout!r}")
+    act = _act(activation)
     crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
-    return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features))  # (out, T)
+    return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features), act,
+                                    1 if out_layout == "row" else 0, int(pad))  # (out, T) or (T, out)

@@ -31,6 +31,8 @@ __all__ = [
     "cache_dir",
     "custom_op_library",
     "set_num_threads",
+    "set_openmp",
+    "uses_ort_pool",
 ]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -148,11 +150,25 @@ def _compile(cxx: str, lib: Path) -> None:
 
 
 def set_num_threads(n: int | None) -> None:
-    """OpenMP threads used by SparseLinear in this process (``None``/0: OpenMP's default).
+    """OpenMP threads of SparseLinear when it runs on OpenMP (``None``/0: OpenMP's default).
 
-    onnxruntime's ``intra_op_num_threads`` does not reach the op's OpenMP region, so this is a
-    separate, process-wide setting (the library is loaded once per process; every session shares it).
-    The ``VLSPARSE_NUM_THREADS`` environment variable is the fallback when this was never called.
+    On onnxruntime >= 1.17 the op runs on onnxruntime's intra-op thread pool (its size is the session's
+    ``intra_op_num_threads``) and this setting is unused, unless :func:`set_openmp` asked for OpenMP.
+    Process-wide (the library is loaded once per process; every session shares it). The
+    ``VLSPARSE_NUM_THREADS`` environment variable is the fallback when this was never called.
     """
     lib = ctypes.CDLL(str(custom_op_library()))
     lib.vlsparse_ort_set_num_threads(ctypes.c_int(int(n or 0)))
+
+
+def set_openmp(on: bool) -> None:
+    """Run SparseLinear on its own OpenMP pool (True) instead of onnxruntime's intra-op pool (False, the
+    default where onnxruntime >= 1.17 provides it). Process-wide, takes effect at the next call; meant
+    for side-by-side comparisons: two pools on the same cores compete (see README, Performance)."""
+    ctypes.CDLL(str(custom_op_library())).vlsparse_ort_set_openmp(ctypes.c_int(1 if on else 0))
+
+
+def uses_ort_pool() -> bool:
+    """Whether SparseLinear calls run on onnxruntime's intra-op pool (known once a session was created
+    with the library registered; False before that, on onnxruntime < 1.17 and after ``set_openmp(True)``)."""
+    return bool(ctypes.CDLL(str(custom_op_library())).vlsparse_ort_uses_ort_pool())

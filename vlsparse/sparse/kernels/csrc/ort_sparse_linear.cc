@@ -10,13 +10,17 @@
 //   4  bias          float  (out_features,)      OPTIONAL (omit it, or pass the empty name "")
 // Output
 //   0  Y             float  (..., out_features)
-// Attributes (both optional, int): in_features, out_features. When present they are checked against
-// X's last dimension and len(crow_indices) - 1; the sizes themselves are always taken from the inputs.
+// Attributes (all optional, int): in_features, out_features: when present they are checked against
+// X's last dimension and len(crow_indices) - 1 (the sizes themselves are always taken from the
+// inputs); activation: 0 (default) none, 1 GELU (erf form) applied to X @ W^T + bias in the kernel's
+// epilogue (Y = gelu(X @ W^T + bias), the BERT intermediate Linear + its activation in one node).
 //
 // Two kernels share the op name, one for int16 and one for int32 col_indices (ORT overloads by type).
-// The compute is vlsparse::spmm_f32<ColT> from spmm.h (OpenMP inside). OpenMP's thread count is not
-// ORT's intra-op count: set it with the exported vlsparse_ort_set_num_threads(n) (process-wide) or
-// the VLSPARSE_NUM_THREADS environment variable; otherwise OpenMP's default (OMP_NUM_THREADS) holds.
+// The compute is vlsparse::spmm_f32<ColT> from spmm.h. Threads: on onnxruntime >= 1.17 the op runs on
+// onnxruntime's own intra-op thread pool (OrtApi::KernelContext_ParallelFor; its size is the session's
+// intra_op_num_threads), so no second pool competes with onnxruntime's threads for the cores. On older
+// runtimes, or after vlsparse_ort_set_openmp(1), it runs in an OpenMP region whose thread count is set
+// with vlsparse_ort_set_num_threads(n) (process-wide) or VLSPARSE_NUM_THREADS, else OMP_NUM_THREADS.
 //
 // No onnxruntime header ships on PyPI or Debian, so the part of the ORT C ABI used here is declared
 // below. The OrtApi table is append-only and ABI-stable: entries are declared at their index in
@@ -25,11 +29,12 @@
 // version = 16 so ORT reads fields up to KernelComputeV2 (CreateKernelV2 / KernelComputeV2 are used,
 // so errors come back to ORT as OrtStatus instead of aborting the process) and ignores the rest.
 // Checked against onnxruntime's sources: OrtApi indices 0..99 as counted in onnxruntime_c_api.h of
-// API 13 (the table only ever grows at its end), the OrtCustomOp layout of API 30, and the gates in
+// API 13 (the table only ever grows at its end), KernelContext_ParallelFor at 274 (API 17; read only
+// when GetApi(17) answers), the OrtCustomOp layout of API 30, and the gates in
 // onnxruntime/core/session/custom_ops.cc (>= 8 optional inputs, >= 13 GetInputMemoryType, >= 14
 // variadic, >= 16 CreateKernelV2/KernelComputeV2, >= 17 GetStartVersion/InferOutputShapeFn). An old
 // version-4-sized struct makes ORT call a NULL GetInputCharacteristic at session creation.
-// Runs with onnxruntime >= 1.16; tested with 1.31.1.
+// Runs with onnxruntime >= 1.16 (its own thread pool from 1.17); tested with 1.31.1 and 1.32.0.
 
 #include <omp.h>
 
@@ -127,6 +132,9 @@ struct OrtApi {
   void (*ReleaseStatus)(OrtStatus* input) noexcept;                      // 93
   void* unused_94_98[5];  // 94 ReleaseMemoryInfo .. 98 ReleaseTypeInfo
   void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* input) noexcept;  // 99
+  void* unused_100_273[174];  // 100 ReleaseSessionOptions .. 273 SetDeterministicCompute
+  OrtStatus* (*KernelContext_ParallelFor)(const OrtKernelContext* context, void (*fn)(void*, size_t), size_t total,
+                                          size_t num_batch, void* usr_data) noexcept;  // 274, API >= 17
 };
 
 #define VLS_API_SLOT(field, index) \
@@ -149,7 +157,8 @@ VLS_API_SLOT(KernelContext_GetInput, 90);
 VLS_API_SLOT(KernelContext_GetOutput, 91);
 VLS_API_SLOT(ReleaseStatus, 93);
 VLS_API_SLOT(ReleaseTensorTypeAndShapeInfo, 99);
-static_assert(sizeof(OrtApi) == 100 * sizeof(void*), "OrtApi subset must end at index 99");
+VLS_API_SLOT(KernelContext_ParallelFor, 274);
+static_assert(sizeof(OrtApi) == 275 * sizeof(void*), "OrtApi subset must end at index 274");
 
 // Full OrtCustomOp layout (fields through ReleaseAliasMap, as in onnxruntime_c_api.h for API >= 18).
 struct OrtCustomOp {
@@ -195,10 +204,15 @@ static_assert(sizeof(OrtCustomOp) == 8 + 25 * sizeof(void*), "OrtCustomOp layout
 namespace {
 
 constexpr uint32_t kOpVersion = 16;  // CreateKernelV2 / KernelComputeV2; needs onnxruntime >= 1.16
+constexpr uint32_t kParallelForVersion = 17;  // OrtApi::KernelContext_ParallelFor: onnxruntime >= 1.17
 constexpr const char* kDomain = "vlsparse";
 constexpr const char* kOpName = "SparseLinear";
 
 std::atomic<int> g_num_threads{0};  // 0: leave OpenMP's own setting alone
+// Which threads run the op: onnxruntime's intra-op pool (KernelContext_ParallelFor, C API >= 17) when
+// the runtime has it and nobody asked for OpenMP, else an OpenMP region (the op's second pool).
+std::atomic<bool> g_has_parallel_for{false};
+std::atomic<bool> g_force_openmp{false};
 
 int env_num_threads() {
   const char* s = std::getenv("VLSPARSE_NUM_THREADS");
@@ -239,8 +253,16 @@ struct TensorView {
 
 class Kernel {
  public:
-  Kernel(const OrtApi* api, int64_t in_features, int64_t out_features)
-      : api_(api), in_attr_(in_features), out_attr_(out_features), env_threads_(env_num_threads()) {}
+  Kernel(const OrtApi* api, int64_t in_features, int64_t out_features, int64_t activation)
+      : api_(api),
+        in_attr_(in_features),
+        out_attr_(out_features),
+        act_(activation == 1 ? vlsparse::Act::Gelu : vlsparse::Act::None),
+        env_threads_(env_num_threads()) {
+    if (activation != -1 && activation != 0 && activation != 1)
+      throw Error{ORT_INVALID_ARGUMENT, "vlsparse.SparseLinear: attribute activation must be 0 (none) or 1 (gelu), got " +
+                                            std::to_string(activation)};
+  }
 
   virtual ~Kernel() = default;
   virtual void compute(OrtKernelContext* ctx) = 0;
@@ -283,7 +305,44 @@ class Kernel {
   const OrtApi* api_;
   int64_t in_attr_;
   int64_t out_attr_;
+  vlsparse::Act act_;
   int env_threads_;
+};
+
+// spmm.h parallel-for policy on onnxruntime's intra-op thread pool: par(n, f) runs f(0..n-1) through
+// KernelContext_ParallelFor (each index a work item, claimed dynamically by the pool's threads and
+// the calling thread). f must not throw; an exception that escapes anyway is reported after the loop.
+struct OrtFor {
+  const OrtApi* api;
+  const OrtKernelContext* ctx;
+
+  template <typename F>
+  void operator()(int64_t n, const F& f) const {
+    if (n <= 0) return;
+    if (n == 1) {
+      f(0);
+      return;
+    }
+    struct Job {
+      const F* f;
+      std::atomic<bool> failed{false};
+    } job{&f};
+    auto run = [](void* data, size_t i) {
+      Job* j = static_cast<Job*>(data);
+      try {
+        (*j->f)(static_cast<int64_t>(i));
+      } catch (...) {
+        j->failed.store(true);
+      }
+    };
+    OrtStatus* st = api->KernelContext_ParallelFor(ctx, run, static_cast<size_t>(n), 0, &job);
+    if (st != nullptr) {
+      Error e{api->GetErrorCode(st), std::string("vlsparse.SparseLinear: ParallelFor: ") + api->GetErrorMessage(st)};
+      api->ReleaseStatus(st);
+      throw e;
+    }
+    if (job.failed.load()) throw Error{ORT_RUNTIME_EXCEPTION, "vlsparse.SparseLinear: a worker failed (out of memory?)"};
+  }
 };
 
 [[noreturn]] void fail(const std::string& msg) { throw Error{ORT_INVALID_ARGUMENT, "vlsparse.SparseLinear: " + msg}; }
@@ -340,16 +399,21 @@ class SparseLinearKernel final : public Kernel {
     check(api_->GetTensorMutableData(yv, &yp));
     if (tokens == 0 || out_features == 0) return;
 
+    const auto* xp = static_cast<const float*>(x.data);
+    const auto* vp = static_cast<const float*>(val.data);
+    const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
+    auto* y = static_cast<float*>(yp);
+    if (g_has_parallel_for.load(std::memory_order_relaxed) && !g_force_openmp.load(std::memory_order_relaxed)) {
+      vlsparse::spmm_f32<ColT>(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, act_, OrtFor{api_, ctx});
+      return;
+    }
     const int n = g_num_threads.load(std::memory_order_relaxed);
     if (n > 0) {
       omp_set_num_threads(n);
     } else if (env_threads_ > 0) {
       omp_set_num_threads(env_threads_);
     }
-    vlsparse::spmm_f32<ColT>(static_cast<const float*>(x.data), tokens, in_features, crow_p, col_p,
-                             static_cast<const float*>(val.data), has_bias ? static_cast<const float*>(bias.data)
-                                                                           : nullptr,
-                             out_features, static_cast<float*>(yp));
+    vlsparse::spmm_f32<ColT>(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, act_);
   }
 
  private:
@@ -393,7 +457,7 @@ class SparseLinearKernel final : public Kernel {
 struct OpDef {
   OrtCustomOp op;  // first member: ORT hands the OrtCustomOp* back to us
   ONNXTensorElementDataType col_type;
-  Kernel* (*make)(const OrtApi*, int64_t, int64_t);
+  Kernel* (*make)(const OrtApi*, int64_t, int64_t, int64_t);
 };
 
 int64_t optional_int_attr(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
@@ -410,8 +474,11 @@ OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* api, const OrtK
   *kernel = nullptr;
   try {
     const OpDef* def = reinterpret_cast<const OpDef*>(op);
-    *kernel = def->make(api, optional_int_attr(api, info, "in_features"), optional_int_attr(api, info, "out_features"));
+    *kernel = def->make(api, optional_int_attr(api, info, "in_features"), optional_int_attr(api, info, "out_features"),
+                        optional_int_attr(api, info, "activation"));
     return nullptr;
+  } catch (const Error& e) {
+    return api->CreateStatus(e.code, e.msg.c_str());
   } catch (const std::exception& e) {
     return api->CreateStatus(ORT_FAIL, e.what());
   }
@@ -475,8 +542,8 @@ OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; 
 int op_one(const OrtCustomOp*) { return 1; }
 
 template <typename ColT>
-Kernel* make_kernel(const OrtApi* api, int64_t in_features, int64_t out_features) {
-  return new SparseLinearKernel<ColT>(api, in_features, out_features);
+Kernel* make_kernel(const OrtApi* api, int64_t in_features, int64_t out_features, int64_t activation) {
+  return new SparseLinearKernel<ColT>(api, in_features, out_features, activation);
 }
 
 template <typename ColT>
@@ -522,6 +589,8 @@ OpDef g_op_i32 = make_def<int32_t>();
 // (a few bytes per registration), because sessions created from those options may outlive them.
 VLS_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base ? api_base->GetApi(kOpVersion) : nullptr;
+  // GetApi(v) is non-null iff the runtime's table has every entry of version v (it only grows).
+  if (api_base && api_base->GetApi(kParallelForVersion) != nullptr) g_has_parallel_for.store(true);
   if (api == nullptr) {
     std::fprintf(stderr, "vlsparse: this onnxruntime does not provide C API version %u (needs onnxruntime >= 1.16)\n",
                  kOpVersion);
@@ -534,9 +603,18 @@ VLS_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApi
   return api->AddCustomOpDomain(options, domain);
 }
 
-// OpenMP threads for SparseLinear in this process (0 = OpenMP default / VLSPARSE_NUM_THREADS).
+// OpenMP threads for SparseLinear in this process (0 = OpenMP default / VLSPARSE_NUM_THREADS); used only
+// when the op runs on OpenMP (no KernelContext_ParallelFor, or vlsparse_ort_set_openmp(1)).
 VLS_EXPORT void vlsparse_ort_set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
 VLS_EXPORT int vlsparse_ort_get_num_threads() { return g_num_threads.load(); }
+
+// 1: run on a separate OpenMP pool even where onnxruntime's pool is available (for comparisons); 0: default.
+VLS_EXPORT void vlsparse_ort_set_openmp(int on) { g_force_openmp.store(on != 0); }
+// The pool the op runs on now: 1 = onnxruntime's intra-op pool, 0 = OpenMP. Known once a session
+// was created with the library registered (before that: 0).
+VLS_EXPORT int vlsparse_ort_uses_ort_pool() {
+  return g_has_parallel_for.load() && !g_force_openmp.load() ? 1 : 0;
+}
 
 // ABI facts for tests: sizeof(OrtCustomOp) as declared here and the op version we register.
 VLS_EXPORT int vlsparse_ort_custom_op_size() { return static_cast<int>(sizeof(OrtCustomOp)); }

@@ -7,7 +7,9 @@
 //   spmm_f32     row-major X (tokens x in) -> row-major Y (tokens x out). The main entry.
 //   spmm_f32_fm  feature-major X^T (in x ldx) -> feature-major Y^T (out x ldy): lets a caller keep
 //                activations feature-major between consecutive sparse layers (no transposes).
+//   spmm_f32_fm_rm  feature-major X^T in, row-major Y out: the last layer of a feature-major chain.
 //   spmv_f32     one token: y (out) = W x + bias.
+// Every entry takes an epilogue (Act: none or GELU) and a parallel-for policy (OmpFor by default).
 //   simd_name()  "avx512" | "avx2" | "scalar": the vector path compiled in.
 //
 // CSR contract: crow_indices non-decreasing with crow[0] = 0, column indices in [0, in). Columns
@@ -15,9 +17,10 @@
 // result. Duplicated columns are summed.
 //
 // Vector code is chosen at compile time: AVX-512 (__AVX512F__), AVX2 (+FMA), else scalar.
-// Threads: every entry opens one OpenMP parallel region with the caller's omp thread count
-// (omp_get_max_threads()); link the same OpenMP runtime as the host (torch's libgomp) so that
-// torch.set_num_threads applies.
+// Threads: with the default policy (OmpFor) every entry opens OpenMP parallel regions (one per phase:
+// transpose, strips) with the caller's omp thread count (omp_get_max_threads()); link the same OpenMP
+// runtime as the host (torch's libgomp) so that torch.set_num_threads applies. The onnxruntime op
+// passes a policy on onnxruntime's intra-op pool instead.
 //
 // The multi-token kernel: X is transposed to feature-major and padded to a multiple of the
 // vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors, plus a
@@ -58,6 +61,39 @@
 #endif
 
 namespace vlsparse {
+
+// Epilogue applied to W x + bias before it is stored: nothing, or GELU (the exact, erf form that
+// torch.nn.functional.gelu and BERT's "gelu" compute; here with a rational erf approximation whose
+// error is below 1e-6 absolute).
+enum class Act : int { None = 0, Gelu = 1 };
+
+namespace detail {
+
+// erf(x) for float: x * P(x^2) / Q(x^2) on [-4, 4] (odd / even polynomials of degree 13 / 8;
+// the form and coefficients of Eigen's generic_fast_erf_float), +-1 beyond. Branch-free so that
+// loops over it vectorize.
+inline float erf_approx(float a) {
+    const float x = std::min(4.0f, std::max(-4.0f, a));
+    const float x2 = x * x;
+    float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+    p = x2 * p + -2.10102402082508e-06f;
+    p = x2 * p + -5.69250639462346e-05f;
+    p = x2 * p + -7.34990630326855e-04f;
+    p = x2 * p + -2.95459980854025e-03f;
+    p = x2 * p + -1.60960333262415e-02f;
+    p = x * p;
+    float q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+    q = x2 * q + -1.68282697438203e-03f;
+    q = x2 * q + -7.37332916720468e-03f;
+    q = x2 * q + -1.42647390514189e-02f;
+    return p / q;
+}
+inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)); }
+inline void gelu_erf_inplace(float* __restrict p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) p[i] = gelu_erf(p[i]);
+}
+
+}  // namespace detail
 
 // Tunables (defaults measured on a 2-core AMD EPYC Zen 4; benchmarks may change them).
 struct Tuning {
@@ -224,6 +260,29 @@ inline int num_threads() {
 #endif
 }
 
+}  // namespace detail
+
+// Parallel-for policies: par(n, f) calls f(i) once for every i in [0, n), spread over threads with
+// dynamic scheduling, and returns when all calls have returned (a fork-join: the calls of one
+// par() happen before those of the next). f must not throw.
+//   OmpFor   an OpenMP parallel region (the host's OpenMP runtime and thread count).
+// The onnxruntime op passes its own policy that runs on onnxruntime's intra-op thread pool
+// (OrtApi::KernelContext_ParallelFor), so the op and onnxruntime share one pool of threads.
+struct OmpFor {
+    template <typename F>
+    void operator()(int64_t n, const F& f) const {
+        if (n <= 0) return;
+        if (n == 1 || detail::num_threads() == 1) {
+            for (int64_t i = 0; i < n; ++i) f(i);
+            return;
+        }
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n; ++i) f(i);
+    }
+};
+
+namespace detail {
+
 // Reusable 64-byte aligned scratch (one per calling thread).
 struct Scratch {
     float* ptr = nullptr;
@@ -287,22 +346,18 @@ inline void transpose_block(const float* __restrict src, int64_t lds, int64_t ro
         for (int64_t i = i0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// Transpose X (tokens x in, row stride ldx) into xt (in x ldt), zero-padding tokens..ldt-1.
-// Called inside a parallel region (omp for with its barrier).
-inline void transpose_in(const float* x, int64_t tokens, int64_t in_features, int64_t ldx, float* xt,
-                         int64_t ldt) {
-    constexpr int64_t B = 64;  // features per work item
-    const int64_t nb = (in_features + B - 1) / B;
-#pragma omp for schedule(static)
-    for (int64_t ib = 0; ib < nb; ++ib) {
-        const int64_t i0 = ib * B, i1 = std::min(in_features, i0 + B);
-        for (int64_t t0 = 0; t0 < tokens; t0 += 64) {
-            const int64_t t1 = std::min(tokens, t0 + 64);
-            transpose_block(x + t0 * ldx + i0, ldx, t1 - t0, i1 - i0, xt + i0 * ldt + t0, ldt);
-        }
-        if (ldt > tokens)
-            for (int64_t i = i0; i < i1; ++i) std::memset(xt + i * ldt + tokens, 0, (ldt - tokens) * sizeof(float));
+// Transpose X (tokens x in, row stride ldx) into xt (in x ldt), zero-padding tokens..ldt-1: the
+// work item ib covers features [ib * kTransposeBlock, (ib + 1) * kTransposeBlock).
+constexpr int64_t kTransposeBlock = 64;
+inline void transpose_in(const float* x, int64_t tokens, int64_t in_features, int64_t ldx, float* xt, int64_t ldt,
+                         int64_t ib) {
+    const int64_t i0 = ib * kTransposeBlock, i1 = std::min(in_features, i0 + kTransposeBlock);
+    for (int64_t t0 = 0; t0 < tokens; t0 += 64) {
+        const int64_t t1 = std::min(tokens, t0 + 64);
+        transpose_block(x + t0 * ldx + i0, ldx, t1 - t0, i1 - i0, xt + i0 * ldt + t0, ldt);
     }
+    if (ldt > tokens)
+        for (int64_t i = i0; i < i1; ++i) std::memset(xt + i * ldt + tokens, 0, (ldt - tokens) * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,7 +541,7 @@ static inline float hsum(float v) { return v; }
 template <int TT, bool UnitC, typename ColT>
 VLS_NOINLINE void small_rows(const float* __restrict x, int64_t xs_t, int64_t xs_c, const int32_t* __restrict crow,
                        const ColT* __restrict col, const float* __restrict val, const float* __restrict bias,
-                       int64_t r0, int64_t r1, float* __restrict y, int64_t ys_t, int64_t ys_o) {
+                       int64_t r0, int64_t r1, float* __restrict y, int64_t ys_t, int64_t ys_o, Act act) {
     using T = typename V::T;
     constexpr int W = V::W;
     for (int64_t o = r0; o < r1; ++o) {
@@ -529,17 +584,19 @@ VLS_NOINLINE void small_rows(const float* __restrict x, int64_t xs_t, int64_t xs
             for (int t = 0; t < TT; ++t) rest[t] += w * xp[t * xs_t];
         }
         const float b = bias ? bias[o] : 0.0f;
-        for (int t = 0; t < TT; ++t) y[t * ys_t + o * ys_o] = hsum(acc[t]) + rest[t] + b;
+        for (int t = 0; t < TT; ++t) {
+            const float v = hsum(acc[t]) + rest[t] + b;
+            y[t * ys_t + o * ys_o] = act == Act::Gelu ? gelu_erf(v) : v;
+        }
     }
 }
 
-template <typename ColT>
+template <typename ColT, typename Par>
 inline void small_tokens(const float* x, int64_t tokens, int64_t xs_t, int64_t xs_c, const int32_t* crow,
                          const ColT* col, const float* val, const float* bias, int64_t out_features, float* y,
-                         int64_t ys_t, int64_t ys_o) {
+                         int64_t ys_t, int64_t ys_o, Act act, const Par& par) {
     const int64_t nblk = (out_features + 63) / 64;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblk; ++b) {
+    par(nblk, [&](int64_t b) {
         const int64_t r0 = b * 64, r1 = std::min(out_features, r0 + 64);
         for (int64_t t0 = 0; t0 < tokens; t0 += 2) {
             const int64_t tt = std::min<int64_t>(2, tokens - t0);
@@ -547,131 +604,160 @@ inline void small_tokens(const float* x, int64_t tokens, int64_t xs_t, int64_t x
             float* yb = y + t0 * ys_t;
             if (xs_c == 1) {
                 if (tt == 1)
-                    small_rows<1, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                    small_rows<1, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o, act);
                 else
-                    small_rows<2, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                    small_rows<2, true, ColT>(xb, xs_t, 1, crow, col, val, bias, r0, r1, yb, ys_t, ys_o, act);
             } else {
                 if (tt == 1)
-                    small_rows<1, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                    small_rows<1, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o, act);
                 else
-                    small_rows<2, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o);
+                    small_rows<2, false, ColT>(xb, xs_t, xs_c, crow, col, val, bias, r0, r1, yb, ys_t, ys_o, act);
             }
         }
-    }
+    });
+}
+
+// The strips of the multi-token kernel over a padded feature-major X^T (in x lds, lanes up to the
+// strip plan's end readable): work item i = (strip s, row block b) with i = s * nblk + b computes
+// rows [b * R, ...) for the strip's tokens into a per-thread tile, applies the epilogue, and hands
+// the tile to write(tile, ldd, r0, nr, t0, tn).
+template <typename ColT, typename Par, typename Write>
+inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_features, const int32_t* crow,
+                   const ColT* col, const float* val, const float* bias, int64_t out_features, Act act,
+                   const Par& par, const Write& write) {
+    constexpr int64_t W = V::W;
+    const StripPlan plan = plan_strips(tokens, in_features);
+    const int64_t R = row_block();
+    const int64_t nblk = (out_features + R - 1) / R;
+    const int64_t tile_len = R * (kMaxNV + 1) * W;
+    par(plan.nstrips * nblk, [&](int64_t i) {
+        const int64_t s = i / nblk, b = i % nblk;
+        const int64_t nv = plan.size(s);
+        const bool half = plan.has_half(s);
+        const int64_t t0 = plan.start(s) * W;
+        const int64_t tn = std::min(tokens, t0 + nv * W + (half ? W / 2 : 0)) - t0;  // real tokens
+        const int64_t ldd = (nv + (half ? 1 : 0)) * W;
+        const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
+        float* tile = scratch_tile(static_cast<size_t>(tile_len));
+        strip_block_dispatch<ColT>(static_cast<int>(nv), half, xs + t0, lds, crow, col, val, bias, r0, r1,
+                                   in_features, block_cols(nv, half), tile, ldd);
+        if (act == Act::Gelu)
+            for (int64_t r = 0; r < r1 - r0; ++r) gelu_erf_inplace(tile + r * ldd, tn);
+        write(tile, ldd, r0, r1 - r0, t0, tn);
+    });
 }
 
 }  // namespace detail
 
 // One token: y (out_features) = W x + bias.
-template <typename ColT>
+template <typename ColT, typename Par = OmpFor>
 void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indices, const float* values,
-              const float* bias, int64_t out_features, float* y) {
+              const float* bias, int64_t out_features, float* y, Act act = Act::None, const Par& par = Par()) {
     if (out_features <= 0) return;
-    detail::small_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1);
+    detail::small_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1, act, par);
 }
 
-// Y (tokens x out_features, row-major) = X (tokens x in_features, row-major) * W^T + bias, W given in CSR by output row.
-// crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values: nnz float; bias may be nullptr.
-// Parallel with OpenMP over output rows (and/or token blocks); uses the caller's omp thread count.
-template <typename ColT>
+// Y (tokens x out_features, row-major) = act(X (tokens x in_features, row-major) * W^T + bias), W given in CSR
+// by output row. crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values:
+// nnz float; bias may be nullptr. Parallel over output rows (and token strips) with `par`.
+template <typename ColT, typename Par = OmpFor>
 void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
-              const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y) {
+              const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
+              Act act = Act::None, const Par& par = Par()) {
     using namespace detail;
     static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
                   "col indices must be int16_t or int32_t");
     if (tokens <= 0 || out_features <= 0) return;
     if (tokens <= tuning().small_tokens || in_features <= 0) {
         small_tokens<ColT>(x, tokens, in_features, 1, crow_indices, col_indices, values, bias, out_features, y,
-                           out_features, 1);
+                           out_features, 1, act, par);
         return;
     }
     constexpr int64_t W = V::W;
-    const int64_t nvec = (tokens + W - 1) / W;
-    const int64_t ldt = nvec * W;
+    const int64_t ldt = (tokens + W - 1) / W * W;
     float* xt = scratch_x(static_cast<size_t>(in_features * ldt));
-    const StripPlan plan = plan_strips(tokens, in_features);
-    const int64_t R = row_block();
-    const int64_t nblk = (out_features + R - 1) / R;
-    const int64_t tile_len = R * (kMaxNV + 1) * W;
-#pragma omp parallel
-    {
-        float* tile = scratch_tile(static_cast<size_t>(tile_len));
-        transpose_in(x, tokens, in_features, in_features, xt, ldt);  // omp for: ends with a barrier
-        for (int64_t s = 0; s < plan.nstrips; ++s) {
-            const int64_t nv = plan.size(s);
-            const bool half = plan.has_half(s);
-            const int64_t t0 = plan.start(s) * W;
-            const int64_t tn = std::min(tokens, t0 + nv * W + (half ? W / 2 : 0)) - t0;  // real tokens
-            const int64_t ldd = (nv + (half ? 1 : 0)) * W;
-            const int64_t C = block_cols(nv, half);
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < nblk; ++b) {
-                const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
-                strip_block_dispatch<ColT>(static_cast<int>(nv), half, xt + t0, ldt, crow_indices, col_indices, values,
-                                           bias, r0, r1, in_features, C, tile, ldd);
-                tile_to_rowmajor(tile, ldd, r1 - r0, tn, y + t0 * out_features + r0, out_features);
-            }
-        }
-    }
+    par((in_features + kTransposeBlock - 1) / kTransposeBlock,
+        [&](int64_t ib) { transpose_in(x, tokens, in_features, in_features, xt, ldt, ib); });
+    strips<ColT>(xt, ldt, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par,
+                 [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                     tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
+                 });
     trim_scratch_x();
 }
 
-// Feature-major: Y^T (out_features x ldy) = W X^T + bias, X^T (in_features x ldx), columns
-// 0..tokens-1 used (ldx, ldy >= tokens; columns tokens..ldy-1 of Y^T are not written).
-// Fastest when xt is 64-byte aligned and ldx a multiple of 16 (AVX-512; 8 floats on AVX2): then
-// X^T is used in place (lanes tokens..roundup(tokens, 16)-1 are read and their results dropped);
-// otherwise it is first copied into an aligned, padded buffer.
-template <typename ColT>
-void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
-                 const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
-                 int64_t ldy) {
-    using namespace detail;
+namespace detail {
+// Feature-major input X^T (in x ldx): used in place when 64-byte aligned with ldx a multiple of the
+// vector width, else copied into an aligned, zero-padded buffer; then the strips, each tile handed to
+// write(tile, ldd, r0, nr, t0, tn).
+template <typename ColT, typename Par, typename Write>
+void fm_strips(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow,
+               const ColT* col, const float* val, const float* bias, int64_t out_features, Act act, const Par& par,
+               const Write& write) {
+    constexpr int64_t W = V::W;
+    const int64_t ldt = (tokens + W - 1) / W * W;
+    const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
+    float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
+    if (!in_place)
+        par((in_features + kTransposeBlock - 1) / kTransposeBlock, [&](int64_t ib) {
+            const int64_t i0 = ib * kTransposeBlock, i1 = std::min(in_features, i0 + kTransposeBlock);
+            for (int64_t i = i0; i < i1; ++i) {
+                std::memcpy(xpad + i * ldt, xt + i * ldx, static_cast<size_t>(tokens) * sizeof(float));
+                std::memset(xpad + i * ldt + tokens, 0, static_cast<size_t>(ldt - tokens) * sizeof(float));
+            }
+        });
+    strips<ColT>(in_place ? xt : xpad, in_place ? ldx : ldt, tokens, in_features, crow, col, val, bias, out_features,
+                 act, par, write);
+    if (!in_place) trim_scratch_x();
+}
+}  // namespace detail
+
+namespace detail {
+// Both feature-major entries: 1-2 tokens go to the small-token kernel (output (t, o) at
+// y[t * ys_t + o * ys_o]), more to fm_strips with `write`.
+template <typename ColT, typename Par, typename Write>
+void fm_entry(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow, const ColT* col,
+              const float* val, const float* bias, int64_t out_features, Act act, const Par& par, float* y,
+              int64_t ys_t, int64_t ys_o, const Write& write) {
     static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
                   "col indices must be int16_t or int32_t");
     if (tokens <= 0 || out_features <= 0) return;
     if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(xt, tokens, 1, ldx, crow_indices, col_indices, values, bias, out_features, yt, 1, ldy);
+        small_tokens<ColT>(xt, tokens, 1, ldx, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return;
     }
-    constexpr int64_t W = V::W;
-    const int64_t nvec = (tokens + W - 1) / W;
-    const int64_t ldt = nvec * W;
-    const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
-    float* xpad = in_place ? nullptr : scratch_x(static_cast<size_t>(in_features * ldt));
-    const float* xs = in_place ? xt : xpad;
-    const int64_t lds = in_place ? ldx : ldt;
-    const StripPlan plan = plan_strips(tokens, in_features);
-    const int64_t R = row_block();
-    const int64_t nblk = (out_features + R - 1) / R;
-    const int64_t tile_len = R * (kMaxNV + 1) * W;
-#pragma omp parallel
-    {
-        float* tile = scratch_tile(static_cast<size_t>(tile_len));
-        if (!in_place) {
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < in_features; ++i) {
-                std::memcpy(xpad + i * ldt, xt + i * ldx, static_cast<size_t>(tokens) * sizeof(float));
-                std::memset(xpad + i * ldt + tokens, 0, static_cast<size_t>(ldt - tokens) * sizeof(float));
-            }
-        }
-        for (int64_t s = 0; s < plan.nstrips; ++s) {
-            const int64_t nv = plan.size(s);
-            const bool half = plan.has_half(s);
-            const int64_t t0 = plan.start(s) * W;
-            const int64_t tn = std::min(tokens, t0 + nv * W + (half ? W / 2 : 0)) - t0;
-            const int64_t ldd = (nv + (half ? 1 : 0)) * W;
-            const int64_t C = block_cols(nv, half);
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < nblk; ++b) {
-                const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
-                strip_block_dispatch<ColT>(static_cast<int>(nv), half, xs + t0, lds, crow_indices, col_indices, values,
-                                           bias, r0, r1, in_features, C, tile, ldd);
-                for (int64_t r = 0; r < r1 - r0; ++r)
-                    std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
-            }
-        }
-    }
-    if (!in_place) trim_scratch_x();
+    fm_strips<ColT>(xt, tokens, in_features, ldx, crow, col, val, bias, out_features, act, par, write);
+}
+}  // namespace detail
+
+// Feature-major: Y^T (out_features x ldy) = act(W X^T + bias), X^T (in_features x ldx), columns
+// 0..tokens-1 used (ldx, ldy >= tokens; columns tokens..ldy-1 of Y^T are not written).
+// Fastest when xt is 64-byte aligned and ldx a multiple of 16 (AVX-512; 8 floats on AVX2): then
+// X^T is used in place (lanes tokens..roundup(tokens, 16)-1 are read and their results dropped);
+// otherwise it is first copied into an aligned, padded buffer.
+template <typename ColT, typename Par = OmpFor>
+void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
+                 const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
+                 int64_t ldy, Act act = Act::None, const Par& par = Par()) {
+    detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                           yt, 1, ldy, [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               for (int64_t r = 0; r < nr; ++r)
+                                   std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd,
+                                               static_cast<size_t>(tn) * sizeof(float));
+                           });
+}
+
+// Feature-major in, row-major out: Y (tokens x out_features) = act(X W^T + bias) from X^T (in_features x
+// ldx) as for spmm_f32_fm. The last of a chain of feature-major layers (no transpose of X; the tiles
+// are transposed in registers on their way out).
+template <typename ColT, typename Par = OmpFor>
+void spmm_f32_fm_rm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
+                    const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
+                    Act act = Act::None, const Par& par = Par()) {
+    detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
+                           y, out_features, 1,
+                           [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               detail::tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
+                           });
 }
 
 // Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".

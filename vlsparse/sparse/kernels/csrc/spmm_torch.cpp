@@ -33,13 +33,20 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t out_feature
     return b.data_ptr<float>();
 }
 
+vlsparse::Act act_of(int64_t activation) {
+    TORCH_CHECK(activation == 0 || activation == 1, "vlsparse spmm_cpu: activation must be 0 (none) or 1 (gelu), got ",
+                activation);
+    return activation == 1 ? vlsparse::Act::Gelu : vlsparse::Act::None;
+}
+
 // x: (tokens, in_features) float32 contiguous -> (tokens, out_features)
 at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                const c10::optional<at::Tensor>& bias, int64_t out_features) {
+                const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t activation) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
                 "vlsparse spmm_cpu: x must be a contiguous 2-D float32 CPU tensor");
     check_csr(crow, col, values, out_features);
     const float* b = bias_ptr(bias, out_features);
+    const vlsparse::Act act = act_of(activation);
     const int64_t tokens = x.size(0), in_features = x.size(1);
     at::Tensor y = at::empty({tokens, out_features}, x.options());
     if (tokens == 0 || out_features == 0) return y;
@@ -48,18 +55,22 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
         if (col.scalar_type() == at::kShort)
             vlsparse::spmm_f32<int16_t>(x.data_ptr<float>(), tokens, in_features, crow.data_ptr<int32_t>(),
                                         col.data_ptr<int16_t>(), values.data_ptr<float>(), b, out_features,
-                                        y.data_ptr<float>());
+                                        y.data_ptr<float>(), act);
         else
             vlsparse::spmm_f32<int32_t>(x.data_ptr<float>(), tokens, in_features, crow.data_ptr<int32_t>(),
                                         col.data_ptr<int32_t>(), values.data_ptr<float>(), b, out_features,
-                                        y.data_ptr<float>());
+                                        y.data_ptr<float>(), act);
     }
     return y;
 }
 
-// xt: (in_features, tokens) float32 with unit stride along tokens -> yt (out_features, tokens)
+// xt: (in_features, tokens) float32 with unit stride along tokens (row stride >= tokens).
+// out_layout 0: yt (out_features, tokens) feature-major, its rows `pad` floats apart (pad >= tokens; the
+// returned tensor is the (out, tokens) view, columns tokens..pad-1 of the buffer zero); 1: y (tokens,
+// out_features) row-major.
 at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                   const c10::optional<at::Tensor>& bias, int64_t out_features) {
+                   const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t activation, int64_t out_layout,
+                   int64_t pad) {
     TORCH_CHECK(xt.device().is_cpu() && xt.scalar_type() == at::kFloat && xt.dim() == 2,
                 "vlsparse spmm_cpu_fm: xt must be a 2-D float32 CPU tensor (in_features, tokens)");
     const bool usable = (xt.size(1) <= 1 || xt.stride(1) == 1) &&
@@ -67,22 +78,34 @@ at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tenso
     at::Tensor xc = usable ? xt : xt.contiguous();
     check_csr(crow, col, values, out_features);
     const float* b = bias_ptr(bias, out_features);
+    const vlsparse::Act act = act_of(activation);
     const int64_t in_features = xc.size(0), tokens = xc.size(1);
     const int64_t ldx = xc.size(0) > 1 ? xc.stride(0) : std::max<int64_t>(1, tokens);
-    at::Tensor yt = at::empty({out_features, tokens}, xc.options());
-    if (tokens == 0 || out_features == 0) return yt;
+    const int64_t ldy = std::max(tokens, pad);
+    at::Tensor buf = out_layout == 1 ? at::empty({tokens, out_features}, xc.options())
+                                     : at::empty({out_features, ldy}, xc.options());
+    if (out_layout != 1 && ldy > tokens) buf.narrow(1, tokens, ldy - tokens).zero_();
+    at::Tensor out = out_layout == 1 ? buf : buf.narrow(1, 0, tokens);
+    if (tokens == 0 || out_features == 0) return out;
+    auto run = [&](auto* c) {  // c: int16_t* or int32_t* column indices
+        using ColT = std::remove_const_t<std::remove_pointer_t<decltype(c)>>;
+        const float* x = xc.data_ptr<float>();
+        const int32_t* cr = crow.data_ptr<int32_t>();
+        if (out_layout == 1)
+            vlsparse::spmm_f32_fm_rm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
+                                           out_features, buf.data_ptr<float>(), act);
+        else
+            vlsparse::spmm_f32_fm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
+                                        out_features, buf.data_ptr<float>(), ldy, act);
+    };
     {
         pybind11::gil_scoped_release nogil;
         if (col.scalar_type() == at::kShort)
-            vlsparse::spmm_f32_fm<int16_t>(xc.data_ptr<float>(), tokens, in_features, ldx, crow.data_ptr<int32_t>(),
-                                           col.data_ptr<int16_t>(), values.data_ptr<float>(), b, out_features,
-                                           yt.data_ptr<float>(), tokens);
+            run(col.data_ptr<int16_t>());
         else
-            vlsparse::spmm_f32_fm<int32_t>(xc.data_ptr<float>(), tokens, in_features, ldx, crow.data_ptr<int32_t>(),
-                                           col.data_ptr<int32_t>(), values.data_ptr<float>(), b, out_features,
-                                           yt.data_ptr<float>(), tokens);
+            run(col.data_ptr<int32_t>());
     }
-    return yt;
+    return out;
 }
 
 std::string simd() { return vlsparse::simd_name(); }
@@ -93,12 +116,13 @@ int64_t omp_threads() { return vlsparse::detail::num_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "vlsparse CPU CSR SpMM kernels";
-    m.def("spmm", &spmm, "Y = X W^T + b, X (T, in) row-major, W in CSR", pybind11::arg("x"),
+    m.def("spmm", &spmm, "Y = act(X W^T + b), X (T, in) row-major, W in CSR", pybind11::arg("x"),
           pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("values"),
-          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"));
-    m.def("spmm_fm", &spmm_fm, "Y^T = W X^T + b, feature-major X^T (in, T) -> Y^T (out, T)", pybind11::arg("xt"),
-          pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("values"),
-          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"));
+          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"), pybind11::arg("activation") = 0);
+    m.def("spmm_fm", &spmm_fm, "feature-major X^T (in, T) -> Y^T (out, T) (out_layout 0) or Y (T, out) (1)",
+          pybind11::arg("xt"), pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("values"),
+          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"), pybind11::arg("activation") = 0,
+          pybind11::arg("out_layout") = 0, pybind11::arg("pad") = 0);
     m.def("simd", &simd, "vector instruction set the kernels were compiled for");
     m.def("omp_threads", &omp_threads, "OpenMP thread count the kernels will use from this thread");
 }
