@@ -241,24 +241,28 @@ def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequen
 
 def _target_cells(out: Path, srcs: list[Source], target: str, levels: list[float], cfg: TransferConfig,
                   progress: Callable[[str, int, int], None] | None) -> list[dict]:
-    """The cells of one target: the dense reference, then every (source, level); trains the missing ones."""
+    """The cells of one target: the dense reference, then every (source, level); trains the missing ones (those
+    that an IMP run on the target may still finish, last: each is looked up again just before it would train)."""
     dense = Source(DENSE, Path(DENSE), "", cfg.model, {})
     cells = [(dense, 0.0)] + [(s, level) for s in srcs for level in levels]
-    todo = []
-    for source, level in cells:
-        d = cell_dir(out, source.label, target, level)
-        if not (d / "metrics.json").is_file():
-            reused = next((m for s in srcs if (m := _from_run(s, target, level, cfg)) is not None), None) \
-                if source is dense else _from_run(source, target, level, cfg)
-            if reused is not None:
-                write_json(d / "metrics.json", reused)
-            else:
-                todo.append((source, level, d))
+
+    def reuse(source: Source, level: float, d: Path) -> bool:
+        found = next((m for s in srcs if (m := _from_run(s, target, level, cfg)) is not None), None) \
+            if source is dense else _from_run(source, target, level, cfg)
+        if found is not None:
+            write_json(d / "metrics.json", found)
+        return found is not None
+
+    todo = [(s, lv, d) for s, lv in cells if not ((d := cell_dir(out, s.label, target, lv)) / "metrics.json").is_file()
+            and not reuse(s, lv, d)]
+    todo.sort(key=lambda c: c[0].task == target or c[0] is dense)  # own-task runs may finish their level meanwhile
     if todo:
         net, data, collate = setup(cfg.model, target, cfg.train.seed)  # θ0: pre-trained + the target's head φ0
         _check_masks_fit(srcs, levels, net)
         theta0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
         for source, level, d in todo:
+            if reuse(source, level, d):
+                continue
             net.load_state_dict(theta0)
             ticket = Ticket(ones_mask(net, net.prune_scope()), {"method": "dense"}) if source is dense \
                 else Ticket.load(ticket_at(source, level))
