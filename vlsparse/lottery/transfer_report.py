@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlsparse.atomic import atomic_write, write_text
+from vlsparse.data.objective import METRICS
 from vlsparse.lottery.transfer import DENSE, Source, ticket_at
 from vlsparse.pruning.mask import overlap, random_overlap
 from vlsparse.pruning.ticket import Ticket
@@ -27,7 +28,8 @@ __all__ = ["transfer_rows", "overlap_rows", "write_reports", "format_matrix"]
 
 
 def _metric(record: dict) -> str:
-    return next(k for k in record["test"] if k != "n")  # the headline metric comes first
+    """The headline metric of a cell's test metrics (the first of the objectives' METRICS among its keys)."""
+    return next((m for m in METRICS if m in record["test"]), next(k for k in record["test"] if k != "n"))
 
 
 def transfer_rows(records: Sequence[dict], metrics: dict[str, str] | None = None) -> list[dict]:
