@@ -223,6 +223,34 @@ def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help=
     typer.echo(f"random ticket, sparsity {t.sparsity:.2%} -> {out}")
 
 
+@app.command("transfer")
+@_config_options
+def transfer(source: list[Path] = typer.Option(..., help="an IMP run directory or a ticket file (repeat: --source A "
+                                                         "--source B)"),
+             target: list[str] = typer.Option(..., help="a task to train the tickets on (repeat)"),
+             levels: str = typer.Option("0.5,0.7,0.8", help="sparsities at which each source's ticket is trained"),
+             model: Optional[str] = typer.Option(None, help="the target model; default: the sources' model"),
+             out: Path = typer.Option(..., help="output directory (re-running resumes cell by cell)"),
+             train: dict = _TRAIN, plots: bool = typer.Option(True, help="write the PNG heatmaps and line plots")):
+    """Tickets across tasks: every source's ticket at every level trained on every target from θ0 with the
+    target's own head φ0; transfer.csv, overlap.csv (mask IoU of every source pair), heatmaps and line plots."""
+    # the `train` extra (torch): imported by the commands that need it
+    from vlsparse.lottery.transfer import parse_transfer_levels, run_transfer
+    from vlsparse.lottery.transfer_report import format_matrix, write_reports
+
+    lv = parse_transfer_levels(levels)
+    bar = _Progress()
+    t0 = time.time()
+    records, sources = run_transfer(out, source, target, lv, train_config(**train), model=model, progress=bar)
+    bar.close()
+    rows, overlaps = write_reports(out, records, sources, lv, plots=plots)
+    typer.echo(format_matrix(rows))
+    for o in overlaps:
+        typer.echo(f"overlap at {o['level']:.0%}: {o['source_a']} vs {o['source_b']} IoU {o['iou']:.3f} "
+                   f"(random masks {o['random_iou']:.3f})")
+    typer.echo(f"{out / 'transfer.csv'}, {out / 'overlap.csv'}; took {time.time() - t0:.0f} s")
+
+
 @ticket_app.command("info")
 def ticket_info(path: Path):
     """Print a ticket's metadata, global and per-layer sparsity."""

@@ -16,7 +16,12 @@ nlvr2          nlvr2                                pair / accuracy          NLV
 snli-ve        snli_ve                              answer / accuracy        SNLI-VE jsonl
 refcoco+       refcoco                              region / accuracy        refer refs + COCO
 flickr30k      flickr30k                            rank / ir_r1 (R@1/5/10)  Karpathy split JSON
+easy-nlvr2     easy_nlvr2 (built from easy-VQA)     pair / accuracy          NLVR2 jsonl
+easy-retrieval easy_retrieval (built from easy-VQA) rank / ir_r1, facts      Karpathy split JSON
 =============  ===================================  =======================  ====================
+
+The last two are derived from easy-VQA's images and split (:mod:`vlsparse.data.easy_derived`), written in the
+mirrored task's format into the cache and read by its loader.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ TASKS: dict[str, Callable[..., TaskData]] = {
     "snli-ve": _lazy("snli_ve", "load_snli_ve"),
     "refcoco+": _lazy("refcoco", "load_refcoco_plus"),
     "flickr30k": _lazy("flickr30k", "load_flickr30k"),
+    "easy-nlvr2": _lazy("easy_nlvr2", "load_easy_nlvr2"),
+    "easy-retrieval": _lazy("easy_retrieval", "load_easy_retrieval"),
 }
 
 

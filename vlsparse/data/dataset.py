@@ -308,6 +308,9 @@ class RetrievalSet:
     Args:
         captions: (caption text, its image id) pairs.
         regions, tokenizer, max_text_len: as :class:`VLDataset`.
+        image_groups: image id -> a hashable group (easy-retrieval: the image's facts); retrieving any image
+            (or caption) of the query's group then counts as correct (``recall_at_k``'s ``image_class``).
+            None: only the query's own image (captions) counts.
 
     Raises:
         ValueError: a caption whose image is missing.
@@ -316,10 +319,15 @@ class RetrievalSet:
     objective = Objective(head="rank", loss="ce", metric="ir_r1")
 
     def __init__(self, captions: Sequence[tuple[str, Hashable]], regions: Mapping, tokenizer: Any,
-                 max_text_len: int = 40):
+                 max_text_len: int = 40, image_groups: Mapping[Hashable, Hashable] | None = None):
         self.image_ids = sorted({img for _, img in captions}, key=str)
         index = {img: k for k, img in enumerate(self.image_ids)}
         self.caption_image = [index[img] for _, img in captions]
+        #: (I,) group number of each image (first-seen order), or None: each image its own group
+        self.image_class = None
+        if image_groups is not None:
+            numbers: dict[Hashable, int] = {}
+            self.image_class = [numbers.setdefault(image_groups[img], len(numbers)) for img in self.image_ids]
         self.texts = VLDataset([VLExample(c, img, {}) for c, img in captions], regions, tokenizer, [],
                                 max_text_len, self.objective)
         self.images = VLDataset([VLExample("", img, {}) for img in self.image_ids], regions, tokenizer, [],
@@ -356,7 +364,8 @@ class RetrievalSet:
 
     def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
         """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions)."""
-        return {**recall_at_k(self.score_matrix(model, batch_size, device), self.caption_image), "n": len(self)}
+        scores = self.score_matrix(model, batch_size, device)
+        return {**recall_at_k(scores, self.caption_image, image_class=self.image_class), "n": len(self)}
 
 
 #: key order of a batch

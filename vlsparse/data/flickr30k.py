@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from vlsparse.data.dataset import RetrievalSet, TaskData, VLDataset, VLExample
 from vlsparse.data.objective import Objective
 from vlsparse.data.options import LoadOptions
 
-__all__ = ["load_flickr30k", "FLICKR30K_OBJECTIVE", "FLICKR30K_FILE", "karpathy_captions", "sample_negatives"]
+__all__ = ["load_flickr30k", "retrieval_task", "FLICKR30K_OBJECTIVE", "FLICKR30K_FILE", "karpathy_captions", "sample_negatives"]
 
 #: the Karpathy-split annotation file
 FLICKR30K_FILE = "dataset_flickr30k.json"
@@ -56,26 +57,38 @@ def karpathy_captions(path: str | os.PathLike) -> dict[str, list[tuple[str, str]
     return out
 
 
-def sample_negatives(captions: list[tuple[str, str]], negatives: int, seed: int = 0) -> list[VLExample]:
+def sample_negatives(captions: list[tuple[str, str]], negatives: int, seed: int = 0,
+                     groups: Mapping[str, Hashable] | None = None) -> list[VLExample]:
     """One training example per ``(caption, image key)``: ``VLExample(caption, (own key, neg_1, ...,
     neg_k), {"0": 1.0})``, the k = ``negatives`` distinct negatives drawn uniformly from the other
     images of ``captions`` with ``numpy.random.default_rng(seed)``, one draw per caption in order
     (fixed at load time; UNITER draws new ones every epoch).
 
+    ``groups``: image key -> group (easy-retrieval: the image's facts); negatives are then drawn only among
+    the images of other groups, which the caption does not describe.
+
     Raises:
-        ValueError: ``negatives`` < 1, or fewer than ``negatives`` + 1 distinct images.
+        ValueError: ``negatives`` < 1, or fewer than ``negatives`` distinct images to draw from.
     """
     images = sorted({key for _, key in captions})
-    if negatives < 1 or len(images) < negatives + 1:
-        raise ValueError(f"--negatives {negatives}: expected 1 <= negatives < the number of train images "
-                         f"({len(images)})")
     index = {key: i for i, key in enumerate(images)}
+    if groups is None:
+        others = {key: None for key in images}
+    else:
+        others = {key: np.array([i for i, k in enumerate(images) if groups[k] != groups[key]]) for key in images}
+    fewest = min(len(images) - 1 if o is None else len(o) for o in others.values()) if images else 0
+    if negatives < 1 or fewest < negatives:
+        raise ValueError(f"--negatives {negatives}: expected 1 <= negatives <= the train images a caption can "
+                         f"be contrasted with ({fewest})")
     rng = np.random.default_rng(seed)
     out = []
     for caption, key in captions:
-        own = index[key]
-        picks = rng.choice(len(images) - 1, size=negatives, replace=False)  # among the others
-        picks = picks + (picks >= own)
+        if others[key] is None:
+            own = index[key]
+            picks = rng.choice(len(images) - 1, size=negatives, replace=False)  # among the others
+            picks = picks + (picks >= own)
+        else:
+            picks = rng.choice(others[key], size=negatives, replace=False)
         out.append(VLExample(caption, (key, *(images[p] for p in picks)), {"0": 1.0}))
     return out
 
@@ -116,25 +129,42 @@ def load_flickr30k(tokenizer: Any, options: LoadOptions = LoadOptions(), *, nega
             number of train images (names --negatives), ``eval_images`` < 1 (names --eval-images),
             a bad ``image_size``.
     """
+    root = formats.data_root(options.data_dir, "flickr30k")
+    return retrieval_task("flickr30k", root, tokenizer, options, negatives, eval_images)
+
+
+def retrieval_task(name: str, root: Path, tokenizer: Any, options: LoadOptions, negatives: int, eval_images: int | None,
+                   groups: Mapping[str, Hashable] | None = None) -> TaskData:
+    """The retrieval :class:`~vlsparse.data.dataset.TaskData` named ``name`` of the Karpathy-split data in
+    ``root`` for ``tokenizer`` (what :func:`load_flickr30k` returns, see there). ``groups``: image key -> group; negatives are
+    drawn from other groups (:func:`sample_negatives`) and the val / test sets count any image or caption of
+    the query's group as correct (:class:`~vlsparse.data.dataset.RetrievalSet`).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_flickr30k`.
+    """
     if eval_images is not None and eval_images < 1:
         raise ValueError(f"--eval-images must be a positive number of images, got {eval_images}")
     options = options.with_defaults()
-    root = formats.data_root(options.data_dir, "flickr30k")
     captions = karpathy_captions(root / FLICKR30K_FILE)
+<<<<<<< HEAD
     try:
         train = sample_negatives(captions["train"], negatives, options.seed)
     except ValueError as e:
         raise ValueError(f"{e} in {root / FLICKR30K_FILE}") from None
+=======
+    train = sample_negatives(captions["train"], negatives, options.seed, groups)
+>>>>>>> h-a
     val, test = (_first_images(captions[s], eval_images) for s in ("val", "test"))
     keys = {key for _, key in captions["train"] + val + test}
     visuals, dim = formats.visual_inputs(root, keys, options)
     answers = [str(i) for i in range(1 + negatives)]
     text_len = options.max_text_len
     return TaskData(
-        name="flickr30k",
+        name=name,
         train=VLDataset(train, visuals, tokenizer, answers, text_len, FLICKR30K_OBJECTIVE),
-        val=RetrievalSet(val, visuals, tokenizer, text_len),
-        test=RetrievalSet(test, visuals, tokenizer, text_len),
+        val=RetrievalSet(val, visuals, tokenizer, text_len, groups),
+        test=RetrievalSet(test, visuals, tokenizer, text_len, groups),
         answers=answers, region_feature_dim=dim, metric_name=FLICKR30K_OBJECTIVE.metric, visual=options.visual,
         image_processor=visuals.processor_config() if options.visual == "pixels" else None,
         objective=FLICKR30K_OBJECTIVE,

@@ -8,7 +8,8 @@
 * :func:`choice_accuracy`: multiple choice in groups (VCR Q->A, QA->R and Q->AR; Zellers et al.
   2019: Q->AR counts a question as correct only when both the answer and the rationale are).
 * :func:`recall_at_k`: image retrieval (IR) and text retrieval (TR) recall@K from a caption x image
-  score matrix (Flickr30k, Karpathy split; UNITER ``itm_eval``).
+  score matrix (Flickr30k, Karpathy split; UNITER ``itm_eval``), optionally counting any image of the query's
+  class as correct (easy-retrieval: equal facts); :func:`chance_recall_at_k` its value for random scores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["vqa_score", "box_iou", "choice_accuracy", "recall_at_k"]
+__all__ = ["vqa_score", "box_iou", "choice_accuracy", "recall_at_k", "chance_recall_at_k"]
 
 
 def vqa_score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,39 +67,81 @@ def choice_accuracy(logits: torch.Tensor, targets: torch.Tensor, groups: int) ->
     return logits.reshape(b, groups, -1).argmax(2) == targets.reshape(b, groups, -1).argmax(2)
 
 
-def recall_at_k(scores: np.ndarray, caption_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(scores: np.ndarray, caption_image: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+                image_class: Sequence[int] | None = None) -> dict[str, float]:
     """Image and text retrieval recall@K (fractions) from a similarity matrix.
 
     Args:
         scores: (T, I) float, the score of caption t with image i (higher = more similar).
         caption_image: (T,) the index of each caption's own image.
         ks: the K values.
+        image_class: (I,) int, optional: an equivalence class per image. A retrieved image (or caption) then
+            counts as correct when its class (a caption's: its own image's) equals the query's: easy-retrieval
+            passes the image's facts (shape, colour), since many images share a caption. None: every image is
+            its own class (Flickr30k, UNITER ``itm_eval``).
 
     Returns:
-        ``{"ir_r1": ..., "tr_r1": ..., ...}``: IR recall@K = fraction of captions whose image is among
-        the K highest-scoring images for that caption; TR recall@K = fraction of images with at least one
-        of their captions among the K highest-scoring captions for that image. Ties rank in index order.
+        ``{"ir_r1": ..., "tr_r1": ..., ...}``: IR recall@K = fraction of captions with a correct image among
+        the K highest-scoring images for that caption; TR recall@K = fraction of images (those with a correct
+        caption at all) with a correct caption among the K highest-scoring captions for that image. Ties rank
+        in index order.
 
     Raises:
-        ValueError: ``scores`` is not (T, I) with T = len(caption_image), or an index is out of range.
+        ValueError: ``scores`` is not (T, I) with T = len(caption_image), an index is out of range, or
+            ``image_class`` is not (I,).
     """
     scores = np.asarray(scores, dtype=np.float64)
     own = np.asarray(caption_image, dtype=np.int64)
     if scores.ndim != 2 or scores.shape[0] != len(own) or (len(own) and (own.min() < 0 or own.max() >= scores.shape[1])):
         raise ValueError(f"scores must be (captions, images) = ({len(own)}, I) with valid image indices, "
                          f"got {scores.shape}")
-    # rank of the own image for each caption (0 = best); stable: ties go to the lower index
-    ir_order = np.argsort(-scores, axis=1, kind="stable")
-    ir_rank = np.argmax(ir_order == own[:, None], axis=1)
-    tr_order = np.argsort(-scores.T, axis=1, kind="stable")  # (I, T)
-    tr_rank = np.full(scores.shape[1], np.iinfo(np.int64).max)
-    for i in range(scores.shape[1]):
-        caps = np.flatnonzero(own == i)
-        if len(caps):
-            tr_rank[i] = np.flatnonzero(np.isin(tr_order[i], caps))[0]
-    has_caption = np.isin(np.arange(scores.shape[1]), own)
+    cls = np.arange(scores.shape[1]) if image_class is None else np.asarray(image_class, dtype=np.int64)
+    if cls.shape != (scores.shape[1],):
+        raise ValueError(f"image_class must have one entry per image ({scores.shape[1]}), got shape {cls.shape}")
+    caption_class = cls[own]
+    # rank of the first correct image for each caption (0 = best); stable: ties go to the lower index
+    ir_hit = cls[np.argsort(-scores, axis=1, kind="stable")] == caption_class[:, None]  # (T, I)
+    ir_rank = np.argmax(ir_hit, axis=1)
+    tr_hit = caption_class[np.argsort(-scores.T, axis=1, kind="stable")] == cls[:, None]  # (I, T)
+    tr_rank = np.argmax(tr_hit, axis=1)
+    has_caption = tr_hit.any(axis=1)
     out = {}
     for k in ks:
         out[f"ir_r{k}"] = float((ir_rank < k).mean()) if len(own) else 0.0
         out[f"tr_r{k}"] = float((tr_rank[has_caption] < k).mean()) if has_caption.any() else 0.0
+    return out
+
+
+def chance_recall_at_k(caption_image: Sequence[int], image_class: Sequence[int] | None = None,
+                       n_images: int | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """The expected :func:`recall_at_k` of random scores (every ranking equally likely), exactly.
+
+    A caption whose class holds m of the I images finds one of them among K random images with probability
+    1 - C(I - m, K) / C(I, K) (hypergeometric); an image whose class holds c of the T captions likewise with
+    1 - C(T - c, K) / C(T, K). Averaged as recall_at_k averages (IR over captions, TR over images with a
+    correct caption). ``n_images``: I when ``image_class`` is None (default: max(caption_image) + 1).
+
+    Returns:
+        ``{"ir_r1": ..., "tr_r1": ..., ...}`` fractions in [0, 1].
+    """
+    own = np.asarray(caption_image, dtype=np.int64)
+    if image_class is None:
+        image_class = np.arange(n_images if n_images is not None else int(own.max()) + 1)
+    cls = np.asarray(image_class, dtype=np.int64)
+    images_of = {c: int((cls == c).sum()) for c in np.unique(cls)}
+    caption_class = cls[own]
+    captions_of = {c: int((caption_class == c).sum()) for c in np.unique(cls)}
+
+    def hit(n: int, m: int, k: int) -> float:  # 1 - C(n - m, k) / C(n, k), as a product
+        k = min(k, n)
+        miss = 1.0
+        for j in range(k):
+            miss *= max(n - m - j, 0) / (n - j)
+        return 1.0 - miss
+
+    out = {}
+    for k in ks:
+        out[f"ir_r{k}"] = float(np.mean([hit(len(cls), images_of[c], k) for c in caption_class])) if len(own) else 0.0
+        tr = [hit(len(own), captions_of[c], k) for c in cls if captions_of[c]]
+        out[f"tr_r{k}"] = float(np.mean(tr)) if tr else 0.0
     return out

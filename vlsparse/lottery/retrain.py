@@ -27,7 +27,7 @@ from vlsparse.training.loop import TrainConfig, evaluate, train
 def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cfg: TrainConfig, out: str | Path,
                    theta0: str | Path | None = None, init: str = "pretrained", ticket_path: str = "ticket",
                    progress: Callable[[int], None] | None = None, overwrite: bool = False,
-                   loaded_as: str = "the model as loaded") -> dict:
+                   loaded_as: str = "the model as loaded", save: bool = True) -> dict:
     """Train ``ticket``'s subnetwork of ``model`` and write metrics + weights into ``out``.
 
     Args:
@@ -41,6 +41,7 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         ticket_path: name of the ticket's source, used in error messages and metrics.
         overwrite: replace an existing ``out/metrics.json``.
         loaded_as: what θ0 is when ``theta0`` is None (``metrics["theta0"]``).
+        save: write ``out/weights.safetensors`` (False: metrics only, e.g. the many cells of ``vlsparse transfer``).
 
     Returns:
         the metrics dict: sparsity (fraction), init, val/test metrics (fractions), seconds.
@@ -73,8 +74,9 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
                "val": evaluate(model, task.val, collate, device=cfg.device),
                "test": evaluate(model, task.test, collate, device=cfg.device),
                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
-    save_weights(out / "weights.safetensors", model, metadata={
-        "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init})
+    if save:
+        save_weights(out / "weights.safetensors", model, metadata={
+            "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init})
     write_json(out / "metrics.json", metrics)
     return metrics
 

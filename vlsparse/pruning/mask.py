@@ -46,6 +46,14 @@ def overlap(a: Mask, b: Mask) -> float:
     return inter / union if union else 1.0
 
 
+def random_overlap(sparsity_a: float, sparsity_b: float) -> float:
+    """The :func:`overlap` expected of two independent uniformly random masks pruning the fractions
+    ``sparsity_a`` and ``sparsity_b`` (in [0, 1]) of the same weights, for many weights:
+    s_a s_b / (s_a + s_b - s_a s_b) (s / (2 - s) at equal sparsity s; 1.0 when neither prunes anything)."""
+    union = sparsity_a + sparsity_b - sparsity_a * sparsity_b
+    return sparsity_a * sparsity_b / union if union else 1.0
+
+
 @torch.no_grad()
 def apply_mask(model: nn.Module, mask: Mask) -> None:
     """Zero the pruned weights of ``model`` in place (weight *= mask)."""
