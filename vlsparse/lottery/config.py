@@ -89,9 +89,10 @@ class IMPConfig:
             raise ValueError(f"--rewind-step must be in [0, steps={self.train.steps}), got {self.rewind_step}")
 
     def identity(self) -> dict:
-        """The JSON-able fields compared on resume (the device is free to change)."""
+        """The JSON-able fields compared on resume (the device is free to change; plain training leaves out
+        ``train.adversarial``, so runs written before it existed still resume)."""
         d = asdict(self)
-        d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
+        d["train"] = {k: v for k, v in d["train"].items() if k != "device" and (k != "adversarial" or v)}
         return d
 
 

@@ -29,6 +29,7 @@ from vlsparse.lottery.setup import setup
 from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
+from vlsparse.training.adversarial_config import training_meta
 from vlsparse.training.loop import evaluate, train
 
 
@@ -97,7 +98,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
 def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, str]:
     return {"model": cfg.model, "task": cfg.task, "method": "imp", "target_sparsity": f"{target:.6f}",
             "imp_round": str(k), "rewind_step": str(cfg.rewind_step), "seed": str(cfg.train.seed),
-            "val_metric": json.dumps(val_metric)}
+            "val_metric": json.dumps(val_metric), **training_meta(cfg.train.adversarial)}
 
 
 def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = None,

@@ -132,6 +132,11 @@ class UniterForTask(TaskForwardMixin, PreTrainedModel):
     base_model_prefix = "uniter"
     #: parameters that are new for a task (not from text pre-training): trained with a larger lr
     head_prefixes = ("uniter.img_embeddings.", "vqa_output.")
+    #: where adversarial training adds its perturbation (:mod:`vlsparse.training.adversarial`): modality ->
+    #: (module name, "output" | "input"); as VILLA (zhegan27/VILLA ``model/model.py``): the word embeddings
+    #: (B, L, h) and the region features (B, N, img_dim) as they enter the region embedding's Linear
+    adversarial_points = {"text": ("uniter.embeddings.word_embeddings", "output"),
+                          "image": ("uniter.img_embeddings.img_linear", "input")}
     _supports_attention_backend = True
 
     def __init__(self, config: UniterConfig):
