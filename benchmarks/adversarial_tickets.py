@@ -19,6 +19,7 @@ Nothing here is a test: the figures depend on the machine, its load and the step
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -48,13 +49,21 @@ def _progress(label: str):
     return report
 
 
+_LOADED: dict = {}
+
+
 def _task(model: str, seed: int, eval_questions: int | None):
-    """The model, easy-VQA (val and test cut to their first ``eval_questions`` when given) and collate."""
-    net, data, collate = setup(model, "easy-vqa", seed)
-    if eval_questions:
-        cut = lambda ds: Subset(ds, range(min(eval_questions, len(ds))))  # noqa: E731
-        data = dataclasses.replace(data, val=cut(data.val), test=cut(data.test))
-    return net, data, collate
+    """A fresh copy of the model as set up (θ0), easy-VQA (val and test cut to their first ``eval_questions``
+    when given) and collate; the task is loaded once per process."""
+    key = (model, seed, eval_questions)
+    if key not in _LOADED:
+        net, data, collate = setup(model, "easy-vqa", seed)
+        if eval_questions:
+            cut = lambda ds: Subset(ds, range(min(eval_questions, len(ds))))  # noqa: E731
+            data = dataclasses.replace(data, val=cut(data.val), test=cut(data.test))
+        _LOADED[key] = (net, data, collate)
+    net, data, collate = _LOADED[key]
+    return copy.deepcopy(net), data, collate
 
 
 def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, eval_questions: int | None) -> dict:
