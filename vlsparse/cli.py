@@ -3,8 +3,9 @@
 User errors (bad names, paths, files, values) print one line ``error: ...`` to stderr and exit
 with code 2, without a traceback.
 
-The training options (``--steps``, ``--batch-size``, ``--lr``, ...) and ``--rewind-step`` are generated from
-the fields of :class:`~vlsparse.training.config.TrainConfig` and :class:`~vlsparse.lottery.config.IMPConfig`
+The training options (``--steps``, ``--batch-size``, ``--lr``, ...), ``--rewind-step`` and ``--adversarial``,
+``--adv-*`` are generated from the fields of :class:`~vlsparse.training.config.TrainConfig`,
+:class:`~vlsparse.lottery.config.IMPConfig` and :class:`~vlsparse.training.adversarial_config.AdversarialConfig`
 (their defaults and ``metadata["help"]``), see :class:`_ConfigOptions`. Only torch-free modules are imported
 here at the top: ``vlsparse predict`` runs without torch; the commands import the library they call.
 """
@@ -24,6 +25,7 @@ from typing import Optional
 import typer
 
 from vlsparse.lottery.config import IMPConfig, parse_levels, train_config
+from vlsparse.training.adversarial_config import AdversarialConfig, adversarial_config
 from vlsparse.training.config import TrainConfig
 
 app = typer.Typer(help="Find lottery tickets in vision-and-language transformers and ship them as sparse models.",
@@ -84,6 +86,7 @@ def _config_options(command):
 
 _TRAIN = _ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
 _IMP = _ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
+_ADV = _ConfigOptions(AdversarialConfig, tuple(f.name for f in dataclasses.fields(AdversarialConfig)))
 
 
 class _Progress:
@@ -132,12 +135,12 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
                 rate: Optional[float] = typer.Option(None, help="prune this fraction of remaining weights per round"),
                 levels: Optional[str] = typer.Option(None, help="explicit sparsity levels, e.g. 0.5,0.6,0.7"),
                 train: dict = _TRAIN.with_help(steps="training steps per IMP round"), imp: dict = _IMP,
-                data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
+                adv: dict = _ADV, data_dir: Optional[Path] = typer.Option(None, help="directory of the task's data files")):
     """Run IMP (Gan et al. 2022, Algorithm 1) and write a ticket at every sparsity level."""
     from vlsparse.lottery.imp import find_ticket as run_find_ticket  # the `train` extra (torch)
 
-    cfg = IMPConfig(model=model, task=task, levels=parse_levels(levels, sparsity, rate), train=train_config(**train),
-                    **imp)
+    cfg = IMPConfig(model=model, task=task, levels=parse_levels(levels, sparsity, rate),
+                    train=train_config(**train, adversarial=adversarial_config(**adv)), **imp)
     bar = _Progress()
     results, data = run_find_ticket(out, cfg, data_dir, bar)
     bar.close()
@@ -163,11 +166,11 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
                                                              "random"),
                  theta0: Optional[Path] = typer.Option(None, help="θ0 weights; default: theta0.safetensors of the "
                                                                    "ticket's run directory if there is one"),
-                 train: dict = _TRAIN, data_dir: Optional[Path] = typer.Option(None)):
+                 train: dict = _TRAIN, adv: dict = _ADV, data_dir: Optional[Path] = typer.Option(None)):
     """Reset to θ0, train the ticket's subnetwork and write its test metrics and trained weights."""
     from vlsparse.lottery.retrain import train_ticket as run_train_ticket  # the `train` extra (torch)
 
-    cfg = train_config(**train)
+    cfg = train_config(**train, adversarial=adversarial_config(**adv))
     bar = _Progress()
     m, data = run_train_ticket(ticket, out, model, task, cfg, init=init, theta0=theta0, data_dir=data_dir,
                                progress=lambda s: bar("train", s, cfg.steps))

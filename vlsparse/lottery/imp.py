@@ -30,6 +30,7 @@ from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
+from vlsparse.training.adversarial_config import training_meta
 from vlsparse.training.loop import evaluate, train
 
 
@@ -119,7 +120,7 @@ def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, 
     extra = {"objectives": cfg.objectives, "corpus": cfg.corpus} if cfg.task == PRETRAIN else {}
     return {"model": cfg.model, "task": cfg.task, "method": "imp", "target_sparsity": f"{target:.6f}",
             "imp_round": str(k), "rewind_step": str(cfg.rewind_step), "seed": str(cfg.train.seed),
-            "val_metric": json.dumps(val_metric), "init": cfg.init, **extra}
+            "val_metric": json.dumps(val_metric), "init": cfg.init, **extra, **training_meta(cfg.train.adversarial)}
 
 
 def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = None,

@@ -21,6 +21,7 @@ from vlsparse.lottery.setup import setup
 from vlsparse.pruning.mask import check_mask_fits
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket, TicketError
+from vlsparse.training.adversarial_config import training_meta
 from vlsparse.training.loop import TrainConfig, evaluate, train
 
 
@@ -70,13 +71,14 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
             model.config.img_embeddings_pretrained = fresh_flag
     metrics = {"ticket": str(ticket_path), "sparsity": ticket.sparsity, "init": init, "steps": cfg.steps,
                "theta0": str(theta0) if theta0 is not None else loaded_as,
-               "seed": cfg.seed, "method": ticket.meta.get("method", ""),
+               "seed": cfg.seed, "method": ticket.meta.get("method", ""), **training_meta(cfg.adversarial),
                "val": evaluate(model, task.val, collate, device=cfg.device),
                "test": evaluate(model, task.test, collate, device=cfg.device),
                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
     if save:
         save_weights(out / "weights.safetensors", model, metadata={
-            "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init})
+            "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init,
+            **training_meta(cfg.adversarial)})
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -55,6 +55,10 @@ class LxmertForTask(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering)
     visual_input = "regions"
     #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
     head_prefixes = ("answer_head.",)
+    #: where adversarial training adds its perturbation (:mod:`vlsparse.training.adversarial`): the word
+    #: embeddings (B, L, h) and the output of the visual feature projection ``visn_fc`` (B, N, h)
+    adversarial_points = {"text": ("lxmert.embeddings.word_embeddings", "output"),
+                          "image": ("lxmert.encoder.visn_fc.visn_fc", "output")}
     head_architectures = {"LxmertForQuestionAnswering": "answer"}
     answers_field = "num_qa_labels"
     head_input = "answer_head.logit_fc.0"

@@ -147,6 +147,11 @@ class UniterForTask(TaskForwardMixin, PreTrainedModel):
     base_model_prefix = "uniter"
     #: the task head φ0: always new for a task
     task_head_prefixes = ("vqa_output.",)
+    #: where adversarial training adds its perturbation (:mod:`vlsparse.training.adversarial`): modality ->
+    #: (module name, "output" | "input"); as VILLA (zhegan27/VILLA ``model/model.py``): the word embeddings
+    #: (B, L, h) and the region features (B, N, img_dim) as they enter the region embedding's Linear
+    adversarial_points = {"text": ("uniter.embeddings.word_embeddings", "output"),
+                          "image": ("uniter.img_embeddings.img_linear", "input")}
     _supports_attention_backend = True
 
     def __init__(self, config: UniterConfig):

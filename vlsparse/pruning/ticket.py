@@ -4,7 +4,8 @@ Format: one bool tensor per pruned parameter, keyed by its ``state_dict`` name (
 string metadata in the safetensors header: ``model``, ``task``, ``target_sparsity``,
 ``sparsity`` (actual, global over the scope), ``imp_round``, ``rewind_step``, ``seed``,
 ``val_metric`` (validation metric of the trained round that produced the mask, JSON),
-``method`` (imp | random), ``vlsparse_version``.
+``method`` (imp | random), ``training`` (standard | adversarial) with ``adversarial`` (its settings, JSON;
+:func:`vlsparse.training.adversarial_config.training_meta`), ``vlsparse_version``.
 """
 
 from __future__ import annotations

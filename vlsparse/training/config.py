@@ -8,6 +8,9 @@ defaults below are the only ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+from vlsparse.training.adversarial_config import AdversarialConfig
 
 
 def _option(default, help: str):
@@ -21,7 +24,9 @@ class TrainConfig:
     steps: optimizer steps; batch_size: questions per step; lr / head_lr: peak learning rates of
     pre-trained / new parameters; warmup: linear warm-up steps; weight_decay: AdamW decoupled decay;
     seed: data order and dropout; device: "cpu" or "cuda"; compact_vocab: train only the word
-    embeddings of tokens the training questions use (see :class:`vlsparse.training.loop.CompactVocab`).
+    embeddings of tokens the training questions use (see :class:`vlsparse.training.loop.CompactVocab`);
+    adversarial: VILLA-style adversarial training instead of plain training (None: plain;
+    :mod:`vlsparse.training.adversarial`).
 
     Raises:
         ValueError: steps or batch_size below 1, a learning rate <= 0, an unknown device, or "cuda"
@@ -37,6 +42,7 @@ class TrainConfig:
     seed: int = _option(0, "seed of the head's initialisation, data order and dropout")
     device: str = _option("cpu", "cpu | cuda")
     compact_vocab: bool = _option(True, "train only the word embeddings of tokens the training questions use")
+    adversarial: Optional[AdversarialConfig] = _option(None, "adversarial training settings (None: plain training)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):

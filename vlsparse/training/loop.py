@@ -2,7 +2,8 @@
 
 Training follows the UNITER recipe (ChenRocks/UNITER ``train_vqa.py`` and the other ``train_*.py``): the
 task's loss (the dataset's ``objective``, :mod:`vlsparse.data.objective`; binary cross-entropy on soft
-answer scores for VQA); AdamW with linear warm-up and linear decay.
+answer scores for VQA); AdamW with linear warm-up and linear decay. With ``cfg.adversarial``, each step's
+gradients are VILLA's adversarial ones instead (:mod:`vlsparse.training.adversarial`).
 Parameters that are new for the task (image embeddings, head: the model's ``head_prefixes``) get
 ``head_lr``, the pre-trained ones ``lr`` (MEASURED.md: 1e-4 / 1e-3 reached 98.9% on easy-VQA).
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlsparse.data.objective import VQA_OBJECTIVE
 from vlsparse.atomic import cpu_state
 from vlsparse.pruning.mask import Mask, apply_mask
+from vlsparse.training.adversarial import backward_step
 from vlsparse.training.config import TrainConfig
 
 
@@ -131,14 +133,14 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     try:
         opt, sched = make_optimizer(model, cfg, start_step)
         batches = _batches(dataset, collate, cfg.batch_size, cfg.seed + start_step)
+        backward = backward_step(model, objective, cfg.adversarial)  # plain or adversarial (VILLA)
         for step in range(cfg.steps - start_step):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             if vocab is not None:
                 batch["input_ids"] = vocab.remap[batch["input_ids"]]
             targets = batch.pop("targets")
-            loss = objective.compute_loss(model(**batch), targets)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            backward(batch, targets)
             opt.step()
             sched.step()
             if progress:

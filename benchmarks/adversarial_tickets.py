@@ -1,0 +1,133 @@
+"""Standard vs adversarial lottery tickets (Gan et al. 2022, Q7 / Fig. 5) on easy-VQA: README "Adversarial tickets".
+
+    python benchmarks/adversarial_tickets.py --out runs/adv-tickets --steps 500 --levels 0.5,0.7,0.8 --seed 0 \
+        [--eval-questions 2000]
+
+1. ``OUT/standard``: IMP with plain training (as ``vlsparse find-ticket``, but ``--eval-questions N`` cuts val
+   and test to their first N questions to save time);
+2. ``OUT/adversarial``: IMP with VILLA's adversarial training at its defaults (``vlsparse find-ticket
+   --adversarial``; :class:`vlsparse.training.adversarial_config.AdversarialConfig`);
+3. ``OUT/cross/<tickets>-tickets-<training>/level_XX``: each kind of ticket re-trained from θ0 the other way
+   (``vlsparse train-ticket [--adversarial]``). A ticket re-trained its own way is its IMP level (IMP level k
+   trains ticket k from θ0, README "The main job").
+
+Every stage resumes (finished levels and re-trainings are skipped). Prints and writes ``OUT/table.md``: test
+VQA score (%) of each kind of ticket trained each way at every level, and the measured training seconds per round.
+Nothing here is a test: the figures depend on the machine, its load and the step budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from vlsparse.lottery.config import IMPConfig, parse_levels, train_config
+from vlsparse.lottery.imp import run_imp
+from vlsparse.lottery.retrain import retrain_ticket
+from vlsparse.lottery.runs import Run
+from vlsparse.lottery.setup import setup
+from vlsparse.pruning.ticket import Ticket
+from vlsparse.training.adversarial_config import AdversarialConfig
+
+KINDS = {"standard": None, "adversarial": AdversarialConfig(adversarial=True)}
+
+
+def _progress(label: str):
+    t0 = time.time()
+
+    def report(desc: str, done: int, total: int) -> None:
+        if done % 50 == 0 or done == total:
+            print(f"{label} {desc}: {done}/{total} steps, {time.time() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return report
+
+
+_LOADED: dict = {}
+
+
+def _task(model: str, seed: int, eval_questions: int | None):
+    """A fresh copy of the model as set up (θ0), easy-VQA (val and test cut to their first ``eval_questions``
+    when given) and collate; the task is loaded once per process."""
+    key = (model, seed, eval_questions)
+    if key not in _LOADED:
+        net, data, collate = setup(model, "easy-vqa", seed)
+        if eval_questions:
+            cut = lambda ds: Subset(ds, range(min(eval_questions, len(ds))))  # noqa: E731
+            data = dataclasses.replace(data, val=cut(data.val), test=cut(data.test))
+        _LOADED[key] = (net, data, collate)
+    net, data, collate = _LOADED[key]
+    return copy.deepcopy(net), data, collate
+
+
+def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, eval_questions: int | None) -> dict:
+    """The two IMP runs, then the cross re-trainings; returns {(ticket kind, training kind): [metrics per level]}."""
+    cfgs = {k: train_config(steps=steps, seed=seed, adversarial=a) for k, a in KINDS.items()}
+    results = {}
+    for kind, cfg in cfgs.items():
+        net, data, collate = _task(model, seed, eval_questions)
+        results[kind, kind] = run_imp(out / kind, net, data, collate,
+                                      IMPConfig(model=model, task="easy-vqa", levels=levels, train=cfg),
+                                      progress=_progress(kind))
+    for tickets in KINDS:
+        for training in KINDS:
+            if tickets == training:
+                continue
+            rows = []
+            for k in range(1, len(levels) + 1):
+                dest = out / "cross" / f"{tickets}-tickets-{training}" / f"level_{k:02d}"
+                if not (dest / "metrics.json").is_file():
+                    report = _progress(f"{tickets} ticket {k} trained {training}")
+                    net, data, collate = _task(model, seed, eval_questions)
+                    run = Run(out / tickets)
+                    retrain_ticket(Ticket.load(run.ticket(k)), net, data, collate, cfgs[training], dest,
+                                   theta0=run.theta0, ticket_path=str(run.ticket(k)),
+                                   progress=lambda s, r=report: r("train", s, steps))
+                rows.append(json.loads((dest / "metrics.json").read_text()))
+            results[tickets, training] = rows
+    return results
+
+
+def table(results: dict, levels: list[float]) -> str:
+    """Markdown: one row per sparsity, test VQA score (%) of {standard, adversarial} tickets x training."""
+    std, adv = results["standard", "standard"], results["adversarial", "adversarial"]
+    head = ("| sparsity | standard ticket, standard training | standard ticket, adversarial training "
+            "| adversarial ticket, standard training | adversarial ticket, adversarial training |\n"
+            "|---:|---:|---:|---:|---:|\n")
+    score = lambda m: f"{100 * m['test']['vqa_score']:.2f}%"  # noqa: E731
+    lines = [f"| 0% (dense) | {score(std[0])} | | | {score(adv[0])} |"]
+    for k, s in enumerate(levels, 1):
+        lines.append(f"| {s:.0%} | {score(std[k])} | {score(results['standard', 'adversarial'][k - 1])} "
+                     f"| {score(results['adversarial', 'standard'][k - 1])} | {score(adv[k])} |")
+    secs = {kind: [m["train_seconds"] for m in results[kind, kind]] for kind in KINDS}
+    timing = "; ".join(f"{kind} training {sum(v) / len(v):.0f} s per round (rounds: {', '.join(f'{x:.0f}' for x in v)})"
+                       for kind, v in secs.items())
+    return head + "\n".join(lines) + f"\n\nMeasured: {timing}.\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/adv-tickets"))
+    ap.add_argument("--model", default="uniter-minilm-l2")
+    ap.add_argument("--levels", default="0.5,0.7,0.8")
+    ap.add_argument("--steps", type=int, default=500, help="training steps per round (the main job: 500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-questions", type=int, default=None,
+                    help="evaluate on the first N val and test questions only (default: all)")
+    args = ap.parse_args()
+    levels = parse_levels(args.levels, float(args.levels.split(",")[-1]))
+    t0 = time.time()
+    results = run_all(args.out, args.model, levels, args.steps, args.seed, args.eval_questions)
+    text = table(results, levels) + f"Total {time.time() - t0:.0f} s; load {os.getloadavg()}.\n"
+    (args.out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
