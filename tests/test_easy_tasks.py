@@ -11,9 +11,11 @@ import pytest
 from vlsparse.data import load_task
 from vlsparse.data.dataset import split_by_image
 from vlsparse.data.easy_facts import ImageFacts, easy_vqa_facts, facts_from_questions
-from vlsparse.data.easy_nlvr2 import TEMPLATES, nlvr2_records
+from vlsparse.data.captions import easy_vqa_captions, image_facts, read_coco_captions
+from vlsparse.data.easy_derived import easy_splits
+from vlsparse.data.easy_nlvr2 import TEMPLATES, nlvr2_records, statement_couples, template_texts
 from vlsparse.data.easy_retrieval import retrieval_records
-from vlsparse.data.easy_vqa import _examples
+from vlsparse.data.easy_vqa import _examples, easy_vqa_train_split
 from vlsparse.data.metrics import chance_recall_at_k, recall_at_k
 from vlsparse.data.options import LoadOptions
 
@@ -59,6 +61,59 @@ def test_nlvr2_deterministic_unmixed_and_balanced():
         assert str(truth[r["sentence"]]) == r["label"]
     assert set(keys) == {f"{r['identifier'].rsplit('-', 1)[0]}-img{k}" for recs in records.values() for r in recs
                          for k in (0, 1)}
+
+
+def _best_statement_only(records: list[dict], rule: dict[str, str] | None = None) -> float:
+    """Accuracy of predicting each statement's label from its text alone: ``rule`` (text -> label), or the best
+    such rule for ``records`` themselves (the majority label of every distinct text)."""
+    counts = collections.Counter((r["sentence"], r["label"]) for r in records)
+    if rule is None:
+        texts = {r["sentence"] for r in records}
+        return sum(max(counts[(t, "True")], counts[(t, "False")]) for t in texts) / len(records)
+    return float(np.mean([rule.get(r["sentence"], "True") == r["label"] for r in records]))
+
+
+def test_nlvr2_statement_alone_and_images_alone_predict_nothing():
+    records, _ = nlvr2_records(LoadOptions())
+    train = records["train"]
+    counts = collections.Counter((r["sentence"], r["label"]) for r in train)
+    majority = {t: "True" if counts[(t, "True")] > counts[(t, "False")] else "False" for t, _ in counts}
+    for stem in ("train", "test1"):
+        assert _best_statement_only(records[stem]) <= 0.55, stem
+    assert _best_statement_only(records["test1"], majority) <= 0.55
+    for stem, recs in records.items():  # by construction: every statement text as often true as false ...
+        by_text = collections.Counter((r["sentence"], r["label"]) for r in recs)
+        assert all(by_text[(t, "True")] == by_text[(t, "False")] for t, _ in by_text), stem
+        by_pair = collections.defaultdict(list)  # ... and every image pair has one true and one false statement
+        for r in recs:
+            by_pair[r["identifier"].rsplit("-", 1)[0]].append(r["label"])
+        assert all(sorted(labels) == ["False", "True"] for labels in by_pair.values()), stem
+    assert {r["sentence"] for r in train} == {t for name in TEMPLATES for t in template_texts(name)}
+    assert "the two shapes have the same color" in {r["sentence"] for r in records["test1"]}
+    assert statement_couples([ImageFacts("circle", "red")] * 3) == {}  # one class: nothing can be balanced
+    # one red and one blue circle: never the same colour, so only "the right image shows ..." can be balanced
+    assert statement_couples([ImageFacts("circle", "red"), ImageFacts("circle", "blue")]) == {
+        "right-is": [("the right image shows a blue circle", "the right image shows a red circle")]}
+
+
+def test_corpus_and_derived_tasks_share_one_image_facts(tmp_path):
+    assert image_facts is facts_from_questions  # captions' public name is the easy_facts implementation
+    image, pool = 1082, "train"  # a train-split image whose colour only elimination gives (7 colours ruled out)
+    facts = easy_splits()["train"][(pool, image)]
+    assert facts == ImageFacts("triangle", "red")
+    train, _ = easy_vqa_train_split(LoadOptions())
+    images, captions = read_coco_captions(easy_vqa_captions(tmp_path / "c.json", train))
+    assert images[image]["facts"] == facts._asdict()
+    assert "a red triangle" in {c for c, i in captions if i == image}
+    entries, _ = retrieval_records(LoadOptions())
+    assert [e["facts"] for e in entries if e["filename"] == f"{pool}-{image}.png"] == [facts._asdict()]
+    records, _ = nlvr2_records(LoadOptions())
+    sides = [(r, s) for r in records["train"] for s in ("left", "right") if r[s] == f"{pool}-{image}"]
+    assert sides
+    split = easy_splits()["train"]
+    for r, _ in sides:  # every statement about a pair with this image is labelled by these facts
+        left, right = (split[(pool, int(r[s].split("-")[1]))] for s in ("left", "right"))
+        assert str(dict(TEMPLATES[r["template"]](left, right))[r["sentence"]]) == r["label"]
 
 
 def test_retrieval_deterministic_unmixed_captions_state_facts():

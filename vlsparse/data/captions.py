@@ -13,8 +13,9 @@ circle".
 
 ``easy-vqa-captions`` (:func:`easy_vqa_captions`) is built deterministically from the images of vlsparse's
 easy-VQA **train split only** (the validation images of that seed and all test images are left out): the
-shape and colour that each image's own questions and answers establish (open questions directly, yes/no
-questions by their truth value, a shape also by elimination of the other two), stated in four templates.
+shape and colour that each image's own questions and answers establish (:func:`image_facts`, which is
+:func:`vlsparse.data.easy_facts.facts_from_questions`: the facts easy-nlvr2 and easy-retrieval are built from),
+stated in four templates.
 """
 
 from __future__ import annotations
@@ -26,50 +27,20 @@ from pathlib import Path
 
 from vlsparse.atomic import write_json
 from vlsparse.data import formats
+from vlsparse.data.easy_facts import COLORS, facts_from_questions
 
 __all__ = ["COLORS", "CAPTION_TEMPLATES", "image_facts", "easy_vqa_captions", "read_coco_captions",
            "contradicting_images", "caption_facts"]
 
-COLORS = ("red", "green", "blue", "black", "gray", "yellow", "teal", "brown")
-_SHAPES = ("circle", "rectangle", "triangle")
 #: caption templates: (needed facts, text)
 CAPTION_TEMPLATES = ((("color", "shape"), "a {color} {shape}"), (("color",), "the shape is {color}"),
                      (("shape",), "there is a {shape}"), (("color", "shape"), "the {shape} is {color}"))
 _FORMAT = ('COCO captions: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}')
 
 
-def _kind(word: str) -> str | None:
-    return "color" if word in COLORS else "shape" if word in _SHAPES else None
-
-
-def image_facts(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, dict[str, str]]:
-    """image id -> ``{"color": c, "shape": s}`` (either may be missing) established by easy-VQA questions.
-
-    Open questions give the answer (and "what color is the circle?" the shape); a yes/no question about a
-    colour or shape is true when the answer is "yes" and the question is not negated ("not", "no"); a
-    false one rules the value out, and a shape is known once the other two are ruled out.
-    """
-    facts: dict[int, dict[str, str]] = {}
-    ruled_out: dict[int, set[str]] = {}
-    for q, a, i in zip(questions, answers, image_ids):
-        i, words = int(i), re.findall(r"[a-z]+", q.lower())
-        got = facts.setdefault(i, {})
-        if a not in ("yes", "no"):
-            got[_kind(a)] = a
-            got.update({_kind(w): w for w in words if _kind(w) and w != "shape"})
-            continue
-        value = next((w for w in words if _kind(w)), None)
-        if value is None:
-            continue
-        if (a == "yes") != ("not" in words or "no" in words):
-            got[_kind(value)] = value
-        else:
-            ruled_out.setdefault(i, set()).add(value)
-    for i, out in ruled_out.items():
-        left = [s for s in _SHAPES if s not in out]
-        if len(left) == 1:
-            facts[i].setdefault("shape", left[0])
-    return facts
+#: image id -> ``{"color": c, "shape": s}`` (either may be missing) established by easy-VQA questions: the one
+#: implementation, :func:`vlsparse.data.easy_facts.facts_from_questions` (the derived tasks use it too)
+image_facts = facts_from_questions
 
 
 def easy_vqa_captions(path: str | os.PathLike, train_examples: Sequence) -> Path:
@@ -83,7 +54,7 @@ def easy_vqa_captions(path: str | os.PathLike, train_examples: Sequence) -> Path
     facts = image_facts(questions, answers, [e.image_id for e in train_examples])
     images, annotations = [], []
     for i in sorted(facts):
-        known = {k: v for k, v in facts[i].items() if k}
+        known = facts[i]
         texts = [t.format(**known) for need, t in CAPTION_TEMPLATES if all(k in known for k in need)]
         if not texts:
             continue

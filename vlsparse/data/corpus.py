@@ -130,7 +130,8 @@ def _easy_vqa(options: LoadOptions) -> tuple[Path, Mapping]:
 
     train, _ = easy_vqa_train_split(options)
     root = Path(options.cache_dir).expanduser() if options.cache_dir is not None else default_cache_dir()
-    path = root / "corpora" / f"easy-vqa-captions-val{options.val_fraction:g}-seed{options.seed}.json"
+    # v2: facts of easy_facts.facts_from_questions (v1 missed the colours known only by elimination)
+    path = root / "corpora" / f"easy-vqa-captions-v2-val{options.val_fraction:g}-seed{options.seed}.json"
     if not path.is_file():
         easy_vqa_captions(path, train)
     regions = easy_vqa_regions(options, train)[0]

@@ -18,7 +18,7 @@ unchanged), plus what they read about images::
     ROOT/build.json                how it was built (written last: a directory without it is rebuilt)
 
 It is written into a temporary directory and renamed into place, so a crash or a concurrent build never
-leaves a partial one. Default place: ``<cache_dir>/<task>-v1-val<fraction>-seed<seed>``
+leaves a partial one. Default place: ``<cache_dir>/<task>-v<version>-val<fraction>-seed<seed>`` (easy-nlvr2: v2)
 (``cache_dir``: ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``).
 """
 
@@ -112,9 +112,11 @@ def write_visuals(root: Path, keys: Mapping[str, EasyImage], options: LoadOption
         os.symlink(os.path.abspath(paths[pool][i]), root / "images" / f"{key}.png")
 
 
-def derived_root(task: str, options: LoadOptions, build: Callable[[Path, LoadOptions], dict]) -> Path:
+def derived_root(task: str, options: LoadOptions, build: Callable[[Path, LoadOptions], dict], *,
+                 version: int = 1) -> Path:
     """The directory of derived task ``task``: ``options.data_dir`` when given (a built copy, used as it is),
-    else ``<cache>/<task>-v1-val<fraction>-seed<seed>``, built with ``build(tmp_dir, options)`` first if it has
+    else ``<cache>/<task>-v<version>-val<fraction>-seed<seed>`` (a task that changes what it generates bumps its
+    ``version``, so an older build is never read as the new one), built with ``build(tmp_dir, options)`` first if it has
     no ``build.json`` (``build`` writes the files and returns the description stored in build.json).
 
     Raises:
@@ -127,7 +129,7 @@ def derived_root(task: str, options: LoadOptions, build: Callable[[Path, LoadOpt
             raise FileNotFoundError(f"--data-dir {root}: not a directory (task {task!r})")
         return root
     cache = Path(options.cache_dir).expanduser() if options.cache_dir is not None else default_cache_dir()
-    root = cache / f"{task}-v1-val{options.val_fraction:g}-seed{options.seed}"
+    root = cache / f"{task}-v{version}-val{options.val_fraction:g}-seed{options.seed}"
     if (root / BUILD_FILE).is_file():
         return root
     if not 0.0 <= options.val_fraction < 1.0:

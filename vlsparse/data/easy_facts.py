@@ -15,8 +15,9 @@ Only images whose shape *and* colour are known get an :class:`ImageFacts` (:func
 derived tasks (``easy-nlvr2``, ``easy-retrieval``) use only those. :func:`caption` states both facts in one
 of :data:`CAPTION_TEMPLATES`.
 
-Overlap: the pre-training corpus ``easy-vqa-captions`` (issue 11, built on another branch) derives the same
-facts for its captions; this module is self-contained so that the two can share one of them later.
+The pre-training corpus ``easy-vqa-captions`` (:mod:`vlsparse.data.captions`) reads its facts from
+:func:`facts_from_questions` too (``captions.image_facts`` is it): the corpus and the derived tasks agree on
+every image.
 """
 
 from __future__ import annotations
