@@ -6,24 +6,22 @@ with code 2, without a traceback.
 The training options (``--steps``, ``--batch-size``, ``--lr``, ...), ``--rewind-step`` and ``--adversarial``,
 ``--adv-*`` are generated from the fields of :class:`~vlsparse.training.config.TrainConfig`,
 :class:`~vlsparse.lottery.config.IMPConfig` and :class:`~vlsparse.training.adversarial_config.AdversarialConfig`
-(their defaults and ``metadata["help"]``), see :class:`_ConfigOptions`. Only torch-free modules are imported
+(their defaults and ``metadata["help"]``), see :class:`~vlsparse.cli_options.ConfigOptions`. Only torch-free modules are imported
 here at the top: ``vlsparse predict`` runs without torch; the commands import the library they call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import json
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vlsparse.cli_options import ConfigOptions, Progress, config_options
 from vlsparse.lottery.config import IMPConfig, parse_levels, train_config
 from vlsparse.training.adversarial_config import AdversarialConfig, adversarial_config
 from vlsparse.training.config import TrainConfig
@@ -38,77 +36,9 @@ _MODEL = typer.Option(..., "--model", help="preset name, save_pretrained directo
 _TASK = typer.Option("easy-vqa", "--task", help="task name")
 
 
-@dataclasses.dataclass(frozen=True)
-class _ConfigOptions:
-    """The default of a command parameter that stands for options made from a configuration dataclass.
-
-    :func:`_config_options` replaces the parameter by one option per name in ``fields`` (``--batch-size`` for
-    ``batch_size``), in its place, typed, with the field's default and ``metadata["help"]`` (or ``help``'s
-    text for that field); the command receives the parameter as a dict field name -> value.
-    """
-
-    config: type
-    fields: tuple[str, ...]
-    help: tuple[tuple[str, str], ...] = ()
-
-    def with_help(self, **help: str) -> "_ConfigOptions":
-        """The same options with other help texts for some fields."""
-        return dataclasses.replace(self, help=self.help + tuple(help.items()))
-
-    def parameters(self, kind) -> list[inspect.Parameter]:
-        """The typer options, as parameters of kind ``kind``."""
-        types, helps = typing.get_type_hints(self.config), dict(self.help)
-        fields = {f.name: f for f in dataclasses.fields(self.config)}
-        return [inspect.Parameter(n, kind, annotation=types[n], default=typer.Option(
-            fields[n].default, help=helps.get(n, fields[n].metadata.get("help")))) for n in self.fields]
-
-
-def _config_options(command):
-    """Decorator: expand the command's :class:`_ConfigOptions` parameters into options (see there)."""
-    sig = inspect.signature(command, eval_str=True)
-    params, groups = [], {}
-    for p in sig.parameters.values():
-        if isinstance(p.default, _ConfigOptions):
-            groups[p.name] = p.default.fields
-            params += p.default.parameters(p.kind)
-        else:
-            params.append(p)
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        for name, fields in groups.items():
-            kwargs[name] = {f: kwargs.pop(f) for f in fields}
-        return command(**kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    return wrapper
-
-
-_TRAIN = _ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
-_IMP = _ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
-_ADV = _ConfigOptions(AdversarialConfig, tuple(f.name for f in dataclasses.fields(AdversarialConfig)))
-
-
-class _Progress:
-    """One tqdm bar per training run: progress(description, done, total)."""
-
-    def __init__(self):
-        self.bar, self.desc = None, None
-
-    def __call__(self, desc: str, done: int, total: int, postfix: str | None = None) -> None:
-        from tqdm import tqdm  # the `train` extra: only the training commands draw progress bars
-
-        if desc != self.desc:
-            self.close()
-            self.bar, self.desc = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=True), desc
-        if postfix is not None and (done % 10 == 0 or done == total):
-            self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.bar = self.desc = None
+_TRAIN = ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
+_IMP = ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
+_ADV = ConfigOptions(AdversarialConfig, tuple(f.name for f in dataclasses.fields(AdversarialConfig)))
 
 
 @app.command()
@@ -128,7 +58,7 @@ def scope(model: str = _MODEL):
 
 
 @app.command("find-ticket")
-@_config_options
+@config_options
 def find_ticket(model: str = _MODEL, task: str = _TASK,
                 sparsity: float = typer.Option(..., help="target global sparsity, a fraction in [0, 1)"),
                 out: Path = typer.Option(..., help="run directory (re-running resumes)"),
@@ -141,7 +71,7 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
 
     cfg = IMPConfig(model=model, task=task, levels=parse_levels(levels, sparsity, rate),
                     train=train_config(**train, adversarial=adversarial_config(**adv)), **imp)
-    bar = _Progress()
+    bar = Progress()
     results, data = run_find_ticket(out, cfg, data_dir, bar)
     bar.close()
     if task == "pretrain":  # held-out pre-training metrics per level (task-agnostic tickets)
@@ -159,7 +89,7 @@ def find_ticket(model: str = _MODEL, task: str = _TASK,
 
 
 @app.command("train-ticket")
-@_config_options
+@config_options
 def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), model: str = _MODEL, task: str = _TASK,
                  out: Path = typer.Option(..., help="output directory for metrics.json and weights.safetensors"),
                  init: str = typer.Option("pretrained", help="pretrained (θ0) | text-only (θ'0) | shuffled (θ''0) | "
@@ -171,7 +101,7 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
     from vlsparse.lottery.retrain import train_ticket as run_train_ticket  # the `train` extra (torch)
 
     cfg = train_config(**train, adversarial=adversarial_config(**adv))
-    bar = _Progress()
+    bar = Progress()
     m, data = run_train_ticket(ticket, out, model, task, cfg, init=init, theta0=theta0, data_dir=data_dir,
                                progress=lambda s: bar("train", s, cfg.steps))
     bar.close()
@@ -182,7 +112,7 @@ def train_ticket(ticket: Path = typer.Option(..., help="ticket .safetensors"), m
 
 
 @app.command("pretrain")
-@_config_options
+@config_options
 def pretrain(model: str = _MODEL,
              corpus: str = typer.Option("easy-vqa-captions", help="easy-vqa-captions or a COCO captions JSON file"),
              objectives: str = typer.Option("mlm,mrfr,itm,wra", help="comma-separated: mlm, mrfr, itm, wra"),
@@ -197,7 +127,7 @@ def pretrain(model: str = _MODEL,
     from vlsparse.lottery.pretraining import run_pretrain  # the `train` extra (torch)
 
     cfg = train_config(**train)
-    bar = _Progress()
+    bar = Progress()
 
     def show(step: int, running: dict) -> None:
         bar("pretrain", step, cfg.steps, "  ".join(
@@ -227,7 +157,7 @@ def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help=
 
 
 @app.command("transfer")
-@_config_options
+@config_options
 def transfer(source: list[Path] = typer.Option(..., help="an IMP run directory or a ticket file (repeat: --source A "
                                                          "--source B)"),
              target: list[str] = typer.Option(..., help="a task to train the tickets on (repeat)"),
@@ -242,7 +172,7 @@ def transfer(source: list[Path] = typer.Option(..., help="an IMP run directory o
     from vlsparse.lottery.transfer_report import format_matrix, write_reports
 
     lv = parse_transfer_levels(levels)
-    bar = _Progress()
+    bar = Progress()
     t0 = time.time()
     records, sources = run_transfer(out, source, target, lv, train_config(**train), model=model, progress=bar)
     bar.close()
@@ -303,42 +233,15 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            out: Path = typer.Option(..., help="output directory (must not exist)")):
     """Export a masked model as a self-contained bundle: CSR-sparse PyTorch or ONNX (dense or sparse custom op),
     with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.runtime.bundle)."""
-    # the `train` extra (torch): imported by the commands that need it
-    from vlsparse.runtime.bundle import BundleExtras, find_task_info, ticket_metadata
-    from vlsparse.export.exporters import ExportError, export_csr, export_onnx, model_from_weights
-    from vlsparse.models.registry import load_tokenizer
-    from vlsparse.pruning.ticket import Ticket
+    from vlsparse.export.bundle_export import export_bundle  # the `train` extra (torch)
 
-    if format not in ("csr", "onnx"):
-        raise ValueError(f"--format must be csr or onnx, got {format!r}")
-    if sparse and format != "onnx":
-        raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
-    if out.exists():
-        raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
-    t = Ticket.load(ticket)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: weights file not found")
-    task_info = task_info or find_task_info(weights)
-    if task_info is None:
-        raise FileNotFoundError(f"no task.json beside --weights {weights} nor one level up; pass --task-info RUN/task.json")
-    if not task_info.is_file():
-        raise FileNotFoundError(f"--task-info {task_info}: file not found")
-    try:
-        info = json.loads(task_info.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{task_info}: unreadable task info ({exc})") from None
-    net = model_from_weights(model, weights, info.get("objective"))
-    tokenizer = load_tokenizer(model)
-    extras = BundleExtras(task_info=info, tokenizer=tokenizer, ticket=ticket_metadata(t.meta, t.sparsity, weights))
-    if format == "csr":
-        export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras)
-    else:
-        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras)
+    t = export_bundle(ticket, weights, model, out, format=format, sparse=sparse, dtype=dtype, layout=layout,
+                      min_sparsity=min_sparsity, task_info=task_info)
     typer.echo(f"{format}{' (sparse)' if sparse else ''} export of {ticket} (sparsity {t.sparsity:.1%}) -> {out}")
 
 
 @app.command("main-job")
-@_config_options
+@config_options
 def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output directory (re-running resumes)"),
              model: str = typer.Option("uniter-minilm-l2", help="the model VL pre-training starts from (θ'0)"),
              task: str = _TASK,
@@ -379,7 +282,7 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     cfg = IMPConfig(model=model, task=task, levels=lv, train=train_config(**train))
     job = JobSettings(base_model=model, corpus=corpus, objectives=objectives, proportions=proportions,
                       pretrain_steps=pretrain_steps, agnostic_levels=tuple(lv[:compare_idx[0]]), compare=compare_idx[0])
-    bar = _Progress()
+    bar = Progress()
     rows, data, first = run_main_job(out, cfg, job, seed_list, bar)
     bar.close()
     typer.echo(format_table(rows, data.metric_name))

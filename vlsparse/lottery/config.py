@@ -108,7 +108,7 @@ class IMPConfig:
         fields only when they are not their defaults, and ``train.adversarial`` only for adversarial training,
         so that earlier runs resume)."""
         d = asdict(self)
-        d["train"] = {k: v for k, v in d["train"].items() if k != "device" and (k != "adversarial" or v)}
+        d["train"] = self.train.identity()
         defaults = {"theta0": None, "init": "pretrained", "corpus": None, "proportions": None}
         drop = [k for k, v in defaults.items() if d[k] == v] + ([] if self.task == PRETRAIN else ["objectives"])
         return {k: v for k, v in d.items() if k not in drop}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlsparse.atomic import write_json
@@ -70,9 +70,7 @@ class TransferConfig:
     train: TrainConfig
 
     def identity(self) -> dict:
-        d = asdict(self)
-        d["train"].pop("device")
-        return d
+        return {"model": self.model, "train": self.train.identity()}
 
 
 def parse_transfer_levels(levels: str) -> list[float]:
@@ -168,9 +166,7 @@ def _from_run(source: Source, target: str, level: float, cfg: TransferConfig) ->
     ``target`` (same task, model, training options, no rewinding) and that level is finished; else None."""
     if source.run is None or source.task != target or source.config.get("model") != cfg.model:
         return None
-    train = dict(source.config.get("train", {}))
-    train.pop("device", None)
-    if train != cfg.identity()["train"] or source.config.get("rewind_step", 0):
+    if source.config.get("train") != json.loads(json.dumps(cfg.identity()["train"])) or source.config.get("rewind_step", 0):
         return None
     for k in source.run.levels():
         if source.run.finished(k):

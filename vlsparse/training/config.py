@@ -7,7 +7,7 @@ defaults below are the only ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from vlsparse.training.adversarial_config import AdversarialConfig
@@ -43,6 +43,11 @@ class TrainConfig:
     device: str = _option("cpu", "cpu | cuda")
     compact_vocab: bool = _option(True, "train only the word embeddings of tokens the training questions use")
     adversarial: Optional[AdversarialConfig] = _option(None, "adversarial training settings (None: plain training)")
+
+    def identity(self) -> dict:
+        """The JSON-able fields that define a training (compared when a run resumes): all but the device, and
+        ``adversarial`` only when set (runs written before adversarial training existed still resume)."""
+        return {k: v for k, v in asdict(self).items() if k != "device" and (k != "adversarial" or v)}
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):

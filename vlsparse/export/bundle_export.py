@@ -1,0 +1,75 @@
+"""``vlsparse export``: a ticket and trained weights on disk -> a self-contained bundle directory.
+
+Reads the ticket (:class:`~vlsparse.pruning.ticket.Ticket`), the weights (a safetensors state_dict:
+``train-ticket``'s weights.safetensors or θ0) and the task's ``task.json``, rebuilds the model, and writes
+a CSR or ONNX bundle with :mod:`vlsparse.export.exporters` (see :mod:`vlsparse.runtime.bundle` for the files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlsparse.export.exporters import export_csr, export_onnx, model_from_weights
+from vlsparse.models.registry import load_tokenizer
+from vlsparse.pruning.ticket import Ticket
+from vlsparse.runtime.bundle import BundleExtras, find_task_info, ticket_metadata
+from vlsparse.runtime.load import ExportError
+
+FORMATS = ("csr", "onnx")
+
+
+def _read_task_info(task_info: Path | None, weights: Path) -> dict:
+    """task.json as a dict: ``task_info``, else the one beside ``weights`` or one level up.
+
+    Raises:
+        FileNotFoundError: no such file; ExportError: not JSON.
+    """
+    task_info = task_info or find_task_info(weights)
+    if task_info is None:
+        raise FileNotFoundError(f"no task.json beside --weights {weights} nor one level up; pass --task-info RUN/task.json")
+    if not task_info.is_file():
+        raise FileNotFoundError(f"--task-info {task_info}: file not found")
+    try:
+        return json.loads(task_info.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{task_info}: unreadable task info ({exc})") from None
+
+
+def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str | Path, format: str = "csr",
+                  sparse: bool = False, dtype: str = "fp32", layout: str = "auto", min_sparsity: float = 0.5,
+                  task_info: str | Path | None = None) -> Ticket:
+    """Export ``ticket``'s mask applied to ``weights`` as a bundle in ``out``; returns the ticket.
+
+    Args:
+        ticket, weights: the ticket file and the trained state_dict (safetensors).
+        model: the model name or path the weights belong to (as ``--model``).
+        out: the bundle directory; must not exist.
+        format: "csr" (PyTorch + our SpMM kernels) or "onnx"; ``sparse``: ONNX with the custom op.
+        dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16") and layout ("auto" | "csr" | "bitmask").
+        min_sparsity: ONNX ``sparse``: convert the Linears with at least this fraction of zeros.
+        task_info: task.json; default: the one beside ``weights`` or one level up.
+
+    Raises:
+        ValueError: bad ``format`` / ``sparse`` combination; ExportError (a ValueError): ``out`` exists or an
+        unreadable file; FileNotFoundError: a missing file; TicketError, RunError: as their loaders.
+    """
+    ticket, weights, out = Path(ticket), Path(weights), Path(out)
+    if format not in FORMATS:
+        raise ValueError(f"--format must be csr or onnx, got {format!r}")
+    if sparse and format != "onnx":
+        raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
+    if out.exists():
+        raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
+    t = Ticket.load(ticket)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found")
+    info = _read_task_info(None if task_info is None else Path(task_info), weights)
+    net = model_from_weights(model, weights, info.get("objective"))
+    extras = BundleExtras(task_info=info, tokenizer=load_tokenizer(model),
+                          ticket=ticket_metadata(t.meta, t.sparsity, weights))
+    if format == "csr":
+        export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras)
+    else:
+        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras)
+    return t
