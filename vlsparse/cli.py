@@ -388,19 +388,33 @@ _TRAIN_MODULES = {"torch", "transformers", "safetensors", "easy_vqa", "gt_all_mi
                   "tqdm", "rich"}
 
 
+def _error_line(exc: BaseException) -> str | None:
+    """The one line ``error: ...`` for a user error (exit code 2), or None for an unexpected one."""
+    if isinstance(exc, ModuleNotFoundError):
+        if exc.name and exc.name.split(".")[0] in _TRAIN_MODULES:
+            return (f"error: this command needs the PyTorch side of vlsparse (module {exc.name!r} is missing): "
+                    "pip install torch==2.13.0 'vlsparse[train]'")
+        return None
+    if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):  # CheckpointError etc. are ValueErrors
+        msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        return f"error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}"
+    return None
+
+
 def main() -> None:
-    """Console entry point: run the app, turning user errors into one line on stderr, exit 2."""
+    """Console entry point: run the app, turning user errors into one line on stderr, exit 2. Under torchrun
+    (``WORLD_SIZE`` > 1) every rank runs it through :func:`vlsparse.training.distributed.run_main`."""
+    from vlsparse.training import distributed  # torch-free until it joins a group
+
+    if distributed.launched():
+        distributed.run_main(app, _error_line)
     try:
         app()
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in _TRAIN_MODULES:
-            typer.echo(f"error: this command needs the PyTorch side of vlsparse (module {exc.name!r} is missing): "
-                       "pip install torch==2.13.0 'vlsparse[train]'", err=True)
-            raise SystemExit(2) from None
-        raise
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # CheckpointError etc. are ValueErrors
-        msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
-        typer.echo(f"error: {msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__}", err=True)
+    except (ModuleNotFoundError, ValueError, FileNotFoundError, KeyError) as exc:
+        line = _error_line(exc)
+        if line is None:
+            raise
+        typer.echo(line, err=True)
         raise SystemExit(2) from None
 
 

@@ -68,6 +68,10 @@ class Progress:
     def __call__(self, desc: str, done: int, total: int, postfix: str | None = None) -> None:
         from tqdm import tqdm  # the `train` extra: only the training commands draw progress bars
 
+        from vlsparse.training.distributed import is_main
+
+        if not is_main():  # under torchrun: rank 0 draws the bars
+            return
         if desc != self.desc:
             self.close()
             self.bar, self.desc = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=True), desc

@@ -31,6 +31,7 @@ from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.adversarial_config import training_meta
+from vlsparse.training.distributed import check_same, fingerprint, main_only
 from vlsparse.training.loop import evaluate, train
 
 
@@ -73,24 +74,29 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
     """
     run = Run(run)
     rounds = rounds or TaskRounds(task, collate)
-    check_config(run.path, cfg)
     scope = model.prune_scope()
     levels = [0.0] + list(cfg.levels)
-    theta0 = run.theta0
-    if theta0.exists():
+    theta0, first = run.theta0, run.ticket(0)
+
+    def start() -> bool:  # rank 0 only (vlsparse.training.distributed): the others wait for its files
+        check_config(run.path, cfg)
+        existed = theta0.exists()
+        if not existed:
+            save_weights(theta0, model)
+        if not first.exists():
+            Ticket(ones_mask(model, scope), _meta(cfg, 0, 0.0, {})).save(first)
+        return existed
+
+    if main_only(start):
         load_weights(theta0, model)
-    else:
-        save_weights(theta0, model)
-    first = run.ticket(0)
-    if not first.exists():
-        Ticket(ones_mask(model, scope), _meta(cfg, 0, 0.0, {})).save(first)
     rewound = run.theta_rewind
     results = []
     for k, target in enumerate(levels):
-        if run.finished(k):
-            results.append(run.metrics(k))
+        if main_only(lambda k=k: run.finished(k)):  # every rank resumes where rank 0's files say
+            results.append(main_only(lambda k=k: run.metrics(k)))
             continue
         ticket = Ticket.load(run.ticket(k))
+        check_same(fingerprint(ticket.mask), f"the mask of level {k}")
         start = cfg.rewind_step if (cfg.rewind_step and k > 0) else 0
         load_weights(rewound if start else theta0, model)
         t0 = time.time()
@@ -99,21 +105,30 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
                             if progress else None,
                             cfg.rewind_step if (cfg.rewind_step and k == 0) else None, start)
         if snap is not None:
-            atomic_write(rewound, lambda tmp: save_file(snap, tmp))
+            main_only(lambda: atomic_write(rewound, lambda tmp: save_file(snap, tmp)))
         t1 = time.time()
         metrics = {"level": k, "sparsity": ticket.sparsity, "target_sparsity": target,
                    **rounds.evaluate(model, cfg.train.device), "steps": cfg.train.steps, "rewind_step": cfg.rewind_step,
                    "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
+        new = None
         if k + 1 < len(levels):
             weights = dict(model.named_parameters())
             new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
-            Ticket(new, _meta(cfg, k + 1, levels[k + 1], metrics["val"])).save(
-                run.ticket(k + 1), overwrite=True)  # level k+1 is not finished yet
-        save_weights(run.weights(k), model)
-        write_json(run.metrics_file(k), metrics)
-        write_summary(run.path)
+            check_same(fingerprint(new), f"the mask computed for level {k + 1}")
+        main_only(lambda k=k, new=new, metrics=metrics: _finish_level(run, model, cfg, levels, k, new, metrics))
         results.append(metrics)
     return results
+
+
+def _finish_level(run: Run, model: nn.Module, cfg: IMPConfig, levels: list[float], k: int, new, metrics: dict) -> None:
+    """Write level k's files (rank 0 only): the next level's ticket ``new`` (if any), weights, metrics (last), the
+    summary."""
+    if new is not None:
+        Ticket(new, _meta(cfg, k + 1, levels[k + 1], metrics["val"])).save(
+            run.ticket(k + 1), overwrite=True)  # level k+1 is not finished yet
+    save_weights(run.weights(k), model)
+    write_json(run.metrics_file(k), metrics)
+    write_summary(run.path)
 
 
 def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, str]:
@@ -143,9 +158,9 @@ def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = N
         return find_pretrain_ticket(run, cfg, data_dir, progress)
     reinit_check(cfg.init)
     model, data, collate = setup(cfg.model, cfg.task, cfg.train.seed, data_dir)
-    check_config(run, cfg)  # refuse another configuration before writing anything
+    main_only(lambda: check_config(run, cfg))  # refuse another configuration before writing anything
     start_from(model, cfg)
-    save_task_info(data, Run(run).task_info)
+    main_only(lambda: save_task_info(data, Run(run).task_info))
     return run_imp(run, model, data, collate, cfg, progress), data
 
 

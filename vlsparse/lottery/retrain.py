@@ -22,6 +22,7 @@ from vlsparse.pruning.mask import check_mask_fits
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket, TicketError
 from vlsparse.training.adversarial_config import training_meta
+from vlsparse.training.distributed import main_only
 from vlsparse.training.loop import TrainConfig, evaluate, train
 
 
@@ -52,7 +53,7 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         RunError: ``theta0`` is missing or does not fit.
     """
     out = Path(out)
-    if (out / "metrics.json").exists() and not overwrite:
+    if main_only((out / "metrics.json").exists) and not overwrite:
         raise TicketError(f"{out}: already holds a trained ticket (metrics.json); choose another --out")
     if theta0 is not None:
         load_weights(theta0, model)
@@ -75,12 +76,17 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
                "val": evaluate(model, task.val, collate, device=cfg.device),
                "test": evaluate(model, task.test, collate, device=cfg.device),
                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.time() - t1, 1)}
-    if save:
-        save_weights(out / "weights.safetensors", model, metadata={
-            "ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}", "init": init,
-            **training_meta(cfg.adversarial)})
-    write_json(out / "metrics.json", metrics)
+    main_only(lambda: _write(out, model, metrics, save, {"ticket": str(ticket_path), "sparsity": f"{ticket.sparsity:.6f}",
+                                                         "init": init, **training_meta(cfg.adversarial)}))
     return metrics
+
+
+def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[str, str]) -> None:
+    """Write ``out/weights.safetensors`` (if ``save``; ``meta`` in its header), then ``out/metrics.json`` (rank 0
+    only under torchrun)."""
+    if save:
+        save_weights(out / "weights.safetensors", model, metadata=meta)
+    write_json(out / "metrics.json", metrics)
 
 
 def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
@@ -109,7 +115,7 @@ def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg
     net, data, collate = setup(model, task, cfg.seed, data_dir)
     metrics = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
                              progress=progress, loaded_as=f"--model {model} with a new head (seed {cfg.seed})")
-    save_task_info(data, Path(out) / TASK_INFO)
+    main_only(lambda: save_task_info(data, Path(out) / TASK_INFO))
     return metrics, data
 
 

@@ -21,20 +21,25 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from vlsparse.data.objective import VQA_OBJECTIVE
 from vlsparse.atomic import cpu_state
 from vlsparse.pruning.mask import Mask, apply_mask
+from vlsparse.training import distributed
 from vlsparse.training.adversarial import backward_step
 from vlsparse.training.config import TrainConfig
 
 
 def _batches(dataset: Dataset, collate: Callable, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches: this rank's slice (:class:`~vlsparse.training.distributed.RankBatches`) of global
+    batches of ``batch_size``, drawn as ``DataLoader(shuffle=True, generator=seed)`` draws them."""
     gen = torch.Generator().manual_seed(seed)
+    distributed.local_batch_size(batch_size)  # refuse a global batch that the world size does not divide
     while True:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
-                              collate_fn=collate, generator=gen)
+        sampler = BatchSampler(RandomSampler(dataset, generator=gen), batch_size, drop_last=len(dataset) > batch_size)
+        yield from DataLoader(dataset, batch_sampler=distributed.RankBatches(sampler), collate_fn=collate,
+                              generator=gen)
 
 
 class CompactVocab:
@@ -129,11 +134,12 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
     objective = getattr(dataset, "objective", VQA_OBJECTIVE)
     used = sorted({0} | (dataset.used_token_ids() if hasattr(dataset, "used_token_ids") else set()))  # 0: [PAD]
     vocab = CompactVocab(model, torch.tensor(used)) if len(used) > 1 and cfg.compact_vocab else None
-    torch.manual_seed(cfg.seed)  # after CompactVocab: dropout draws the same numbers either way
+    torch.manual_seed(cfg.seed + distributed.rank())  # after CompactVocab: dropout draws the same numbers either way
+    net = distributed.wrap(model, device) if cfg.adversarial is None else model  # DDP under torchrun
     try:
         opt, sched = make_optimizer(model, cfg, start_step)
         batches = _batches(dataset, collate, cfg.batch_size, cfg.seed + start_step)
-        backward = backward_step(model, objective, cfg.adversarial)  # plain or adversarial (VILLA)
+        backward = backward_step(net, objective, cfg.adversarial)  # plain or adversarial (VILLA)
         for step in range(cfg.steps - start_step):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             if vocab is not None:
@@ -141,6 +147,8 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             targets = batch.pop("targets")
             opt.zero_grad(set_to_none=True)
             backward(batch, targets)
+            if net is model:  # adversarial steps (several forward passes): averaged here, not by DDP
+                distributed.average_gradients(model)
             opt.step()
             sched.step()
             if progress:
@@ -148,6 +156,7 @@ def train(model: nn.Module, mask: Mask | None, dataset: Dataset, collate: Callab
             if snapshot_step is not None and step + 1 == snapshot_step:
                 snapshot = vocab.full_state_dict() if vocab else cpu_state(model)
     finally:
+        del net
         if vocab is not None:
             vocab.restore()
         for h in hooks:
@@ -168,12 +177,16 @@ def predict(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: i
     """Logits (Q, O) float32 and targets (Q, O) float32 for every example of ``dataset``, in order.
 
     Outputs that vary in number between batches (regions) are padded: logits with the float32
-    minimum, targets with 0."""
+    minimum, targets with 0. Under torchrun each rank predicts its contiguous shard
+    (:func:`~vlsparse.training.distributed.shard`) and every rank gets all of them, in order (each example once)."""
     model.to(device).eval()
     logits, targets = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    shard = distributed.shard(dataset) if distributed.world_size() > 1 else dataset
+    for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate):
         targets.append(batch.pop("targets"))
         logits.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
+    if distributed.world_size() > 1:
+        logits, targets = (sum(parts, []) for parts in zip(*distributed.gather((logits, targets))))
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, 0)
     return _pad_cat(logits, torch.finfo(torch.float32).min), _pad_cat(targets, 0.0)
