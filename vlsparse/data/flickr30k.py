@@ -147,14 +147,10 @@ def retrieval_task(name: str, root: Path, tokenizer: Any, options: LoadOptions, 
         raise ValueError(f"--eval-images must be a positive number of images, got {eval_images}")
     options = options.with_defaults()
     captions = karpathy_captions(root / FLICKR30K_FILE)
-<<<<<<< HEAD
     try:
-        train = sample_negatives(captions["train"], negatives, options.seed)
+        train = sample_negatives(captions["train"], negatives, options.seed, groups)
     except ValueError as e:
         raise ValueError(f"{e} in {root / FLICKR30K_FILE}") from None
-=======
-    train = sample_negatives(captions["train"], negatives, options.seed, groups)
->>>>>>> h-a
     val, test = (_first_images(captions[s], eval_images) for s in ("val", "test"))
     keys = {key for _, key in captions["train"] + val + test}
     visuals, dim = formats.visual_inputs(root, keys, options)
