@@ -91,13 +91,15 @@ class RunLockedError(ValueError):
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | Path, name: str = LOCK_NAME, clean: str | None = "") -> Iterator[Path]:
+def run_lock(directory: str | Path, name: str = LOCK_NAME, clean: str | None = "",
+             remove: bool = False) -> Iterator[Path]:
     """Hold the exclusive lock of ``directory`` (created if missing) for the ``with`` block and yield it.
 
     The lock is ``fcntl.flock`` on ``directory/name`` (default ``.vlsparse.lock``), which records the holder's PID;
     the kernel releases it when the holder dies, so a killed process's lock file is taken over. A process may
     re-enter a lock it holds. Once the lock is taken, temporary files of killed writers are removed
-    (:func:`remove_temporaries` with ``only=clean``; ``clean=None`` removes nothing).
+    (:func:`remove_temporaries` with ``only=clean``; ``clean=None`` removes nothing). ``remove``: delete the lock
+    file when done (a lock beside an output, e.g. an export's, leaves nothing behind).
 
     Raises:
         RunLockedError: another process holds it (one line naming the directory and the holder's PID).
@@ -135,7 +137,9 @@ def run_lock(directory: str | Path, name: str = LOCK_NAME, clean: str | None = "
         yield directory
     finally:
         with _held_lock:
-            _held.pop(path, None)
+            held = _held.pop(path, None)
+        if remove and held:  # still held: whoever opened it meanwhile is refused; later ones make a new one
+            Path(path).unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
 
@@ -167,8 +171,8 @@ def locked(param: str, sibling: bool = False):
         @functools.wraps(fn)
         def call(*args, **kwargs):
             path = Path(sig.bind_partial(*args, **kwargs).arguments[param])
-            lock = (run_lock(path.parent, name=f".{path.name}.lock", clean=f"{path.name}.tmp-") if sibling
-                    else run_lock(path))
+            lock = (run_lock(path.parent, name=f".{path.name}.lock", clean=f"{path.name}.tmp-", remove=True)
+                    if sibling else run_lock(path))
             with lock:
                 return fn(*args, **kwargs)
         return call
