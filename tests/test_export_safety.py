@@ -66,3 +66,13 @@ def test_predict_json_says_when_the_question_was_cut(tmp_path):
     assert out["truncated"] is True and "truncated to 12 tokens" in out["warning"] and len(out["answers"]) == 5
     short = json.loads(CliRunner().invoke(app, args + ["what color?"]).stdout)
     assert short["truncated"] is False and short["warning"] is None
+
+
+def test_a_killed_exports_temporary_directory_is_removed_by_the_next_export(tmp_path, tiny_model):
+    left = tmp_path / ".out.tmp-k1ll3d_x"  # what a SIGKILLed export of tmp_path/out leaves (55 MB for the main model)
+    left.mkdir()
+    (left / "model.onnx").write_bytes(b"partial")
+    other = tmp_path / ".other.tmp-abcd1234"  # another export's: not ours to remove
+    other.mkdir()
+    export_csr(tiny_model, ones_mask(tiny_model, tiny_model.prune_scope()), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-abcd1234", "out"]
