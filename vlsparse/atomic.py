@@ -99,12 +99,14 @@ def run_lock(directory: str | Path, name: str = LOCK_NAME, clean: str | None = "
     the kernel releases it when the holder dies, so a killed process's lock file is taken over. A process may
     re-enter a lock it holds. Once the lock is taken, temporary files of killed writers are removed
     (:func:`remove_temporaries` with ``only=clean``; ``clean=None`` removes nothing). ``remove``: delete the lock
-    file when done (a lock beside an output, e.g. an export's, leaves nothing behind).
+    file when done (a lock beside an output, e.g. an export's, leaves nothing behind). A directory this call
+    created is removed again when the command leaves it empty (a refused command leaves nothing).
 
     Raises:
         RunLockedError: another process holds it (one line naming the directory and the holder's PID).
     """
     directory = Path(directory)
+    created = [d for d in (directory, *directory.parents) if not d.exists()]  # removed again if left empty
     directory.mkdir(parents=True, exist_ok=True)
     path = str((directory / name).resolve())
     with _held_lock:
@@ -138,9 +140,12 @@ def run_lock(directory: str | Path, name: str = LOCK_NAME, clean: str | None = "
     finally:
         with _held_lock:
             held = _held.pop(path, None)
-        if remove and held:  # still held: whoever opened it meanwhile is refused; later ones make a new one
-            Path(path).unlink(missing_ok=True)
+        if held and (remove or created and os.listdir(directory) == [name]):  # a failed command leaves nothing
+            Path(path).unlink(missing_ok=True)  # still held: who opened it meanwhile is refused, later ones make anew
         os.close(fd)  # releases the lock
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
 
 
 def remove_temporaries(directory: str | Path, only: str = "", depth: int = 2) -> list[Path]:
