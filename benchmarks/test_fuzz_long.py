@@ -10,3 +10,4 @@ os.environ.setdefault("HYPOTHESIS_PROFILE", "long")  # read when tests.fuzzing i
 from tests.test_fuzz_bundle import *  # noqa: E402,F401,F403
 from tests.test_fuzz_features import *  # noqa: E402,F401,F403
 from tests.test_fuzz_loaders import *  # noqa: E402,F401,F403
+from tests.test_fuzz_ticket import *  # noqa: E402,F401,F403

@@ -308,22 +308,19 @@ def predict(model: Path = typer.Option(..., "--model", help="bundle directory wr
     """Answer a question about an image with an exported bundle; prints answers, scores and latency (ms).
 
     Scores are sigmoid(logit) in [0, 1]; latency is the wall time of the pipeline call (region features,
-    tokenizer, model) after loading. Needs no torch for onnx bundles.
+    tokenizer, model) after loading. Needs no torch for onnx bundles. A question cut to the model's text length
+    is said so (``warning`` and ``truncated`` in --json, which is always valid JSON).
     """
-    from vlsparse.runtime.pipeline import Pipeline
+    from vlsparse.runtime.pipeline import answer_report
 
-    t0 = time.perf_counter()
-    pipe = Pipeline.load(model)
-    t1 = time.perf_counter()
-    answers = pipe(image, question, top_k=top_k)
-    latency_ms, load_ms = (time.perf_counter() - t1) * 1e3, (t1 - t0) * 1e3
+    r = answer_report(model, image, question, top_k)
     if as_json:
-        typer.echo(json.dumps({"answers": [{"answer": a, "score": s} for a, s in answers], "latency_ms": latency_ms,
-                               "load_ms": load_ms, "kind": pipe.kind, "model": str(model)}))
-        return
-    for a, s in answers:
-        typer.echo(f"{s:8.4f}  {a}")
-    typer.echo(f"latency {latency_ms:.1f} ms ({pipe.kind} bundle; loading took {load_ms:.0f} ms)")
+        return typer.echo(json.dumps(r, allow_nan=False))
+    for a in r["answers"]:
+        typer.echo(f"{a['score']:8.4f}  {a['answer']}")
+    typer.echo(f"latency {r['latency_ms']:.1f} ms ({r['kind']} bundle; loading took {r['load_ms']:.0f} ms)")
+    if r["warning"]:
+        typer.echo(f"warning: {r['warning']}", err=True)
 
 
 @app.command()

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from vlsparse.atomic import locked
 from vlsparse.bench import BenchError
 from vlsparse.bench.formats import format_sizes, load_format
 from vlsparse.bench.levels import ONNX_MIN_SPARSITY, Level, export_formats, find_levels, masked_model
@@ -116,6 +117,7 @@ class Settings:
         return [(f, d) for f in self.formats for d in self.dtypes if d == "fp32" or f in ("dense", "csr")]
 
 
+@locked("out")
 def bench_run(run_dir: str | Path, out: str | Path, settings: Settings, *, levels: Sequence[int] | None = None,
               task=None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Benchmark every level of a run in every format; write the report into ``out``; return all its rows.

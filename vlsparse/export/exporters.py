@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlsparse.atomic import cpu_state, default_mode
+from vlsparse.atomic import cpu_state, default_mode, locked
 from vlsparse.export.onnx_sparse import sparsify_onnx
 from vlsparse.lottery.runs import load_weights
 from vlsparse.models.registry import dims_from_state, load_model
@@ -52,7 +52,8 @@ def masked_copy(model: nn.Module, mask: Mask, source: str = "ticket") -> nn.Modu
     """A deep copy of ``model`` (eval mode) with the pruned weights set to zero.
 
     Raises:
-        ExportError: the mask does not fit the model (names or shapes), naming ``source``.
+        ExportError: the mask does not fit the model (names or shapes), naming ``source``; a weight that holds
+            NaN or Inf after masking (naming the tensor): an export never carries non-finite numbers.
     """
     try:
         check_mask_fits(mask, model, source)
@@ -60,6 +61,11 @@ def masked_copy(model: nn.Module, mask: Mask, source: str = "ticket") -> nn.Modu
         raise ExportError(str(exc)) from exc
     out = copy.deepcopy(model).eval()
     apply_mask(out, mask)
+    for name, t in out.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ExportError(f"{name}: {bad} non-finite value(s) (NaN or Inf) ; refusing to export "
+                              "(the model diverged, or the weights file is corrupt)")
     return out
 
 
@@ -82,6 +88,7 @@ def _write_config(model: nn.Module, directory: Path) -> None:
     (directory / "config.json").write_text(model.config.to_json_string(use_diff=False))
 
 
+@locked("out", sibling=True)
 def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32", layout: str = "auto",
                bundle_extras: BundleExtras | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as a CSR directory (see module docstring); returns ``out``.
@@ -153,6 +160,7 @@ def save_onnx(proto, directory: Path) -> Path:
     return path
 
 
+@locked("out", sibling=True)
 def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = False, min_sparsity: float = 0.5,
                 opset: int = 17, bundle_extras: BundleExtras | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as ONNX (see module docstring); returns ``out``.

@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from vlsparse.atomic import atomic_write, save_weights, write_json
+from vlsparse.atomic import atomic_write, locked, save_weights, write_json
 from vlsparse.data import save_task_info
 from vlsparse.lottery.config import PRETRAIN, IMPConfig, schedule
 from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
@@ -55,6 +55,7 @@ class TaskRounds:
                 "test": evaluate(model, self.task.test, self.collate, device=device)}
 
 
+@locked("run")
 def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMPConfig,
             progress: Callable[[str, int, int], None] | None = None, rounds=None) -> list[dict]:
     """Run (or resume) IMP into directory ``run``; returns the metrics of every level.
@@ -138,6 +139,7 @@ def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, 
             "val_metric": json.dumps(val_metric), "init": cfg.init, **extra, **training_meta(cfg.train.adversarial)}
 
 
+@locked("run")
 def find_ticket(run: str | Path, cfg: IMPConfig, data_dir: str | Path | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict], object]:
     """``vlsparse find-ticket``: load ``cfg``'s task and model, then run (or resume) IMP into ``run``.

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlsparse.atomic import write_text
+from vlsparse.atomic import locked, write_text
 from vlsparse.data import save_task_info
 from vlsparse.lottery.config import PRETRAIN, IMPConfig, parse_levels
 from vlsparse.lottery.imp import run_imp
@@ -174,6 +174,7 @@ def one_seed(out: str | Path, cfg: IMPConfig, job: JobSettings,
     return results, task
 
 
+@locked("out")
 def run_main_job(out: str | Path, cfg: IMPConfig, job: JobSettings, seeds: list[int],
                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[Row], object, Path]:
     """``vlsparse main-job``: :func:`one_seed` for every seed (into ``out``, or ``out/seed_<s>`` for several), then

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vlsparse.atomic import save_weights, write_json
+from vlsparse.atomic import locked, save_weights, write_json
 from vlsparse.data import save_task_info
 from vlsparse.lottery.runs import TASK_INFO, Run, load_weights
 from vlsparse.lottery.setup import setup
@@ -89,6 +89,7 @@ def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[st
     write_json(out / "metrics.json", metrics)
 
 
+@locked("out")
 def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
                  init: str = "pretrained", theta0: str | Path | None = None, data_dir: str | Path | None = None,
                  progress: Callable[[int], None] | None = None) -> tuple[dict, object]:

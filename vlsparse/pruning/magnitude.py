@@ -22,6 +22,9 @@ def _n_to_prune(mask: Mask, target: float) -> int:
     total = sum(m.numel() for m in mask.values())
     pruned = total - sum(int(m.sum()) for m in mask.values())
     want = round(target * total)
+    if want >= total - len(mask) + 1 and want > pruned:  # fewer kept weights than pruned tensors
+        raise ValueError(f"sparsity {target} keeps {total - want} of {total:,} weights, fewer than one per pruned "
+                         f"tensor ({len(mask)}); a ticket keeps at least one weight in each: choose a lower sparsity")
     if want < pruned:
         raise ValueError(f"target sparsity {target} is below the mask's current sparsity {pruned / total:.4f}")
     return want - pruned
@@ -66,8 +69,12 @@ def random_prune(mask: Mask, target: float, seed: int = 0) -> Mask:
 
 
 def _unflatten(flat: torch.Tensor, like: Mask) -> Mask:
+    """``flat`` as masks shaped like ``like``; ValueError when it empties a tensor that still had weights."""
     out, i = {}, 0
     for k, m in like.items():
         out[k] = flat[i:i + m.numel()].view(m.shape).clone()
         i += m.numel()
+        if m.any() and not out[k].any():
+            raise ValueError(f"this sparsity prunes every weight of {k}; a ticket keeps at least one weight per "
+                             "pruned tensor: choose a lower sparsity")
     return out

@@ -29,6 +29,7 @@ raises :class:`~vlsparse.runtime.checks.NonFiniteError`.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -42,7 +43,7 @@ from vlsparse.runtime.inputs import (MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, REGIO
                                      QuestionTruncated, cut_question, image_array)
 from vlsparse.runtime.runners import Runner, load_runner
 
-__all__ = ["Pipeline", "Prediction", "InputLimits", "QuestionTruncated"]
+__all__ = ["Pipeline", "Prediction", "InputLimits", "QuestionTruncated", "answer_report"]
 
 Image = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W, 3) uint8
 
@@ -245,3 +246,25 @@ class Pipeline:
                                                 f"{self.max_text_len}); the rest was not read"), stacklevel=2)
         out = [p.answers for p in preds]
         return out[0] if isinstance(questions, str) else out
+
+
+def answer_report(path: str | os.PathLike, image: Image, question: str, top_k: int = 5) -> dict:
+    """Load the bundle at ``path`` and answer one question: what ``vlsparse predict`` prints (``--json``: as is).
+
+    Returns:
+        ``answers`` ([{"answer", "score"}], best first), ``latency_ms`` (the call), ``load_ms`` (loading), ``kind``,
+        ``model`` (the path), ``truncated`` (bool) and ``warning`` (a sentence when the question was cut, else
+        None). Every number is finite (scores are never NaN: :meth:`Pipeline.logits` refuses them).
+
+    Raises: as :meth:`Pipeline.load` and :meth:`Pipeline.predict`.
+    """
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(path)
+    t1 = time.perf_counter()
+    [pred] = pipe.predict(image, question, top_k=top_k)
+    t2 = time.perf_counter()
+    note = (f"question truncated to {pred.tokens} tokens (max_text_len {pipe.max_text_len}); the rest was not read"
+            if pred.truncated else None)
+    return {"answers": [{"answer": a, "score": s} for a, s in pred.answers], "latency_ms": (t2 - t1) * 1e3,
+            "load_ms": (t1 - t0) * 1e3, "kind": pipe.kind, "model": str(path), "truncated": pred.truncated,
+            "warning": note}

@@ -71,7 +71,10 @@ def _shape_from(tensors: dict, prefix: str, shape) -> tuple[int, int]:
         if key not in tensors:
             raise ValueError(f"no shape given and no {key!r} tensor to read it from")
         shape = tensors[key].tolist()
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError, OverflowError):  # a stored shape of another rank, or not numbers
+        raise ValueError(f"shape must be (out_features, in_features), got {shape!r:.60}") from None
     if len(shape) != 2 or min(shape) < 0:
         raise ValueError(f"shape must be (out_features, in_features), got {shape}")
     return shape

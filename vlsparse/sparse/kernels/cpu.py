@@ -1,9 +1,12 @@
 """Our C++ CPU CSR SpMM kernel (csrc/spmm.h), compiled on first use.
 
 The extension is built with ``torch.utils.cpp_extension.load`` into a cache directory
-(``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``) named by a hash of the sources, the flags, the
-torch/python versions and the CPU's feature flags, so an edited source (or another machine
-sharing the cache) rebuilds instead of loading a stale library. It links torch's own OpenMP
+(``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``, created 0700) named by a hash of the sources, the flags,
+the compiler (path and version), the torch/python/vlsparse versions and the CPU's feature flags, so an
+edited source (or another machine sharing the cache) rebuilds instead of loading a stale library. The
+library's sha256 is recorded beside it after the build and checked before it is loaded: a library that
+does not match is removed with its build files and rebuilt, and a directory writable by other users is
+refused (:mod:`vlsparse.sparse.kernels.cache`). It links torch's own OpenMP
 runtime, so ``torch.set_num_threads`` sets the kernel's thread count too.
 
 Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
@@ -19,12 +22,16 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+import vlsparse._version
+from vlsparse.sparse.kernels.cache import cache_dir, record_digest, secure_dir, verified
 
 __all__ = ["ACTIVATIONS", "spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "cache_dir", "CompilerNotFoundError"]
 
@@ -41,11 +48,6 @@ _module: ModuleType | None = None
 
 class CompilerNotFoundError(RuntimeError):
     """No C++ compiler to build the vlsparse CPU kernel."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("VLSPARSE_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "vlsparse"
 
 
 def _torch_lib() -> Path:
@@ -77,7 +79,8 @@ def _build_key() -> str:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    for part in (*CFLAGS, *_ldflags(), torch.__version__, sys.version, platform.machine(), _cpu_flags()):
+    for part in (*CFLAGS, *_ldflags(), torch.__version__, sys.version, platform.machine(), _cpu_flags(),
+                 _compiler_version(), vlsparse._version.__version__):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -95,8 +98,34 @@ def _find_compiler() -> str:
     return path
 
 
+def _compiler_version() -> str:
+    """The compiler's path and first ``--version`` line (part of the build key); "" when it cannot be run."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or ""
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60) if cxx else None
+    except (OSError, subprocess.SubprocessError):
+        out = None
+    return f"{cxx}\n{(out.stdout.splitlines() or [''])[0] if out else ''}"
+
+
+def _verified_build_dir(key: str) -> Path:
+    """``<cache>/spmm_<key>`` (0700, private), emptied when its library does not match its recorded sha256."""
+    build_dir = secure_dir(secure_dir(cache_dir()) / f"spmm_{key}")
+    lib = build_dir / f"vlsparse_spmm_{key}.so"
+    if lib.exists() and not verified(lib):  # planted or altered: never loaded; rebuilt from scratch
+        shutil.rmtree(build_dir)
+        secure_dir(build_dir)
+    return build_dir
+
+
 def load_extension(verbose: bool = False) -> ModuleType:
-    """Build (first call) or load the cached extension module."""
+    """Build (first call) or load the cached extension module; a cached library is loaded only when it matches
+    the sha256 recorded when it was built.
+
+    Raises:
+        CompilerNotFoundError: no C++ compiler; RuntimeError: the build failed.
+        KernelCacheError (a ValueError): the cache directory is writable by other users (naming it).
+    """
     global _module
     if _module is not None:
         return _module
@@ -107,8 +136,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
         from torch.utils.cpp_extension import load  # build time only: it imports setuptools, no vlsparse dependency
 
         key = _build_key()
-        build_dir = cache_dir() / f"spmm_{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
+        build_dir = _verified_build_dir(key)
         try:
             _module = load(
                 name=f"vlsparse_spmm_{key}",
@@ -123,6 +151,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
             raise RuntimeError(
                 f"vlsparse: building the CPU sparse kernel failed in {build_dir}: {e}"
             ) from e
+        record_digest(build_dir / f"vlsparse_spmm_{key}.so")
         return _module
 
 

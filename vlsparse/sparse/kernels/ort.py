@@ -5,9 +5,11 @@ system C++ compiler into a shared library that onnxruntime loads through
 ``SessionOptions.register_custom_ops_library``. Nothing here imports torch or includes torch headers:
 the sparse ONNX runtime path works in an environment with only numpy, onnx and onnxruntime.
 
-The library is cached in ``$VLSPARSE_CACHE`` (default ``~/.cache/vlsparse``) under a name keyed by a
-hash of the sources, the flags, the compiler's version and the CPU (``-march=native`` code is only
-valid on the CPU it was built for). It is compiled under a temporary name and moved into place with
+The library is cached in ``$VLSPARSE_CACHE`` (default ``~/.cache/vlsparse``, created 0700) under a name
+keyed by a hash of the sources, the flags, the compiler's version, the vlsparse version and the CPU
+(``-march=native`` code is only valid on the CPU it was built for). Its sha256 is recorded beside it when
+it is built and checked before every load: a library that does not match is rebuilt, never loaded, and a
+cache directory that other users can write to is refused (:mod:`vlsparse.sparse.kernels.cache`). It is compiled under a temporary name and moved into place with
 ``os.replace``, so concurrent builds never see a half-written file. The compiler is ``$CXX`` when set,
 else ``g++``.
 """
@@ -24,6 +26,9 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+
+import vlsparse._version
+from vlsparse.sparse.kernels.cache import cache_dir, record_digest, secure_dir, verified
 
 __all__ = [
     "CSRC",
@@ -42,12 +47,6 @@ _LIB_STEM = "vlsparse_ort"
 
 _lock = threading.Lock()
 _built: dict[tuple[str, str], Path] = {}
-
-
-def cache_dir() -> Path:
-    """Where compiled libraries live: ``$VLSPARSE_CACHE`` or ``~/.cache/vlsparse``."""
-    env = os.environ.get("VLSPARSE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlsparse"
 
 
 def _compiler() -> str:
@@ -101,6 +100,7 @@ def _key(cxx_version: str) -> str:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update("\0".join(FLAGS).encode() + b"\0")
     h.update(cxx_version.encode() + b"\0")
+    h.update(vlsparse._version.__version__.encode() + b"\0")
     h.update(_cpu_fingerprint().encode())
     return h.hexdigest()[:20]
 
@@ -108,7 +108,12 @@ def _key(cxx_version: str) -> str:
 def custom_op_library() -> Path:
     """Path of the compiled custom-op library, building it on first use.
 
-    Raises ``RuntimeError`` naming the compiler when it is missing or the build fails.
+    The library is loaded only when its bytes match the sha256 recorded at build time; otherwise (a file
+    planted under the predictable name, or altered) it is rebuilt first.
+
+    Raises:
+        RuntimeError: naming the compiler when it is missing or the build fails.
+        KernelCacheError (a ValueError): the cache directory is writable by other users (one line naming it).
     """
     cxx = _compiler()
     version = _compiler_version(cxx)
@@ -116,12 +121,13 @@ def custom_op_library() -> Path:
     out_dir = cache_dir()
     memo = (key, str(out_dir))  # a changed $VLSPARSE_CACHE builds (or finds) the library there
     with _lock:
-        if memo in _built and _built[memo].is_file():
+        secure_dir(out_dir)
+        if memo in _built and verified(_built[memo]):
             return _built[memo]
-        out_dir.mkdir(parents=True, exist_ok=True)
         lib = out_dir / f"{_LIB_STEM}-{key}.so"
-        if not lib.is_file():
+        if not verified(lib):  # missing, planted or altered: build (it replaces the file), record its sha256
             _compile(cxx, lib)
+            record_digest(lib)
         _built[memo] = lib
         return lib
 
