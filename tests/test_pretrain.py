@@ -169,3 +169,75 @@ def test_ipot_plan_has_uniform_marginals_and_aligns_equal_sets():
     assert torch.equal(plan.argmax(2)[0], perm.argsort())  # word i goes to the region that equals it
     far = optimal_transport_distance(x, torch.randn(2, 4, 8), pad_x, pad_y)
     assert (optimal_transport_distance(x, y, pad_x, pad_y) < far).all()
+
+
+def test_pretrain_cli_dir_loads_everywhere_and_inits(tmp_path, corpus_file):
+    torch.set_num_threads(1)
+    out = tmp_path / "pt"
+    text = _cli("pretrain", "--model", "uniter-tiny", "--corpus", corpus_file, "--steps", 6, "--warmup", 1,
+                "--batch-size", 8, "--out", out)
+    assert "held-out MLM" in text and "before" in text and "after" in text
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "pretrain_heads.safetensors",
+                                               "pretrain_metrics.json"}
+    metrics = json.loads((out / "pretrain_metrics.json").read_text())
+    assert set(metrics["before"]) >= {"mlm_accuracy", "itm_accuracy", "mrfr_loss"} and metrics["steps"] == 6
+    saved = load_file(str(out / "model.safetensors"))
+    theta0, _ = load_model(str(out), img_dim=DIM, num_answers=4, seed=3)  # a new head φ0 for a 4-answer task
+    own = dict(theta0.named_parameters())
+    assert torch.equal(own["uniter.img_embeddings.img_linear.weight"], saved["uniter.img_embeddings.img_linear.weight"])
+    assert theta0.head_prefixes == ("vqa_output.",) and theta0.config.pretrained_from == "uniter-tiny"
+    state0 = {k: v.clone() for k, v in theta0.state_dict().items()}
+    # θ''0: every tensor a permutation of θ0's, pre-trained image embeddings included; the head kept
+    reinitialize(theta0, "shuffled", seed=1)
+    for name, p in theta0.named_parameters():
+        if name.startswith("vqa_output."):
+            assert torch.equal(p, state0[name])
+        else:
+            assert torch.equal(p.detach().flatten().sort().values, state0[name].flatten().sort().values), name
+    w = "uniter.img_embeddings.img_linear.weight"
+    assert not torch.equal(theta0.state_dict()[w], state0[w])
+    # θ'0: the weights pre-training started from (uniter-tiny of the same seed), fresh image embeddings, φ0 kept
+    theta0.load_state_dict(state0)
+    reinitialize(theta0, "text-only", seed=3)
+    start, _ = load_model("uniter-tiny", img_dim=DIM, num_answers=4, seed=3)
+    for name, p in theta0.state_dict().items():
+        assert torch.equal(p, state0[name] if name.startswith("vqa_output.") else start.state_dict()[name]), name
+    assert "uniter.img_embeddings." in theta0.head_prefixes[0]
+    # bad input: one error line, exit 2, nothing written
+    for args in (("--objectives", "mlm,xyz"), ("--proportions", "0,0,0,0"), ("--corpus", tmp_path / "none.json")):
+        _cli("pretrain", "--model", "uniter-tiny", "--corpus", corpus_file, "--steps", 2, "--out", tmp_path / "x",
+             *args, code=2)
+        assert not (tmp_path / "x").exists()
+    _cli("pretrain", "--model", "uniter-tiny", "--corpus", corpus_file, "--steps", 2, "--out", out, code=2)
+    # a --model DIR whose region features differ from the corpus's
+    other = write_corpus(tmp_path / "c24", images=4)
+    data = json.loads(other.read_text())
+    for i in range(4):
+        f = np.load(tmp_path / "c24" / "features" / f"img{i}.npz")
+        np.savez(tmp_path / "c24" / "features" / f"img{i}.npz", features=np.zeros((3, 24), np.float32),
+                 norm_bb=f["norm_bb"])
+    assert data["images"]
+    _cli("pretrain", "--model", out, "--corpus", other, "--steps", 2, "--out", tmp_path / "y", code=2)
+
+
+def test_find_ticket_task_pretrain_and_train_ticket_from_theta0(tmp_path, corpus_file, tiny_task, monkeypatch):
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    _cli("find-ticket", "--model", "uniter-tiny", "--task", "pretrain", "--sparsity", 0.5, "--out", run, code=2)
+    text = _cli("find-ticket", "--model", "uniter-tiny", "--task", "pretrain", "--corpus", corpus_file,
+                "--objectives", "mlm,itm", "--sparsity", 0.5, "--levels", 0.5, "--steps", 3, "--warmup", 1,
+                "--batch-size", 8, "--out", run)
+    assert "held-out MLM" in text
+    t = Ticket.load(run / "level_01" / "ticket.safetensors")
+    assert t.meta["task"] == "pretrain" and t.meta["objectives"] == "mlm,itm" and abs(t.sparsity - 0.5) < 1e-3
+    assert set(json.loads(t.meta["val_metric"])) >= {"mlm_accuracy", "itm_accuracy", "mrfr_loss"}
+    # a task-agnostic ticket trains on a task from --model's own θ0 (not the pre-training run's), and says so
+    from vlsparse.lottery import retrain
+
+    monkeypatch.setattr(retrain, "setup", lambda m, task, seed, data_dir=None: (
+        load_model(m, img_dim=DIM, num_answers=4, seed=seed)[0], tiny_task, __import__("vlsparse.data").data.collate))
+    monkeypatch.setattr(retrain, "save_task_info", lambda data, path: None)
+    text = _cli("train-ticket", "--ticket", run / "level_01" / "ticket.safetensors", "--model", "uniter-tiny",
+                "--task", "easy-vqa", "--steps", 2, "--warmup", 1, "--batch-size", 8, "--init", "text-only",
+                "--out", tmp_path / "tt")
+    assert "θ0: --model uniter-tiny with a new head" in text and "init text-only" in text
