@@ -241,3 +241,33 @@ def test_find_ticket_task_pretrain_and_train_ticket_from_theta0(tmp_path, corpus
                 "--task", "easy-vqa", "--steps", 2, "--warmup", 1, "--batch-size", 8, "--init", "text-only",
                 "--out", tmp_path / "tt")
     assert "θ0: --model uniter-tiny with a new head" in text and "init text-only" in text
+
+
+def test_find_ticket_theta0_file_and_init(tmp_path, tiny_task, monkeypatch):
+    from vlsparse.atomic import save_weights
+    from vlsparse.data import collate
+    from vlsparse.lottery import imp
+    from vlsparse.lottery.config import IMPConfig
+    from vlsparse.training.config import TrainConfig
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(imp, "setup", lambda m, t, seed, data_dir=None: (
+        load_model(m, img_dim=12, num_answers=4, seed=seed)[0], tiny_task, collate))
+    monkeypatch.setattr(imp, "save_task_info", lambda data, path: None)
+    src, _ = load_model("uniter-tiny", img_dim=12, num_answers=4, seed=7)
+    save_weights(tmp_path / "t0.safetensors", src)
+    cfg = IMPConfig(model="uniter-tiny", task="tiny", levels=[0.5], theta0=str(tmp_path / "t0.safetensors"),
+                    init="shuffled", train=TrainConfig(steps=1, batch_size=8, warmup=1))
+    imp.find_ticket(tmp_path / "run", cfg)
+    theta0 = load_file(str(tmp_path / "run" / "theta0.safetensors"))
+    for name, p in src.state_dict().items():  # θ0 = the file's weights, shuffled (new parameters kept)
+        if name.startswith(src.head_prefixes):
+            assert torch.equal(theta0[name], p), name
+        elif p.numel() > 1 and p.dim() > 0 and name.endswith("weight"):
+            assert torch.equal(theta0[name].flatten().sort().values, p.flatten().sort().values), name
+    assert not torch.equal(theta0["uniter.encoder.layer.0.attention.self.query.weight"],
+                           src.state_dict()["uniter.encoder.layer.0.attention.self.query.weight"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["theta0"] == str(tmp_path / "t0.safetensors") and saved["init"] == "shuffled"
+    with pytest.raises(ValueError, match="--init"):
+        imp.find_ticket(tmp_path / "run2", IMPConfig(model="uniter-tiny", task="tiny", levels=[0.5], init="zeros"))
