@@ -100,9 +100,25 @@ def test_imp_level_equals_retraining_its_ticket_from_theta0(tmp_path, tiny_task)
 def test_rewinding_saves_theta_i_and_resets_to_it(tmp_path, tiny_task):
     cfg = IMPConfig(model="uniter-tiny", task="tiny", levels=[0.3], rewind_step=2,
                     train=TrainConfig(steps=4, batch_size=8, warmup=1))
+    from safetensors.torch import load_file
+
+    from vlsparse.lottery.imp import TaskRounds
+
+    class Recording(TaskRounds):  # the weights each round starts from
+        starts = []
+
+        def train(self, model, mask, cfg, progress, snapshot_step, start_step):
+            self.starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return super().train(model, mask, cfg, progress, snapshot_step, start_step)
+
     calls = []
-    run_imp(tmp_path, _model(), tiny_task, collate, cfg, lambda d, s, t: calls.append((d, s)))
-    assert (tmp_path / "theta_rewind.safetensors").is_file()
+    run_imp(tmp_path, _model(), tiny_task, collate, cfg, lambda d, s, t: calls.append((d, s)),
+            rounds=Recording(tiny_task, collate))
+    theta_i = load_file(str(tmp_path / "theta_rewind.safetensors"))
+    theta0 = load_file(str(tmp_path / "theta0.safetensors"))
+    assert any(not torch.equal(theta_i[k], theta0[k]) for k in theta0)  # θ_i is not θ0
+    assert all(torch.equal(Recording.starts[0][k], theta0[k]) for k in theta0)  # level 0 starts from θ0
+    assert all(torch.equal(Recording.starts[1][k], theta_i[k]) for k in theta0)  # level 1 starts from θ_i
     assert max(s for d, s in calls if d.startswith("level 1")) == 2  # trains θ_i from step i to t
     with pytest.raises(ValueError, match="rewind"):
         IMPConfig(model="m", task="t", levels=[0.3], rewind_step=4, train=TrainConfig(steps=4))

@@ -82,9 +82,9 @@ def test_find_and_train_ticket(task, backbone, data_dirs, tmp_path):
     m = json.loads((retrained / "metrics.json").read_text())
     assert m["sparsity"] == pytest.approx(ticket.sparsity) and 0.0 <= m["test"][metric] <= 1.0
     # the reported metric is the one the library computes for the trained weights on the test split
-    if task == "easy-vqa":
-        return  # 9,673 test questions: checked once in test_training.py
-    td = load_task(task, load_tokenizer(backbone), data_dir=data_dirs[task], visual=visual_input(backbone))
+    if task == "easy-vqa" and backbone != "uniter-tiny":
+        return  # 9,673 test questions per evaluation: easy-VQA's reported metric is checked on uniter-tiny
+    td = load_task(task, load_tokenizer(backbone), data_dir=data_dirs.get(task), visual=visual_input(backbone))
     obj = td.objective
     assert info["objective"] == obj.to_dict()
     net, _ = load_model(backbone, img_dim=td.region_feature_dim, num_answers=head_outputs(obj.head, len(td.answers)),

@@ -129,11 +129,10 @@ def pretrain(model: str = _MODEL,
     cfg = train_config(**train)
     bar = Progress()
 
-    def show(step: int, running: dict) -> None:
-        bar("pretrain", step, cfg.steps, "  ".join(
-            f"{n} {r['loss']:.3f}" + (f"/{r['acc']:.0%}" if "acc" in r else "") for n, r in sorted(running.items())))
+    from vlsparse.training.pretrain import running_summary
 
-    m = run_pretrain(model, corpus, out, cfg, objectives, proportions, data_dir, show)
+    m = run_pretrain(model, corpus, out, cfg, objectives, proportions, data_dir,
+                     lambda step, running: bar("pretrain", step, cfg.steps, running_summary(running)))
     bar.close()
     for when in ("before", "after"):
         v = m[when]

@@ -44,6 +44,8 @@ class CaptionSet(Dataset):
         tokenizer: a fast BERT tokenizer (``word_ids`` gives whole words).
         max_text_len: tokens per caption, [CLS] and [SEP] included.
         seed: seed of the negative draws (one new draw per item access, reproducible in access order).
+        negatives_from: the images negatives are drawn from (default: those of ``captions``; the held-out set
+            draws from the whole corpus, its few images may not contradict each other).
 
     Items: ``input_ids`` (L,) int64, ``attention_mask`` (L,) int64, ``word_index`` (L,) int64 (1 + the word
     number of each token, 0 for [CLS]/[SEP]), ``img_feat`` (N, D) float32, ``img_pos`` (N, 7) float32,
@@ -56,7 +58,8 @@ class CaptionSet(Dataset):
     """
 
     def __init__(self, captions: Sequence[tuple[str, Hashable]], regions: Mapping, facts: Mapping[Hashable, dict],
-                 tokenizer: Any, max_text_len: int = TEXT_LEN, seed: int = 0):
+                 tokenizer: Any, max_text_len: int = TEXT_LEN, seed: int = 0,
+                 negatives_from: Sequence[Hashable] | None = None):
         self.captions = list(captions)
         missing = sorted({str(k) for _, k in self.captions if k not in regions})
         if missing:
@@ -66,7 +69,7 @@ class CaptionSet(Dataset):
         enc = tokenizer(texts, truncation=True, max_length=max_text_len) if texts else None
         self.token_ids = [list(ids) for ids in enc["input_ids"]] if enc else []
         self.word_index = [[0 if w is None else w + 1 for w in enc.word_ids(i)] for i in range(len(texts))]
-        keys = sorted({k for _, k in self.captions}, key=str)
+        keys = sorted({k for _, k in self.captions} if negatives_from is None else set(negatives_from), key=str)
         known = {k: dict(facts.get(k, {})) for k in keys}
         values: dict[str, set[str]] = {}
         for f in known.values():
@@ -176,7 +179,7 @@ def load_corpus(corpus: str, tokenizer: Any, options: LoadOptions = LoadOptions(
     perm = np.random.default_rng(_HELDOUT_SEED).permutation(len(keys))
     held = {keys[i] for i in perm[:max(1, int(round(HELDOUT_FRACTION * len(keys))))]} if len(keys) > 1 else set()
     sets = [CaptionSet([c for c in captions if (c[1] in held) == h], regions, facts, tokenizer,
-                       options.max_text_len, options.seed + h) for h in (False, True)]
+                       options.max_text_len, options.seed + h, keys) for h in (False, True)]
     dim = int(np.asarray(regions[keys[0]][0]).shape[1]) if corpus not in CORPORA else REGION_FEATURE_DIM
     words = [w for c, _ in captions for w in c.lower().split()]
     stats = {"images": len(keys), "captions": len(captions), "heldout_images": len(held), "words": len(words),

@@ -42,6 +42,7 @@ from vlsparse.pruning.magnitude import random_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.config import TrainConfig
+from vlsparse.training.pretrain import running_summary
 
 def random_ticket(net: nn.Module, sparsity: float, seed: int = 0, scope: list[str] | None = None,
                   **meta: str) -> Ticket:
@@ -160,7 +161,7 @@ def one_seed(out: str | Path, cfg: IMPConfig, job: JobSettings,
         pcfg = dataclasses.replace(cfg.train, steps=job.pretrain_steps, batch_size=job.pretrain_batch_size,
                                    warmup=min(cfg.train.warmup, job.pretrain_steps))
         run_pretrain(job.base_model, job.corpus, pre, pcfg, job.objectives, job.proportions,
-                     progress=(lambda s, r: progress("pretrain", s, pcfg.steps)) if progress else None)
+                     progress=(lambda s, r: progress("pretrain", s, pcfg.steps, running_summary(r))) if progress else None)
     cfg = dataclasses.replace(cfg, model=str(pre))
     model, task, collate = setup(cfg.model, cfg.task, cfg.train.seed)
     check_config(out / "imp", cfg)

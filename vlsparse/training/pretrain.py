@@ -24,7 +24,7 @@ from vlsparse.training.config import TrainConfig
 from vlsparse.training.loop import CompactVocab, make_optimizer, mask_gradients
 from vlsparse.training.objectives import OBJECTIVES, Context, PretrainHeads, Step
 
-__all__ = ["new_heads", "pretrain", "evaluate_pretraining", "HELDOUT_SEED"]
+__all__ = ["new_heads", "pretrain", "evaluate_pretraining", "running_summary", "HELDOUT_SEED"]
 
 #: seed of the held-out masks and negatives, the same before and after pre-training
 HELDOUT_SEED = 0
@@ -105,6 +105,12 @@ def pretrain(model: nn.Module, heads: PretrainHeads, mask: Mask | None, data: Ca
         model.eval()
         heads.eval()
     return running
+
+
+def running_summary(running: dict[str, dict]) -> str:
+    """One line of running statistics, e.g. ``itm 0.412/81%  mlm 1.203/64%  mrfr 0.513`` (loss / accuracy)."""
+    return "  ".join(f"{n} {r['loss']:.3f}" + (f"/{r['acc']:.0%}" if "acc" in r else "")
+                     for n, r in sorted(running.items()))
 
 
 def _forever(data: CaptionSet, batch_size: int, seed: int) -> Iterator[dict]:
