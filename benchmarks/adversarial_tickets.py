@@ -66,49 +66,56 @@ def _task(model: str, seed: int, eval_questions: int | None):
     return copy.deepcopy(net), data, collate
 
 
-def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, eval_questions: int | None) -> dict:
-    """The two IMP runs, then the cross re-trainings; returns {(ticket kind, training kind): [metrics per level]}."""
+def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, eval_questions: int | None,
+            table_only: bool = False) -> dict:
+    """The two IMP runs, then the cross re-trainings (the cheap one, adversarial tickets trained plainly, first);
+    returns {(ticket kind, training kind): [metrics or None per level]} (levels 0.. for IMP, 1.. for the cross
+    runs). ``table_only``: train nothing, read what is finished."""
     cfgs = {k: train_config(steps=steps, seed=seed, adversarial=a) for k, a in KINDS.items()}
     results = {}
     for kind, cfg in cfgs.items():
+        run = Run(out / kind)
+        if table_only:
+            results[kind, kind] = [run.metrics(k) if run.finished(k) else None for k in range(len(levels) + 1)]
+            continue
         net, data, collate = _task(model, seed, eval_questions)
-        results[kind, kind] = run_imp(out / kind, net, data, collate,
+        results[kind, kind] = run_imp(run.path, net, data, collate,
                                       IMPConfig(model=model, task="easy-vqa", levels=levels, train=cfg),
                                       progress=_progress(kind))
-    for tickets in KINDS:
-        for training in KINDS:
-            if tickets == training:
-                continue
-            rows = []
-            for k in range(1, len(levels) + 1):
-                dest = out / "cross" / f"{tickets}-tickets-{training}" / f"level_{k:02d}"
-                if not (dest / "metrics.json").is_file():
-                    report = _progress(f"{tickets} ticket {k} trained {training}")
-                    net, data, collate = _task(model, seed, eval_questions)
-                    run = Run(out / tickets)
-                    retrain_ticket(Ticket.load(run.ticket(k)), net, data, collate, cfgs[training], dest,
-                                   theta0=run.theta0, ticket_path=str(run.ticket(k)),
-                                   progress=lambda s, r=report: r("train", s, steps))
-                rows.append(json.loads((dest / "metrics.json").read_text()))
-            results[tickets, training] = rows
+    for tickets, training in (("adversarial", "standard"), ("standard", "adversarial")):
+        rows = []
+        for k in range(1, len(levels) + 1):
+            dest = out / "cross" / f"{tickets}-tickets-{training}" / f"level_{k:02d}"
+            if not (dest / "metrics.json").is_file() and not table_only:
+                report = _progress(f"{tickets} ticket {k} trained {training}")
+                net, data, collate = _task(model, seed, eval_questions)
+                run = Run(out / tickets)
+                retrain_ticket(Ticket.load(run.ticket(k)), net, data, collate, cfgs[training], dest,
+                               theta0=run.theta0, ticket_path=str(run.ticket(k)),
+                               progress=lambda s, r=report: r("train", s, steps))
+            rows.append(json.loads((dest / "metrics.json").read_text()) if (dest / "metrics.json").is_file() else None)
+        results[tickets, training] = rows
     return results
 
 
 def table(results: dict, levels: list[float]) -> str:
-    """Markdown: one row per sparsity, test VQA score (%) of {standard, adversarial} tickets x training."""
+    """Markdown: one row per sparsity, test VQA score (%) of {standard, adversarial} tickets x training
+    ("not run" where a run is missing), then the mean training seconds per round of each kind."""
     std, adv = results["standard", "standard"], results["adversarial", "adversarial"]
     head = ("| sparsity | standard ticket, standard training | standard ticket, adversarial training "
             "| adversarial ticket, standard training | adversarial ticket, adversarial training |\n"
             "|---:|---:|---:|---:|---:|\n")
-    score = lambda m: f"{100 * m['test']['vqa_score']:.2f}%"  # noqa: E731
+    score = lambda m: f"{100 * m['test']['vqa_score']:.2f}%" if m else "not run"  # noqa: E731
     lines = [f"| 0% (dense) | {score(std[0])} | | | {score(adv[0])} |"]
     for k, s in enumerate(levels, 1):
         lines.append(f"| {s:.0%} | {score(std[k])} | {score(results['standard', 'adversarial'][k - 1])} "
                      f"| {score(results['adversarial', 'standard'][k - 1])} | {score(adv[k])} |")
-    secs = {kind: [m["train_seconds"] for m in results[kind, kind]] for kind in KINDS}
-    timing = "; ".join(f"{kind} training {sum(v) / len(v):.0f} s per round (rounds: {', '.join(f'{x:.0f}' for x in v)})"
-                       for kind, v in secs.items())
-    return head + "\n".join(lines) + f"\n\nMeasured: {timing}.\n"
+    timing = []
+    for kind in KINDS:
+        v = [m["train_seconds"] for m in results[kind, kind] if m]
+        if v:
+            timing.append(f"{kind} training {sum(v) / len(v):.0f} s per round (rounds: {', '.join(f'{x:.0f}' for x in v)})")
+    return head + "\n".join(lines) + f"\n\nMeasured: {'; '.join(timing)}.\n"
 
 
 def main() -> None:
@@ -120,10 +127,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-questions", type=int, default=None,
                     help="evaluate on the first N val and test questions only (default: all)")
+    ap.add_argument("--table-only", action="store_true", help="train nothing: the table of what is finished")
     args = ap.parse_args()
     levels = parse_levels(args.levels, float(args.levels.split(",")[-1]))
     t0 = time.time()
-    results = run_all(args.out, args.model, levels, args.steps, args.seed, args.eval_questions)
+    results = run_all(args.out, args.model, levels, args.steps, args.seed, args.eval_questions, args.table_only)
     text = table(results, levels) + f"Total {time.time() - t0:.0f} s; load {os.getloadavg()}.\n"
     (args.out / "table.md").write_text(text)
     print(text)
