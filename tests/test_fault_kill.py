@@ -2,10 +2,13 @@
 in the same files as an uninterrupted run, with no temporary file left. The run (uniter-tiny, the tiny task, 3
 steps per level) is forked; the child kills itself with SIGKILL right after the k-th atomic write has written its
 temporary file and before it is renamed into place (three kill points, to keep the test short: theta0, a level's
-weights, the next level's ticket)."""
+weights, the next level's ticket). Then ``export`` the same way: killed while writing its bundle (after the weights
+file is written into its temporary directory, and just before the directory is renamed into place), re-run: the
+bundle's files hash as an uninterrupted export's, and no ``.NAME.tmp-*`` directory or lock file is left."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,9 +17,14 @@ import sys
 import pytest
 import torch
 
-from vlsparse.data import collate
+from vlsparse.atomic import save_weights
+from vlsparse.data import collate, task_info
+from vlsparse.export.bundle_export import export_bundle
 from vlsparse.lottery.imp import IMPConfig, run_imp
 from vlsparse.models import load_model
+from vlsparse.pruning.magnitude import global_magnitude_prune
+from vlsparse.pruning.mask import ones_mask
+from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.loop import TrainConfig
 
 from .conftest import ANSWERS, IMG_DIM
@@ -91,3 +99,64 @@ def test_sigkill_during_each_write_then_rerun_equals_an_uninterrupted_run(tmp_pa
         _run(run, tiny_task)
         assert _files(run) == expected, k
         assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+
+def _export(level, out):
+    return export_bundle(level / "ticket.safetensors", level / "weights.safetensors", "uniter-tiny", out)
+
+
+def _export_killed_in(point: str, level, out) -> None:
+    """Fork; the child exports into ``out`` and SIGKILLs itself right after ``point`` of the export module
+    (``save_file``: the weights written into the temporary directory; ``_finish``'s chmods: everything written,
+    not yet renamed into place)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            import vlsparse.export.exporters as exporters
+
+            def die(*args, **kwargs):
+                if point == "save_file":
+                    original(*args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            original = getattr(exporters, point)
+            setattr(exporters, point, die)
+            torch.set_num_threads(1)
+            _export(level, out)
+        finally:
+            os._exit(3)  # not killed
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def _bundle(path):
+    """A bundle's files by sha256, but for the two that legitimately differ between identical exports: safetensors
+    writes its ``__metadata__`` map in varying key order, so model.safetensors is compared by contents
+    (:func:`_contents`) and manifest.json less that file's sha256."""
+    out = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+    out["model.safetensors"] = _contents(path / "model.safetensors")
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["model.safetensors"]["sha256"]
+    out["manifest.json"] = manifest
+    return out
+
+
+def test_sigkill_during_export_then_rerun_equals_an_uninterrupted_export(tmp_path, tiny_task):
+    torch.set_num_threads(1)
+    model = load_model("uniter-tiny", img_dim=IMG_DIM, num_answers=len(ANSWERS), seed=0)[0]
+    level = tmp_path / "run" / "level_01"
+    level.mkdir(parents=True)
+    (tmp_path / "run" / "task.json").write_text(json.dumps(task_info(tiny_task)))
+    mask = global_magnitude_prune(dict(model.named_parameters()), ones_mask(model, model.prune_scope()), 0.6)
+    Ticket(mask, {"model": "uniter-tiny", "task": "tiny", "method": "imp"}).save(level / "ticket.safetensors")
+    save_weights(level / "weights.safetensors", model)
+    _export(level, tmp_path / "clean")
+    expected = _bundle(tmp_path / "clean")
+    assert len(expected) == 7 and "tokenizer.json" in expected
+    for point in ("save_file", "_finish"):
+        out = tmp_path / f"killed-{point}"
+        _export_killed_in(point, level, out)
+        assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+        _export(level, out)
+        assert _bundle(out) == expected, point
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")], point  # no tmp-, no lock

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering
 
-from vlsparse.models import PRESETS, CheckpointError, LxmertForTask, dims_from_state, load_model, visual_input
+from vlsparse.models import PRESETS, LxmertForTask, dims_from_state, load_model, visual_input
 
 from .backbone_checks import export_parity, imp_round
 from .conftest import ANSWERS, IMG_DIM
@@ -106,8 +106,30 @@ def test_transformers_qa_directory_loads_with_identical_outputs(tmp_path):
     assert other.answer_head.logit_fc[3].weight.shape == (7, 128)
     assert torch.equal(other.lxmert.encoder.x_layers[0].visual_attention.att.query.weight,
                        ref.lxmert.encoder.x_layers[0].visual_attention.att.query.weight)
-    with pytest.raises(CheckpointError, match="region features of size 12"):
-        load_model(str(tmp_path / "qa"), img_dim=2048, num_answers=len(ANSWERS))
+
+
+def test_visual_feature_size_mismatch_gets_a_new_visual_projection(tmp_path):
+    torch.manual_seed(0)
+    ref = LxmertForQuestionAnswering(LxmertConfig(**dict(TINY, visual_feat_dim=16), num_qa_labels=len(ANSWERS)))
+    ref.save_pretrained(tmp_path / "qa16")
+    with pytest.warns(UserWarning, match=r"size 16, the task gives 24"):
+        model, _ = load_model(str(tmp_path / "qa16"), img_dim=24, num_answers=len(ANSWERS), seed=2)
+    proj = "lxmert.encoder.visn_fc.visn_fc."
+    assert model.lxmert.encoder.visn_fc.visn_fc.weight.shape == (64, 24) and model.config.visual_feat_dim == 24
+    own = ref.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items() if not k.startswith(proj))
+    # new parameters, like the answer head: head lr, kept at θ0 by the re-initialisations
+    assert model.head_prefixes == (proj, "answer_head.")
+    inp = _inputs(model)
+    assert inp["img_feat"].shape[-1] == 24
+    with torch.no_grad():
+        out = model(**inp)
+    assert out.shape == (3, len(ANSWERS)) and torch.isfinite(out).all()
+    assert dims_from_state(model.state_dict()) == (24, len(ANSWERS))
+    # a matching size keeps the checkpoint's projection and adds no new parameters
+    same, _ = load_model(str(tmp_path / "qa16"), img_dim=16, num_answers=len(ANSWERS))
+    assert same.head_prefixes == ("answer_head.",)
+    assert torch.equal(same.lxmert.encoder.visn_fc.visn_fc.weight, own[proj + "weight"])
 
 
 def test_pretraining_directory_loads_backbone_with_a_new_head(tmp_path):

@@ -57,7 +57,7 @@ def read_pretrained(path: Path, model_type: str) -> tuple[dict, dict[str, torch.
 class TaskHeadMixin:
     """Loading and task fitting for a transformers QA model used as a vlsparse model.
 
-    A subclass sets ``head_prefixes`` (its answer head's state_dict prefixes), ``head_architectures``
+    A subclass sets ``task_head_prefixes`` (its answer head's state_dict prefixes), ``head_architectures``
     (transformers class name -> the vlsparse head kind its head is, :mod:`vlsparse.models.heads`), ``answers_field`` (the config field
     holding the number of answers), ``head_input`` (the head's first Linear, a module path) and
     implements ``_fit_visual``.
@@ -67,10 +67,21 @@ class TaskHeadMixin:
     Linear takes K pooled vectors for ``pair``.
     """
 
-    head_prefixes: tuple[str, ...] = ()
+    task_head_prefixes: tuple[str, ...] = ()
+    #: the visual input projection's prefixes: new parameters when ``config.visual_input_fresh`` is set
+    #: (a checkpoint whose projection takes another feature size, see ``_fit_visual``)
+    visual_input_prefixes: tuple[str, ...] = ()
     head_architectures: dict[str, str] = {}
     answers_field: str = ""
     head_input: str = ""
+
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the parameters that are new for the task (trained with ``head_lr``,
+        kept at θ0 by the re-initialisations): the task head φ0, and the visual input projection when it
+        was freshly initialised for the task's feature size (``config.visual_input_fresh``)."""
+        fresh = self.visual_input_prefixes if getattr(self.config, "visual_input_fresh", False) else ()
+        return fresh + self.task_head_prefixes
 
     def __init__(self, config):
         kind = getattr(config, "task_head", "answer")
@@ -101,7 +112,7 @@ class TaskHeadMixin:
         kind = next((k for k in kinds if k), "answer" if cls.__name__ in (raw.get("architectures") or ()) else None)
         keep = (cls.base_model_prefix + ".",)
         if kind is not None:
-            keep += cls.head_prefixes
+            keep += cls.task_head_prefixes
             config.task_head = getattr(config, "task_head", kind)
             config.task_images = getattr(config, "task_images", getattr(config, "num_images", 1) if kind == "pair" else 1)
         return config, {k: v for k, v in state.items() if k.startswith(keep)}
@@ -118,7 +129,7 @@ class TaskHeadMixin:
         """
         cls._fit_visual(config, state, img_dim, source)
         if num_answers is not None and getattr(config, cls.answers_field) != num_answers:
-            state = {k: v for k, v in state.items() if not k.startswith(cls.head_prefixes)}
+            state = {k: v for k, v in state.items() if not k.startswith(cls.task_head_prefixes)}
             setattr(config, cls.answers_field, num_answers)
         return config, state
 

@@ -21,6 +21,7 @@ fine-tuned ``BEST.pth`` (``VQAModel``: ``lxrt_encoder.model.bert.*``, head ``log
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from transformers import LxmertConfig, LxmertForQuestionAnswering
@@ -54,7 +55,8 @@ class LxmertForTask(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering)
 
     visual_input = "regions"
     #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
-    head_prefixes = ("answer_head.",)
+    task_head_prefixes = ("answer_head.",)
+    visual_input_prefixes = ("lxmert.encoder.visn_fc.visn_fc.",)
     #: where adversarial training adds its perturbation (:mod:`vlsparse.training.adversarial`): the word
     #: embeddings (B, L, h) and the output of the visual feature projection ``visn_fc`` (B, N, h)
     adversarial_points = {"text": ("lxmert.embeddings.word_embeddings", "output"),
@@ -114,11 +116,19 @@ class LxmertForTask(TaskForwardMixin, TaskHeadMixin, LxmertForQuestionAnswering)
 
     @classmethod
     def _fit_visual(cls, config: LxmertConfig, state: dict, img_dim: int | None, source: str) -> None:
+        """Fit the visual input to region features of size ``img_dim``: a checkpoint projection
+        (``visn_fc.visn_fc``; its LayerNorm is sized by hidden_size and kept) of another size is dropped
+        from ``state`` and re-initialised as a new parameter (``config.visual_input_fresh``), with a warning."""
         if img_dim is None or config.visual_feat_dim == img_dim:
             return
-        if "lxmert.encoder.visn_fc.visn_fc.weight" in state:
-            raise CheckpointError(f"{source}: model expects region features of size {config.visual_feat_dim}, "
-                                  f"the task gives {img_dim}")
+        fresh = [k for k in state if k.startswith(cls.visual_input_prefixes)]
+        if fresh:
+            warnings.warn(f"{source}: the checkpoint's visual input projection takes region features of size "
+                          f"{config.visual_feat_dim}, the task gives {img_dim}: it gets new weights (trained as "
+                          "new parameters, like the answer head)", stacklevel=2)
+            for k in fresh:
+                del state[k]
+            config.visual_input_fresh = True
         config.visual_feat_dim = img_dim
 
     @staticmethod

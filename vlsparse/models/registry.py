@@ -92,7 +92,10 @@ def load_model(name: str, img_dim: int | None = None, num_answers: int | None = 
         img_dim: region feature size D of the task's data (None: the preset's or file's own; must
             be None for a model that reads pixels, see :func:`visual_input`).
         num_answers: answer vocabulary size A of the task (None: the preset's or file's own).
-            An LXMERT or ViLT checkpoint whose head has another size gets a new head φ0.
+            An LXMERT or ViLT checkpoint whose head has another size gets a new head φ0; an LXMERT
+            checkpoint whose ``visual_feat_dim`` is not ``img_dim`` likewise gets a new visual input
+            projection (part of φ0, with a warning naming both sizes). A UNITER checkpoint whose image
+            embeddings take another feature size is refused (CheckpointError).
         seed: seed of the random init (the VQA head φ0, and the whole model for random presets).
         head: the task head, "answer" | "pair" | "rank" | "region" (:mod:`vlsparse.models.heads`); a
             checkpoint whose head is another kind gets a new head φ0.
@@ -216,13 +219,13 @@ def _load_hf(cls, name: str, img_dim: int | None, num_answers: int | None, seed:
     else:
         config, state = cls.read_directory(Path(name))
     if _new_head(config, cls.answers_field, num_answers, task_head):
-        state = _without_head(state, cls.head_prefixes)
+        state = _without_head(state, cls.task_head_prefixes)
     config.update(task_head)
     config, state = cls.fit_task(config, state, img_dim, num_answers, source=name)
     torch.manual_seed(seed)
     model = cls(config)
     if state:
-        _load_state(model, state, strict_prefix=cls.base_model_prefix + ".")
+        _load_state(model, state, strict_prefix=cls.base_model_prefix + ".", fresh=tuple(model.head_prefixes))
     tokenizer = load_tokenizer(name)
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(f"{name}: word embeddings have {config.vocab_size} rows, the tokenizer {len(tokenizer)}")
@@ -259,8 +262,10 @@ def dims_from_state(state: dict[str, torch.Tensor]) -> tuple[int | None, int]:
         raise CheckpointError(f"weights lack {exc.args[0]!r}: not a UNITER VQA state_dict") from None
 
 
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_prefix: str) -> list[str]:
-    """Copy ``state`` into ``model``; every model key under ``strict_prefix`` must be present.
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_prefix: str,
+                fresh: tuple[str, ...] = ()) -> list[str]:
+    """Copy ``state`` into ``model``; every model key under ``strict_prefix`` must be present, except the
+    new parameters (prefixes ``fresh``).
 
     Returns the model keys that were not in ``state``. Raises CheckpointError on unexpected keys,
     shape mismatches, or a missing key under ``strict_prefix``.
@@ -273,7 +278,7 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict_p
         if own[k].shape != v.shape:
             raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
     missing = sorted(set(own) - set(state))
-    needed = [k for k in missing if k.startswith(strict_prefix)]
+    needed = [k for k in missing if k.startswith(strict_prefix) and not k.startswith(fresh)]
     if needed:
         raise CheckpointError(f"checkpoint lacks {len(needed)} weights, e.g. {needed[0]}")
     model.load_state_dict(state, strict=False)

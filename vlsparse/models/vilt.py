@@ -41,7 +41,7 @@ class ViltForTask(TaskForwardMixin, TaskHeadMixin, ViltForQuestionAnswering):
 
     visual_input = "pixels"
     #: new-for-the-task parameters (trained with head_lr; kept at φ0 by the re-initialisations)
-    head_prefixes = ("classifier.",)
+    task_head_prefixes = ("classifier.",)
     #: where adversarial training adds its perturbation (:mod:`vlsparse.training.adversarial`): the word
     #: embeddings (B, L, h) and the patch embeddings, the patch convolution's output (B, h, H/32, W/32)
     adversarial_points = {"text": ("vilt.embeddings.text_embeddings.word_embeddings", "output"),
