@@ -31,7 +31,7 @@ from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.adversarial_config import training_meta
-from vlsparse.training.distributed import check_same, fingerprint, main_only
+from vlsparse.training.distributed import check_same_tensors, main_only
 from vlsparse.training.loop import evaluate, train
 
 
@@ -97,7 +97,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
             results.append(main_only(lambda k=k: run.metrics(k)))
             continue
         ticket = Ticket.load(run.ticket(k))
-        check_same(fingerprint(ticket.mask), f"the mask of level {k}")
+        check_same_tensors(ticket.mask, f"the mask of level {k}")
         start = cfg.rewind_step if (cfg.rewind_step and k > 0) else 0
         load_weights(rewound if start else theta0, model)
         t0 = time.time()
@@ -115,7 +115,7 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
         if k + 1 < len(levels):
             weights = dict(model.named_parameters())
             new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
-            check_same(fingerprint(new), f"the mask computed for level {k + 1}")
+            check_same_tensors(new, f"the mask computed for level {k + 1}")
         main_only(lambda k=k, new=new, metrics=metrics: _finish_level(run, model, cfg, levels, k, new, metrics))
         results.append(metrics)
     return results

@@ -236,6 +236,17 @@ def check_same(value: Any, what: str) -> None:
                            "diverged (a mismatch is never ignored)")
 
 
+def check_same_tensors(tensors: dict, what: str) -> None:
+    """:func:`check_same` on the :func:`fingerprint` of ``tensors`` (e.g. a mask); nothing is hashed in a
+    single process.
+
+    Raises:
+        RuntimeError: the tensors differ between ranks.
+    """
+    if world_size() > 1:
+        check_same(fingerprint(tensors), what)
+
+
 def run_main(app: Callable[[], None], error_line: Callable[[BaseException], str | None]) -> None:
     """The CLI's entry point under torchrun: join the group, run ``app`` on every rank, leave cleanly.
 
@@ -281,6 +292,6 @@ def shard(items: Sequence) -> Sequence:
     return Subset(items, list(shard_range(len(items))))
 
 
-__all__ = ["RankBatches", "RankFailed", "SameOnEveryRank", "average_gradients", "check_same", "fingerprint",
+__all__ = ["RankBatches", "RankFailed", "SameOnEveryRank", "average_gradients", "check_same", "check_same_tensors", "fingerprint",
            "gather", "init_from_env", "is_main", "launched", "local_batch_size", "main_only", "rank", "run_main",
            "shard", "shard_range", "world_size", "wrap"]
