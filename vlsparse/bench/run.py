@@ -165,7 +165,7 @@ def bench_run(run_dir: str | Path, out: str | Path, settings: Settings, *, level
     else:
         say("every row is already measured")
     for lv, want in todo:
-        for r in _bench_level(cfg, lv, want, s, task, session, say):
+        for r in _bench_level(cfg, lv, want, s, task, session, say, out):
             if row_key(r) not in done:
                 rows.append(r)
                 done.add(row_key(r))
@@ -240,8 +240,9 @@ def _level_model(cfg: dict, lv: Level, task):
 
 
 def _measure(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, task,
-             say: Callable[[str], None]) -> dict:
-    """Export the level's formats into a temporary directory and measure them: {"sparsity": fraction,
+             say: Callable[[str], None], scratch: Path) -> dict:
+    """Export the level's formats into a temporary directory in ``scratch`` (the report directory: a killed
+    bench's ``.bench.tmp-*`` is removed by the next run there) and measure them: {"sparsity": fraction,
     "sizes": format -> size fields, "quality": (format, dtype) -> quality fields, "latency": batch size ->
     (format, dtype) -> (median s, p90 s, graphed, tokens), "weight_bytes": (format, dtype) -> bytes,
     "memory": (format, dtype) -> memory fields}. The model is freed once exported (only its files are run)."""
@@ -252,7 +253,7 @@ def _measure(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, tas
     refs = [("dense", d) for _, d in want if "dense" in s.formats]
     refs += [("onnx", "fp32") for f, _ in want if f == "onnx-sparse" and "onnx" in s.formats]
     timed = list(dict.fromkeys(want + refs))
-    with tempfile.TemporaryDirectory(prefix="vlsparse-bench-") as work:
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".bench.tmp-") as work:
         say(f"{name} ({m['sparsity']:.1%}): exporting {', '.join(sorted({f for f, _ in timed}))}")
         paths = export_formats(net, mask, {f for f, _ in timed}, work)
         del net
@@ -272,9 +273,10 @@ def _measure(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, tas
 
 
 def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, task, session: str,
-                 say: Callable[[str], None]) -> list[dict]:
-    """Measure one level: export, metric and agreement, interleaved latency, memory; return its rows."""
-    m = _measure(cfg, lv, want, s, task, say)
+                 say: Callable[[str], None], scratch: Path) -> list[dict]:
+    """Measure one level: export (into ``scratch``), metric and agreement, interleaved latency, memory; return its
+    rows."""
+    m = _measure(cfg, lv, want, s, task, say, scratch)
     rows = []
     for fd in want:
         for b in s.batch_sizes:

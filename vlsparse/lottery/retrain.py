@@ -53,8 +53,8 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         RunError: ``theta0`` is missing or does not fit.
     """
     out = Path(out)
-    if main_only((out / "metrics.json").exists) and not overwrite:
-        raise TicketError(f"{out}: already holds a trained ticket (metrics.json); choose another --out")
+    if not overwrite:
+        _refuse_finished(out)
     if theta0 is not None:
         load_weights(theta0, model)
     try:
@@ -81,6 +81,12 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
     return metrics
 
 
+def _refuse_finished(out: Path) -> None:
+    """Raise TicketError when ``out`` holds a finished run (its metrics.json)."""
+    if main_only((out / "metrics.json").exists):
+        raise TicketError(f"{out}: already holds a trained ticket (metrics.json); choose another --out")
+
+
 def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[str, str]) -> None:
     """Write ``out/weights.safetensors`` (if ``save``; ``meta`` in its header), then ``out/metrics.json`` (rank 0
     only under torchrun)."""
@@ -93,8 +99,8 @@ def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[st
 def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
                  init: str = "pretrained", theta0: str | Path | None = None, data_dir: str | Path | None = None,
                  progress: Callable[[int], None] | None = None) -> tuple[dict, object]:
-    """``vlsparse train-ticket``: load the ticket file, the task and the model by name, then :func:`retrain_ticket`
-    into ``out`` and write ``out/task.json``.
+    """``vlsparse train-ticket``: load the ticket file, the task and the model by name, write ``out/task.json``, then
+    :func:`retrain_ticket` into ``out`` (its metrics.json, written last, marks the run finished).
 
     ``theta0`` defaults to the θ0 of the ticket's run directory (:meth:`Run.of_ticket`) when there is one and
     the ticket was found on the same kind of task; otherwise (and for task-agnostic tickets, ``task=pretrain``,
@@ -114,9 +120,11 @@ def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg
     if theta0 is None and t.meta.get("task") != "pretrain" and (run := Run.of_ticket(ticket)) is not None:
         theta0 = run.theta0
     net, data, collate = setup(model, task, cfg.seed, data_dir)
+    # task.json first: metrics.json, written last, marks a finished run, so a run killed in any write re-runs
+    _refuse_finished(Path(out))
+    main_only(lambda: save_task_info(data, Path(out) / TASK_INFO))
     metrics = retrain_ticket(t, net, data, collate, cfg, out, theta0=theta0, init=init, ticket_path=str(ticket),
                              progress=progress, loaded_as=f"--model {model} with a new head (seed {cfg.seed})")
-    main_only(lambda: save_task_info(data, Path(out) / TASK_INFO))
     return metrics, data
 
 
