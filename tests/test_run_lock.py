@@ -68,3 +68,25 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_run(tmp_path):
         assert not any(p.exists() for p in left)
     assert all(p.read_bytes() == b"mine" for p in kept)
     assert remove_temporaries(run) == []
+
+
+def test_transfer_and_pretrain_hold_their_output_locks(tmp_path, holder):
+    """Two `vlsparse transfer` processes into one --out both trained every cell (seen on 2026-12-01): transfer
+    now holds OUT's lock, pretrain PARENT/.NAME.lock (its output is a new directory, as export's)."""
+    from vlsparse.lottery.pretraining import run_pretrain
+    from vlsparse.lottery.transfer import run_transfer
+    from vlsparse.training.config import TrainConfig
+
+    with pytest.raises(RunLockedError, match=f"PID {holder.pid}"):
+        run_transfer(tmp_path / "run", [tmp_path / "no-source"], ["easy-vqa"], [0.5], TrainConfig())
+    left = tmp_path / ".pt.tmp-a1b2c3d4"  # a killed pre-training's directory
+    left.mkdir()
+    with run_lock(tmp_path, name=".pt.lock", clean=None):
+        p = subprocess.run([sys.executable, "-m", "vlsparse.cli", "pretrain", "--model", "uniter-tiny", "--out",
+                            str(tmp_path / "pt")], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        assert p.returncode == 2 and "in use by another vlsparse process" in p.stderr, p.stderr
+        assert left.exists()
+    with pytest.raises(FileNotFoundError):  # the lock is free: the run starts, removes the leftover, then fails
+        run_pretrain("uniter-tiny", str(tmp_path / "no-corpus.json"), tmp_path / "pt", TrainConfig())
+    assert not left.exists() and not (tmp_path / "pt").exists()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlsparse.atomic import write_json
+from vlsparse.atomic import locked, write_json
 from vlsparse.data.corpus import CaptionCorpus, load_corpus
 from vlsparse.data.options import LoadOptions
 from vlsparse.lottery.config import IMPConfig
@@ -59,6 +59,7 @@ def load_pretraining(model: str, corpus: str, seed: int, data_dir: str | os.Path
     return net, heads, data
 
 
+@locked("out", sibling=True)
 def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConfig, objectives: str = "mlm,mrfr,itm,wra",
                  proportions: str | None = None, data_dir: str | os.PathLike | None = None,
                  progress: Callable[[int, dict], None] | None = None) -> dict:
@@ -72,6 +73,8 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
     Raises:
         ValueError: ``out`` exists, bad objectives or proportions (checked before anything is loaded); see
             :func:`load_pretraining`.
+        RunLockedError: another process pre-trains into ``out`` (the lock is ``PARENT/.NAME.lock``, held
+            from start to end; a killed run's ``.NAME.tmp-*`` directory is removed by the next run).
     """
     out = Path(out)
     if out.exists():
@@ -90,7 +93,7 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
                "corpus": data.stats, "pretrained_from": net.config.pretrained_from,
                "train_seconds": round(seconds, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # a killed run's: removed by the lock
     try:
         net.cpu().save_pretrained(str(tmp))
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / HEADS_FILE))

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlsparse.atomic import write_json
+from vlsparse.atomic import locked, write_json
 from vlsparse.data import TASKS
 from vlsparse.lottery.retrain import retrain_ticket
 from vlsparse.lottery.runs import CONFIG, Run, RunError
@@ -206,6 +206,7 @@ def _check_masks_fit(sources: list[Source], levels: list[float], net) -> None:
                 raise TicketError(f"{exc} (a different model or prune scope than the target model)") from None
 
 
+@locked("out")
 def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequence[str], levels: Sequence[float],
                  train: TrainConfig, model: str | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict], list[Source]]:
@@ -213,7 +214,8 @@ def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequen
     record: source, target, level (fraction), sparsity (actual), val/test metrics (fractions), from_run, the cell
     directory; the sources). Plots and tables: :func:`vlsparse.lottery.transfer_report.write_reports`.
 
-    Everything is checked before the first cell trains; an error later leaves the finished cells in place.
+    Everything is checked before the first cell trains; an error later leaves the finished cells in place. The
+    command holds ``out``'s run lock (:func:`vlsparse.atomic.run_lock`) from start to end.
 
     Raises:
         ValueError: an unknown target, a source without a ticket at a level (naming the levels it has),
@@ -221,6 +223,7 @@ def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequen
         TicketError: a ticket of another model or prune scope than ``model``.
         RunError: ``out`` holds a transfer with another model or training options; unreadable sources.
         FileNotFoundError: a source that is neither a run directory nor a ticket file.
+        RunLockedError: another process holds ``out``.
     """
     out = Path(out)
     srcs = [resolve_source(p) for p in sources]
