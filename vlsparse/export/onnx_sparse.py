@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -44,13 +44,7 @@ from vlsparse._compat import moved
 from vlsparse.export.onnx_chain import chain_sparse_nodes
 from vlsparse.runtime.ort import DOMAIN, OP_TYPE, REQUIRES_MESSAGE
 
-__all__ = [
-    "DOMAIN",
-    "OP_TYPE",
-    "REQUIRES_MESSAGE",
-    "csr_from_dense",
-    "sparsify_onnx",
-]
+__all__ = ["DOMAIN", "OP_TYPE", "REQUIRES_MESSAGE", "csr_from_dense", "sparsify_onnx"]
 
 DOMAIN_VERSION = 1
 INT16_MAX_IN_FEATURES = 32768  # col index <= 32767
@@ -101,13 +95,15 @@ def csr_from_dense(w: np.ndarray, index_dtype="auto") -> tuple[np.ndarray, np.nd
 # Graph rewrite
 # --------------------------------------------------------------------------------------------------
 def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype="auto",
-                  chain: bool = True) -> onnx.ModelProto:
+                  chain: bool = True, dense: Collection[str] = ()) -> onnx.ModelProto:
     """Return a copy of ``model`` whose sparse enough Linears run as ``vlsparse.SparseLinear``.
 
     ``min_sparsity``: the fraction of zeros a weight needs (0.0: convert every candidate, even dense
     ones). ``index_dtype``: ``"auto"`` (int16 when in_features <= 32768, else int32), ``"int16"`` or
     ``"int32"``. ``chain``: fuse GELUs into the nodes before them and keep consecutive sparse nodes
     feature-major (:func:`vlsparse.export.onnx_chain.chain_sparse_nodes`; same values, fewer transposes).
+    ``dense``: module paths (``a.b.dense``) whose Linears stay dense, found by the node names torch's exporter
+    writes (``/a/b/dense/MatMul``; ``export --autotune``).
     The input model is not modified. See the module docstring for the patterns handled.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
@@ -120,7 +116,7 @@ def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype
     for node in out.graph.node:
         if id(node) in rewriter.fused_adds:
             continue  # folded into the SparseLinear node of the MatMul before it
-        linear = _match_linear(node, index, min_sparsity)
+        linear = None if _module_path(node) in dense else _match_linear(node, index, min_sparsity)
         new_nodes.append(node if linear is None else rewriter.rewrite(linear))
     if rewriter.replaced == 0:
         return out
@@ -205,6 +201,10 @@ class _Names:
             k += 1
         self.used.add(name)
         return name
+
+
+def _module_path(node: onnx.NodeProto) -> str:
+    return node.name.strip("/").rpartition("/")[0].replace("/", ".")
 
 
 def _standard(node: onnx.NodeProto) -> bool:
