@@ -8,6 +8,8 @@ CSR directory (``--format csr``)::
                              ``<name>.bitmask/.values`` (bitmask layout, when smaller);
                              every other tensor dense under its state_dict name.
                              Header: format=vlsparse-csr-1, sparse (JSON list of names).
+    DIR/autotune.json        with ``tuned`` (``export --autotune``): the per-layer choice and timings
+                             (vlsparse.export.autotune); layers chosen dense are stored dense.
 
 ONNX (``--format onnx``)::
 
