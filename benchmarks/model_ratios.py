@@ -10,7 +10,9 @@ checks each format's logits against the masked dense model (max abs difference p
 the target) and times all formats interleaved call by call (:func:`vlsparse.bench.timing.time_interleaved`):
 median ms of ``--repeats`` calls per batch size, and each format's speed-up over dense PyTorch and
 over dense onnxruntime. ``--openmp`` also times the onnx-sparse session with the op on its own
-OpenMP pool (the threading before onnxruntime's pool was used). ``--rss`` adds the steady RSS (MB) of each format loaded alone in a fresh
+OpenMP pool (the threading before onnxruntime's pool was used). ``--unchained`` also times the
+same model sparsified without chaining (``sparsify_onnx(chain=False)``: no GELU epilogue, every node
+token-major, as before the chained layouts). ``--rss`` adds the steady RSS (MB) of each format loaded alone in a fresh
 process after a few calls (:func:`vlsparse.bench.memory.steady_rss`). The load average is printed
 before and after. Nothing here is a test: the figures depend on the machine and its load.
 """
@@ -18,6 +20,7 @@ before and after. Nothing here is a test: the figures depend on the machine and 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -63,9 +66,29 @@ def _on_openmp(runner, fed) -> np.ndarray:
         ort_library.set_openmp(False)
 
 
+def _unchained(runner, dense_onnx: Path, threads: int, spin: bool):
+    """A copy of the onnx-sparse runner whose session runs the dense export sparsified without chaining."""
+    import onnx
+    import onnxruntime as ort
+
+    from vlsparse.export.onnx_sparse import sparsify_onnx
+    from vlsparse.runtime.ort import ort_session
+
+    proto = sparsify_onnx(onnx.load(str(dense_onnx)), min_sparsity=0.5, chain=False)
+    so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    out = copy.copy(runner)
+    out.session = ort_session(proto.SerializeToString(), threads=threads, sess_options=so)
+    return out
+
+
 def measure(args, model, paths: dict[str, Path]) -> None:
     """Print parity and the interleaved medians / ratios per batch size."""
     runners = {f: load_format(f, paths[f], threads=args.threads, spin=not args.no_spin) for f in args.formats}
+    if args.unchained and "onnx-sparse" in runners and "onnx" in paths:
+        runners["onnx-sparse/unchained"] = _unchained(runners["onnx-sparse"], paths["onnx"] / "model.onnx",
+                                                      args.threads, not args.no_spin)
     for batch in args.batch:
         inputs = model.example_inputs(batch=batch, text_len=args.text, regions=args.regions)
         ref = runners["dense"].logits(inputs)
@@ -80,7 +103,7 @@ def measure(args, model, paths: dict[str, Path]) -> None:
         print(f"batch {batch} ({batch * (args.text + args.regions)} tokens), median of {args.repeats}, load {_loadavg()}")
         for f in fns:
             vs_onnx = f"{med['onnx'] / med[f]:.2f}x" if "onnx" in med else "-"
-            print(f"  {f:12s} {med[f]:9.2f} ms  vs dense {med['dense'] / med[f]:.2f}x  vs onnx {vs_onnx}"
+            print(f"  {f:21s} {med[f]:9.2f} ms  vs dense {med['dense'] / med[f]:.2f}x  vs onnx {vs_onnx}"
                   f"  max|diff| {diffs[f]:.1e}")
 
 
@@ -98,6 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not spin-wait")
     p.add_argument("--openmp", action="store_true", help="also time onnx-sparse with the op on an OpenMP pool")
+    p.add_argument("--unchained", action="store_true", help="also time onnx-sparse without chained layouts")
     p.add_argument("--rss", action="store_true", help="also the steady RSS of each format in a fresh process")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

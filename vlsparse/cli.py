@@ -227,6 +227,9 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16"),
            layout: str = typer.Option("auto", help="csr: csr | bitmask | auto (smaller per weight)"),
            min_sparsity: float = typer.Option(0.5, help="onnx --sparse: convert weights with at least this sparsity"),
+           autotune: bool = typer.Option(False, "--autotune", help="csr, onnx --sparse: time each pruned Linear "
+                                         "dense and sparse here, keep the faster (recorded in autotune.json)"),
+           tokens: str = typer.Option("1,40,200", help="--autotune: token counts to time at"),
            task_info: Optional[Path] = typer.Option(None, "--task-info", help="task.json (answers, feature "
                                                     "statistics); default: the one beside --weights or one level up"),
            out: Path = typer.Option(..., help="output directory (must not exist)")):
@@ -234,8 +237,11 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
     with config, tokenizer, task.json, ticket.json and a checksum manifest (see vlsparse.runtime.bundle)."""
     from vlsparse.export.bundle_export import export_bundle  # the `train` extra (torch)
 
+    from vlsparse.export.autotune import parse_tokens
+
     t = export_bundle(ticket, weights, model, out, format=format, sparse=sparse, dtype=dtype, layout=layout,
-                      min_sparsity=min_sparsity, task_info=task_info)
+                      min_sparsity=min_sparsity, task_info=task_info,
+                      autotune_tokens=parse_tokens(tokens) if autotune else None)
     typer.echo(f"{format}{' (sparse)' if sparse else ''} export of {ticket} (sparsity {t.sparsity:.1%}) -> {out}")
 
 

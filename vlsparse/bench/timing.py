@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,25 +10,9 @@ import numpy as np
 import torch
 
 from vlsparse.runtime.runners import Runner
+from vlsparse.sparse.timing import time_interleaved  # the bench's timing, shared with export --autotune
 
 __all__ = ["time_interleaved", "percentile", "cuda_graph_call"]
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` rounds that
-    call every function once (the order rotates by one each round), so slow phases of a shared
-    machine hit every function alike. Returns name -> ``repeats`` times in seconds."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -8,8 +8,10 @@ a CSR or ONNX bundle with :mod:`vlsparse.export.exporters` (see :mod:`vlsparse.r
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+from vlsparse.export.autotune import Timer, autotune
 from vlsparse.export.exporters import export_csr, export_onnx, model_from_weights
 from vlsparse.models.registry import load_tokenizer
 from vlsparse.pruning.ticket import Ticket
@@ -38,7 +40,8 @@ def _read_task_info(task_info: Path | None, weights: Path) -> dict:
 
 def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str | Path, format: str = "csr",
                   sparse: bool = False, dtype: str = "fp32", layout: str = "auto", min_sparsity: float = 0.5,
-                  task_info: str | Path | None = None) -> Ticket:
+                  task_info: str | Path | None = None, autotune_tokens: Sequence[int] | None = None,
+                  timer: Timer | None = None) -> Ticket:
     """Export ``ticket``'s mask applied to ``weights`` as a bundle in ``out``; returns the ticket.
 
     Args:
@@ -49,6 +52,9 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16") and layout ("auto" | "csr" | "bitmask").
         min_sparsity: ONNX ``sparse``: convert the Linears with at least this fraction of zeros.
         task_info: task.json; default: the one beside ``weights`` or one level up.
+        autotune_tokens: time each pruned Linear dense and CSR at these token counts on this machine and keep
+            the faster per layer (:func:`vlsparse.export.autotune.autotune`; csr and onnx --sparse), recorded
+            in the bundle's autotune.json; ``timer``: its timing function (tests).
 
     Raises:
         ValueError: bad ``format`` / ``sparse`` combination; ExportError (a ValueError): ``out`` exists or an
@@ -61,6 +67,8 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
     if out.exists():
         raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
+    if autotune_tokens is not None and format == "onnx" and not sparse:
+        raise ValueError("--autotune applies to --format csr and to --format onnx --sparse")
     t = Ticket.load(ticket)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file not found")
@@ -68,8 +76,11 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
     net = model_from_weights(model, weights, info.get("objective"))
     extras = BundleExtras(task_info=info, tokenizer=load_tokenizer(model),
                           ticket=ticket_metadata(t.meta, t.sparsity, weights))
+    tuned = None
+    if autotune_tokens is not None:
+        tuned = autotune(net, t.mask, autotune_tokens, timer=timer)
     if format == "csr":
-        export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras)
+        export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras, tuned=tuned)
     else:
-        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras)
+        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras, tuned=tuned)
     return t

@@ -8,6 +8,8 @@ CSR directory (``--format csr``)::
                              ``<name>.bitmask/.values`` (bitmask layout, when smaller);
                              every other tensor dense under its state_dict name.
                              Header: format=vlsparse-csr-1, sparse (JSON list of names).
+    DIR/autotune.json        with ``tuned`` (``export --autotune``): the per-layer choice and timings
+                             (vlsparse.export.autotune); layers chosen dense are stored dense.
 
 ONNX (``--format onnx``)::
 
@@ -34,12 +36,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlsparse.atomic import cpu_state, default_mode, locked
+from vlsparse.atomic import cpu_state, default_mode, locked, write_json
 from vlsparse.export.onnx_sparse import sparsify_onnx
 from vlsparse.lottery.runs import load_weights
 from vlsparse.models.registry import dims_from_state, load_model
 from vlsparse.pruning.mask import Mask, apply_mask, check_mask_fits
 from vlsparse.runtime.bundle import ONNX_FILE, BundleExtras, write_bundle
+from vlsparse.runtime.checks import AUTOTUNE_FILE
 from vlsparse.runtime.load import FORMAT, ExportError
 from vlsparse.sparse.csr import BitmaskMatrix, CSRMatrix, encode_sparse
 
@@ -90,7 +93,7 @@ def _write_config(model: nn.Module, directory: Path) -> None:
 
 @locked("out", sibling=True)
 def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32", layout: str = "auto",
-               bundle_extras: BundleExtras | None = None) -> Path:
+               bundle_extras: BundleExtras | None = None, tuned: dict | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as a CSR directory (see module docstring); returns ``out``.
 
     Args:
@@ -99,6 +102,8 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32).
         layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight).
         bundle_extras: task info, tokenizer and ticket metadata written beside the model (bundle kind "csr").
+        tuned: an :func:`vlsparse.export.autotune.autotune` record: its "dense" layers are stored dense (masked),
+            the others sparse; written as autotune.json with each sparse layer's stored layout as its choice.
 
     Raises:
         ExportError: mask does not fit, ``out`` exists, or unknown dtype/layout.
@@ -113,17 +118,22 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
     tmp = _new_dir(out)
     try:
         state = cpu_state(net)
-        tensors = {k: v for k, v in state.items() if k not in mask}
-        for name, m in mask.items():
+        dense = {n for n, e in (tuned or {}).get("layers", {}).items() if e["choice"] == "dense"}
+        tensors = {k: v for k, v in state.items() if k not in mask or k in dense}
+        for name, m in ((n, m) for n, m in mask.items() if n not in dense):
             enc = encode_sparse(state[name], m, DTYPES[dtype])
             if layout == "csr" and isinstance(enc, BitmaskMatrix):
                 enc = enc.to_csr()
             elif layout == "bitmask" and isinstance(enc, CSRMatrix):
                 enc = BitmaskMatrix.from_csr(enc)
             tensors.update({k: v.contiguous() for k, v in enc.to_tensors(name).items()})
-        meta = {"format": FORMAT, "sparse": json.dumps(sorted(mask)), "dtype": dtype}
+            if tuned is not None:
+                tuned["layers"][name]["choice"] = "bitmask" if isinstance(enc, BitmaskMatrix) else "csr"
+        meta = {"format": FORMAT, "sparse": json.dumps(sorted(set(mask) - dense)), "dtype": dtype}
         save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
         _write_config(net, tmp)
+        if tuned is not None:
+            write_json(tmp / AUTOTUNE_FILE, tuned)
         write_bundle(tmp, "csr", bundle_extras)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,14 +172,15 @@ def save_onnx(proto, directory: Path) -> Path:
 
 @locked("out", sibling=True)
 def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = False, min_sparsity: float = 0.5,
-                opset: int = 17, bundle_extras: BundleExtras | None = None) -> Path:
+                opset: int = 17, bundle_extras: BundleExtras | None = None, tuned: dict | None = None) -> Path:
     """Write ``model`` with ``mask`` applied as ONNX (see module docstring); returns ``out``.
 
     The graph has dynamic batch, text and region dimensions (``model.input_axes``). With
     ``sparse``, every MatMul whose weight has at least ``min_sparsity`` zeros (a fraction) becomes
     vlsparse.SparseLinear with its CSR arrays as plain 1-D initializers (nothing densified at load).
     Exported with torch.onnx.export (TorchScript-based exporter, which handles these models).
-    ``bundle_extras``: as for :func:`export_csr` (bundle kind "onnx" or "onnx-sparse").
+    ``bundle_extras``: as for :func:`export_csr` (bundle kind "onnx" or "onnx-sparse"). ``tuned`` (with
+    ``sparse``): an autotune record; its "dense" layers stay dense MatMuls, and it is written as autotune.json.
 
     Raises:
         ExportError: mask does not fit, ``out`` exists, or the model has another head than the answer
@@ -195,7 +206,10 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         proto = onnx.load(str(raw))
         raw.unlink()
         if sparse:
-            proto = sparsify_onnx(proto, min_sparsity=min_sparsity)
+            keep = {n.removesuffix(".weight") for n, e in (tuned or {}).get("layers", {}).items() if e["choice"] == "dense"}
+            proto = sparsify_onnx(proto, min_sparsity=min_sparsity, dense=keep)
+        if sparse and tuned is not None:
+            write_json(tmp / AUTOTUNE_FILE, tuned)
         save_onnx(proto, tmp)
         _write_config(net, tmp)
         write_bundle(tmp, "onnx-sparse" if sparse else "onnx", bundle_extras)

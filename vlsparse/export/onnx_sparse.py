@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -41,15 +41,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from vlsparse._compat import moved
+from vlsparse.export.onnx_chain import chain_sparse_nodes
 from vlsparse.runtime.ort import DOMAIN, OP_TYPE, REQUIRES_MESSAGE
 
-__all__ = [
-    "DOMAIN",
-    "OP_TYPE",
-    "REQUIRES_MESSAGE",
-    "csr_from_dense",
-    "sparsify_onnx",
-]
+__all__ = ["DOMAIN", "OP_TYPE", "REQUIRES_MESSAGE", "csr_from_dense", "sparsify_onnx"]
 
 DOMAIN_VERSION = 1
 INT16_MAX_IN_FEATURES = 32768  # col index <= 32767
@@ -99,12 +94,17 @@ def csr_from_dense(w: np.ndarray, index_dtype="auto") -> tuple[np.ndarray, np.nd
 # --------------------------------------------------------------------------------------------------
 # Graph rewrite
 # --------------------------------------------------------------------------------------------------
-def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype="auto") -> onnx.ModelProto:
+def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype="auto",
+                  chain: bool = True, dense: Collection[str] = ()) -> onnx.ModelProto:
     """Return a copy of ``model`` whose sparse enough Linears run as ``vlsparse.SparseLinear``.
 
     ``min_sparsity``: the fraction of zeros a weight needs (0.0: convert every candidate, even dense
     ones). ``index_dtype``: ``"auto"`` (int16 when in_features <= 32768, else int32), ``"int16"`` or
-    ``"int32"``. The input model is not modified. See the module docstring for the patterns handled.
+    ``"int32"``. ``chain``: fuse GELUs into the nodes before them and keep consecutive sparse nodes
+    feature-major (:func:`vlsparse.export.onnx_chain.chain_sparse_nodes`; same values, fewer transposes).
+    ``dense``: module paths (``a.b.dense``) whose Linears stay dense, found by the node names torch's exporter
+    writes (``/a/b/dense/MatMul``; ``export --autotune``).
+    The input model is not modified. See the module docstring for the patterns handled.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
@@ -116,12 +116,15 @@ def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype
     for node in out.graph.node:
         if id(node) in rewriter.fused_adds:
             continue  # folded into the SparseLinear node of the MatMul before it
-        linear = _match_linear(node, index, min_sparsity)
+        linear = None if _module_path(node) in dense else _match_linear(node, index, min_sparsity)
         new_nodes.append(node if linear is None else rewriter.rewrite(linear))
     if rewriter.replaced == 0:
         return out
     _drop_dead(out.graph, new_nodes, rewriter, index)
-    _carry_value_info(out.graph, model, index)
+    inferred = _inferred_value_info(model)
+    _carry_value_info(out.graph, inferred, index)
+    if chain:
+        chain_sparse_nodes(out, {v.name: v for v in inferred})
     _mark_requires(out)
     return out
 
@@ -198,6 +201,10 @@ class _Names:
             k += 1
         self.used.add(name)
         return name
+
+
+def _module_path(node: onnx.NodeProto) -> str:
+    return node.name.strip("/").rpartition("/")[0].replace("/", ".")
 
 
 def _standard(node: onnx.NodeProto) -> bool:
@@ -397,7 +404,7 @@ def _subgraph_inputs(graph: onnx.GraphProto) -> Iterable[str]:
                 yield from _subgraph_inputs(g)
 
 
-def _carry_value_info(g: onnx.GraphProto, model: onnx.ModelProto, index: _GraphIndex) -> None:
+def _carry_value_info(g: onnx.GraphProto, inferred: list[onnx.ValueInfoProto], index: _GraphIndex) -> None:
     """Keep the value_info of tensors that still exist, and add the SparseLinear outputs' shapes."""
     produced = {o for n in g.node for o in n.output}
     keep_vi = [v for v in g.value_info if v.name in produced or v.name in index.inputs]
@@ -406,7 +413,7 @@ def _carry_value_info(g: onnx.GraphProto, model: onnx.ModelProto, index: _GraphI
     known = {v.name for v in keep_vi} | index.outputs
     wanted = {n.output[0] for n in g.node if n.domain == DOMAIN} - known
     if wanted:
-        keep_vi += [v for v in _inferred_value_info(model) if v.name in wanted]
+        keep_vi += [v for v in inferred if v.name in wanted]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
 

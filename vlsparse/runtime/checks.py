@@ -13,13 +13,16 @@ Each check raises :class:`BundleError` (a ValueError) with one line that names t
 * :func:`load_tokenizer`: tokenizer.json parses and its vocabulary fits the model's embeddings;
 * :func:`check_session_io`: an ONNX model's inputs are the model inputs vlsparse feeds (names, element
   types) and its output is (batch, answers) float;
-* :func:`check_finite`: logits hold no NaN or Inf (:class:`NonFiniteError`).
+* :func:`check_finite`: logits hold no NaN or Inf (:class:`NonFiniteError`);
+* :func:`read_autotune`: autotune.json (``export --autotune``) is a record of that format whose layers each
+  have a known ``choice`` and an (out, in) ``shape``.
 
 Imports no torch and no onnx (the torch-free runtime install uses it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -29,7 +32,8 @@ import numpy as np
 
 __all__ = ["BundleError", "NonFiniteError", "check_manifest_entry", "check_config", "check_task", "load_tokenizer",
            "check_token_ids",
-           "check_session_io", "check_finite", "ANSWER_FIELDS", "REGION_FIELDS", "MODEL_INPUTS"]
+           "check_session_io", "check_finite", "read_autotune", "ANSWER_FIELDS", "REGION_FIELDS", "MODEL_INPUTS",
+           "AUTOTUNE_FILE", "AUTOTUNE_FORMAT", "TUNED_FORMATS"]
 
 #: config.json fields holding the answer count and the region feature size (UNITER, LXMERT, ViLT)
 ANSWER_FIELDS = ("num_answers", "num_qa_labels", "num_labels")
@@ -37,6 +41,9 @@ REGION_FIELDS = ("img_dim", "visual_feat_dim")
 #: ONNX input name -> its element type (what vlsparse.data.collate and the Pipeline feed)
 MODEL_INPUTS = {"input_ids": "tensor(int64)", "attention_mask": "tensor(int64)", "img_feat": "tensor(float)",
                 "img_pos": "tensor(float)", "img_mask": "tensor(int64)"}
+#: ``vlsparse export --autotune``'s record beside the model (vlsparse.export.autotune writes it)
+AUTOTUNE_FILE, AUTOTUNE_FORMAT = "autotune.json", "vlsparse-autotune-1"
+TUNED_FORMATS = ("dense", "csr", "bitmask")
 _SIZE_FIELDS = ANSWER_FIELDS + REGION_FIELDS + ("max_position_embeddings", "vocab_size")
 _PART = re.compile(r"[^\x00-\x1f\x7f/\\]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -225,3 +232,30 @@ def check_finite(logits: np.ndarray, inputs_finite: bool, model: Path, first: in
              if inputs_finite else "because the inputs hold non-finite values")
     raise NonFiniteError(f"{'question' if single else f'question[{first + row}]'}: the model gave {what} scores "
                          f"{cause}")
+
+
+def read_autotune(directory: Path) -> dict | None:
+    """The autotune record in ``directory`` (None when there is none), its structure checked: format
+    ``vlsparse-autotune-1``, a ``layers`` object whose entries each have a ``choice`` in
+    :data:`TUNED_FORMATS` and a ``shape`` of two positive integers.
+
+    Raises:
+        BundleError: unreadable JSON or another structure, naming the file (and the layer).
+    """
+    f = Path(directory) / AUTOTUNE_FILE
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BundleError(f"{f}: unreadable JSON ({type(exc).__name__})") from None
+    layers = record.get("layers") if isinstance(record, dict) else None
+    if not isinstance(layers, dict) or record.get("format") != AUTOTUNE_FORMAT:
+        raise BundleError(f"{f}: not a vlsparse autotune record (format {AUTOTUNE_FORMAT} with a layers object)")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict) or entry.get("choice") not in TUNED_FORMATS:
+            raise BundleError(f"{f}: layer {name!r}: choice must be one of {', '.join(TUNED_FORMATS)}")
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+            raise BundleError(f"{f}: layer {name!r}: shape must be [out, in] positive integers")
+    return record

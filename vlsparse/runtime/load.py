@@ -7,6 +7,8 @@ The directory is the one :func:`vlsparse.export.exporters.export_csr` writes::
                              ``<name>.crow_indices/.col_indices/.values`` (CSR) or
                              ``<name>.bitmask/.values`` (bitmask layout); every other tensor dense.
                              Header: format=vlsparse-csr-1, sparse (JSON list of names).
+    DIR/autotune.json        optional (``export --autotune``): per pruned Linear the format chosen by
+                             timing on the exporting machine ("dense" ones are stored dense) and the times.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlsparse.models.registry import model_from_config
+from vlsparse.runtime.checks import AUTOTUNE_FILE, read_autotune
 from vlsparse.sparse.csr import decode_sparse
 from vlsparse.sparse.linear import InputShare, SparseLinear
 
@@ -72,6 +75,7 @@ def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> 
     absent = sorted(own - set(dense_state) - set(sparse))
     if absent:
         raise ExportError(f"{weights}: lacks {absent[0]}")
+    check_autotune(path, model, sparse, tensors)
     for name in sparse:
         _swap_in_sparse(model, name, tensors, dense_state, weights, backend)
     del tensors  # what is still needed is referenced by the model
@@ -82,6 +86,30 @@ def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> 
     if chain:
         chain_sparse_layers(model)
     return model.eval()
+
+
+def check_autotune(path: Path, model: nn.Module, sparse: list[str], tensors: dict) -> dict | None:
+    """The ``autotune.json`` record of CSR export directory ``path`` (None when it has none): its structure
+    (:func:`vlsparse.runtime.checks.read_autotune`), then every layer it names is a Linear weight of ``model``
+    with the recorded (out, in) shape, stored as recorded ("dense": a dense tensor; "csr" / "bitmask": listed
+    as sparse, with that layout's arrays).
+
+    Raises:
+        ExportError: a record that does not match the model file, naming the file and the layer.
+        BundleError: an unreadable or malformed record.
+    """
+    record = read_autotune(path)
+    modules = dict(model.named_modules())
+    for name, entry in (record or {"layers": {}})["layers"].items():
+        module = modules.get(str(name).removesuffix(".weight"))
+        stored = "bitmask" if f"{name}.bitmask" in tensors else "csr" if name in sparse else \
+            "dense" if name in tensors else "nothing"
+        if not isinstance(module, nn.Linear) or entry["shape"] != list(module.weight.shape):
+            raise ExportError(f"{path / AUTOTUNE_FILE}: layer {name!r} is not a Linear weight of that shape in this model")
+        if entry["choice"] != stored:
+            raise ExportError(f"{path / AUTOTUNE_FILE}: layer {name!r} is recorded as {entry['choice']!r} but stored "
+                              f"as {stored} in {FORMAT} file")
+    return record
 
 
 def _swap_in_sparse(model: nn.Module, name: str, tensors: dict, dense_state: dict, weights: Path,

@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from vlsparse.runtime.bundle import CSR_FILE, ONNX_FILE
-from vlsparse.runtime.checks import BundleError, check_session_io
+from vlsparse.runtime.checks import BundleError, check_session_io, read_autotune
 from vlsparse.runtime.ort import ort_session
 
 __all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "INPUTS", "Runner", "TorchRunner",
@@ -187,6 +187,7 @@ def _load_onnx(fmt: str, path: Path, device: str, threads: int | None, spin: boo
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not file.is_file():
         raise BundleError(f"{file}: missing (the {fmt} model)")
+    read_autotune(path)  # export --autotune's record, when there is one
     try:
         if fmt == "onnx":  # stock onnxruntime: no custom-op library
             if threads:

@@ -3,17 +3,24 @@
 //   Y = X @ W^T + bias, with W (out_features x in_features) stored in CSR by output row.
 //
 // Inputs
-//   0  X             float  (..., in_features)   any rank >= 1; all leading dims are flattened into tokens
+//   0  X             float  (..., in_features)   any rank >= 1; all leading dims are flattened into tokens;
+//                           (in_features, ...) with input_layout = 1 (feature-major: X moved its last
+//                           axis to the front, the tokens are the trailing dims)
 //   1  crow_indices  int32  (out_features + 1,)  crow[0] == 0, crow[out] == nnz, non-decreasing
 //   2  col_indices   int16 or int32 (nnz,)       column of each nonzero, in [0, in_features)
 //   3  values        float  (nnz,)
 //   4  bias          float  (out_features,)      OPTIONAL (omit it, or pass the empty name "")
 // Output
-//   0  Y             float  (..., out_features)
+//   0  Y             float  (..., out_features), or (out_features, ...) with output_layout = 1; the
+//                           leading (token) dims "..." are X's
 // Attributes (all optional, int): in_features, out_features: when present they are checked against
 // X's last dimension and len(crow_indices) - 1 (the sizes themselves are always taken from the
 // inputs); activation: 0 (default) none, 1 GELU (erf form) applied to X @ W^T + bias in the kernel's
-// epilogue (Y = gelu(X @ W^T + bias), the BERT intermediate Linear + its activation in one node).
+// epilogue (Y = gelu(X @ W^T + bias), the BERT intermediate Linear + its activation in one node);
+// input_layout, output_layout: 0 (default) token-major, 1 feature-major. Feature-major tensors let
+// consecutive ops chain without transposes (the kernel computes feature-major: a token-major X is
+// transposed into a scratch buffer, a token-major Y is transposed from the result tiles on the way
+// out; feature-major X and Y skip those steps).
 //
 // Two kernels share the op name, one for int16 and one for int32 col_indices (ORT overloads by type).
 // The compute is vlsparse::spmm_f32<ColT> from spmm.h. Threads: on onnxruntime >= 1.17 the op runs on
@@ -251,17 +258,30 @@ struct TensorView {
   }
 };
 
+// The node's int attributes (-1: absent).
+struct Attrs {
+  int64_t in_features = -1, out_features = -1, activation = -1, input_layout = -1, output_layout = -1;
+};
+
+void check_choice(int64_t v, const char* name, const char* what) {
+  if (v != -1 && v != 0 && v != 1)
+    throw Error{ORT_INVALID_ARGUMENT, std::string("vlsparse.SparseLinear: attribute ") + name + " must be " + what +
+                                          ", got " + std::to_string(v)};
+}
+
 class Kernel {
  public:
-  Kernel(const OrtApi* api, int64_t in_features, int64_t out_features, int64_t activation)
+  Kernel(const OrtApi* api, const Attrs& a)
       : api_(api),
-        in_attr_(in_features),
-        out_attr_(out_features),
-        act_(activation == 1 ? vlsparse::Act::Gelu : vlsparse::Act::None),
+        in_attr_(a.in_features),
+        out_attr_(a.out_features),
+        act_(a.activation == 1 ? vlsparse::Act::Gelu : vlsparse::Act::None),
+        x_fm_(a.input_layout == 1),
+        y_fm_(a.output_layout == 1),
         env_threads_(env_num_threads()) {
-    if (activation != -1 && activation != 0 && activation != 1)
-      throw Error{ORT_INVALID_ARGUMENT, "vlsparse.SparseLinear: attribute activation must be 0 (none) or 1 (gelu), got " +
-                                            std::to_string(activation)};
+    check_choice(a.activation, "activation", "0 (none) or 1 (gelu)");
+    check_choice(a.input_layout, "input_layout", "0 (token-major) or 1 (feature-major)");
+    check_choice(a.output_layout, "output_layout", "0 (token-major) or 1 (feature-major)");
   }
 
   virtual ~Kernel() = default;
@@ -306,6 +326,8 @@ class Kernel {
   int64_t in_attr_;
   int64_t out_attr_;
   vlsparse::Act act_;
+  bool x_fm_;  // X is feature-major (in_features, ...)
+  bool y_fm_;  // Y is feature-major (out_features, ...)
   int env_threads_;
 };
 
@@ -371,14 +393,17 @@ class SparseLinearKernel final : public Kernel {
       fail("col_indices and values must be 1-D of the same length, got " + shape_str(col.shape) + " and " +
            shape_str(val.shape));
 
-    const int64_t in_features = x.shape.back();
+    const int64_t in_features = x_fm_ ? x.shape.front() : x.shape.back();
     const int64_t out_features = crow.shape[0] - 1;
     const int64_t nnz = val.shape[0];
+    // the token dims: all but X's feature axis (the last one, or the first when feature-major)
+    const std::vector<int64_t> lead(x.shape.begin() + (x_fm_ ? 1 : 0), x.shape.end() - (x_fm_ ? 0 : 1));
     int64_t tokens = 1;
-    for (size_t i = 0; i + 1 < x.shape.size(); ++i) tokens *= x.shape[i];
+    for (int64_t d : lead) tokens *= d;
 
     if (in_attr_ >= 0 && in_attr_ != in_features)
-      fail("X has " + std::to_string(in_features) + " features in its last dim, the op expects in_features=" +
+      fail("X has " + std::to_string(in_features) + " features in its " + (x_fm_ ? "first" : "last") +
+           " dim, the op expects in_features=" +
            std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) + ")");
     if (out_attr_ >= 0 && out_attr_ != out_features)
       fail("crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
@@ -391,8 +416,8 @@ class SparseLinearKernel final : public Kernel {
     const auto* col_p = static_cast<const ColT*>(col.data);
     validate(crow_p, col_p, out_features, in_features, nnz);
 
-    std::vector<int64_t> yshape(x.shape.begin(), x.shape.end() - 1);
-    yshape.push_back(out_features);
+    std::vector<int64_t> yshape(lead);
+    yshape.insert(y_fm_ ? yshape.begin() : yshape.end(), out_features);
     OrtValue* yv = nullptr;
     check(api_->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv));
     void* yp = nullptr;
@@ -404,7 +429,7 @@ class SparseLinearKernel final : public Kernel {
     const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
     auto* y = static_cast<float*>(yp);
     if (g_has_parallel_for.load(std::memory_order_relaxed) && !g_force_openmp.load(std::memory_order_relaxed)) {
-      vlsparse::spmm_f32<ColT>(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, act_, OrtFor{api_, ctx});
+      run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, OrtFor{api_, ctx});
       return;
     }
     const int n = g_num_threads.load(std::memory_order_relaxed);
@@ -413,10 +438,24 @@ class SparseLinearKernel final : public Kernel {
     } else if (env_threads_ > 0) {
       omp_set_num_threads(env_threads_);
     }
-    vlsparse::spmm_f32<ColT>(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, act_);
+    run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, vlsparse::OmpFor{});
   }
 
  private:
+  // The spmm.h entry for this node's layouts (feature-major tensors have row stride = tokens).
+  template <typename Par>
+  void run(const float* x, int64_t tokens, int64_t in_f, const int32_t* crow, const ColT* col, const float* val,
+           const float* bias, int64_t out_f, float* y, const Par& par) const {
+    if (x_fm_ && y_fm_)
+      vlsparse::spmm_f32_fm<ColT>(x, tokens, in_f, tokens, crow, col, val, bias, out_f, y, tokens, act_, par);
+    else if (x_fm_)
+      vlsparse::spmm_f32_fm_rm<ColT>(x, tokens, in_f, tokens, crow, col, val, bias, out_f, y, act_, par);
+    else if (y_fm_)
+      vlsparse::spmm_f32_rm_fm<ColT>(x, tokens, in_f, crow, col, val, bias, out_f, y, tokens, act_, par);
+    else
+      vlsparse::spmm_f32<ColT>(x, tokens, in_f, crow, col, val, bias, out_f, y, act_, par);
+  }
+
   // Full CSR check: O(out + nnz), done once per distinct (crow, col) buffer pair. Initializers keep
   // their buffers for the session's lifetime, so in steady state this is a pointer comparison.
   void validate(const int32_t* crow, const ColT* col, int64_t out_features, int64_t in_features, int64_t nnz) {
@@ -457,7 +496,7 @@ class SparseLinearKernel final : public Kernel {
 struct OpDef {
   OrtCustomOp op;  // first member: ORT hands the OrtCustomOp* back to us
   ONNXTensorElementDataType col_type;
-  Kernel* (*make)(const OrtApi*, int64_t, int64_t, int64_t);
+  Kernel* (*make)(const OrtApi*, const Attrs&);
 };
 
 int64_t optional_int_attr(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
@@ -474,8 +513,13 @@ OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* api, const OrtK
   *kernel = nullptr;
   try {
     const OpDef* def = reinterpret_cast<const OpDef*>(op);
-    *kernel = def->make(api, optional_int_attr(api, info, "in_features"), optional_int_attr(api, info, "out_features"),
-                        optional_int_attr(api, info, "activation"));
+    Attrs a;
+    a.in_features = optional_int_attr(api, info, "in_features");
+    a.out_features = optional_int_attr(api, info, "out_features");
+    a.activation = optional_int_attr(api, info, "activation");
+    a.input_layout = optional_int_attr(api, info, "input_layout");
+    a.output_layout = optional_int_attr(api, info, "output_layout");
+    *kernel = def->make(api, a);
     return nullptr;
   } catch (const Error& e) {
     return api->CreateStatus(e.code, e.msg.c_str());
@@ -542,8 +586,8 @@ OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; 
 int op_one(const OrtCustomOp*) { return 1; }
 
 template <typename ColT>
-Kernel* make_kernel(const OrtApi* api, int64_t in_features, int64_t out_features, int64_t activation) {
-  return new SparseLinearKernel<ColT>(api, in_features, out_features, activation);
+Kernel* make_kernel(const OrtApi* api, const Attrs& a) {
+  return new SparseLinearKernel<ColT>(api, a);
 }
 
 template <typename ColT>

@@ -8,6 +8,7 @@
 //   spmm_f32_fm  feature-major X^T (in x ldx) -> feature-major Y^T (out x ldy): lets a caller keep
 //                activations feature-major between consecutive sparse layers (no transposes).
 //   spmm_f32_fm_rm  feature-major X^T in, row-major Y out: the last layer of a feature-major chain.
+//   spmm_f32_rm_fm  row-major X in, feature-major Y^T out: the first layer of a chain.
 //   spmv_f32     one token: y (out) = W x + bias.
 // Every entry takes an epilogue (Act: none or GELU) and a parallel-for policy (OmpFor by default).
 //   simd_name()  "avx512" | "avx2" | "scalar": the vector path compiled in.
@@ -657,20 +658,19 @@ void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indic
     detail::small_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1, act, par);
 }
 
-// Y (tokens x out_features, row-major) = act(X (tokens x in_features, row-major) * W^T + bias), W given in CSR
-// by output row. crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values:
-// nnz float; bias may be nullptr. Parallel over output rows (and token strips) with `par`.
-template <typename ColT, typename Par = OmpFor>
-void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
-              const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
-              Act act = Act::None, const Par& par = Par()) {
-    using namespace detail;
+namespace detail {
+// Both row-major-input entries: 1-2 tokens go to the small-token kernel (output (t, o) at
+// y[t * ys_t + o * ys_o]); more are transposed into a padded feature-major scratch and run as strips,
+// each tile handed to write(tile, ldd, r0, nr, t0, tn).
+template <typename ColT, typename Par, typename Write>
+void rm_entry(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow, const ColT* col,
+              const float* val, const float* bias, int64_t out_features, Act act, const Par& par, float* y,
+              int64_t ys_t, int64_t ys_o, const Write& write) {
     static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
                   "col indices must be int16_t or int32_t");
     if (tokens <= 0 || out_features <= 0) return;
     if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(x, tokens, in_features, 1, crow_indices, col_indices, values, bias, out_features, y,
-                           out_features, 1, act, par);
+        small_tokens<ColT>(x, tokens, in_features, 1, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return;
     }
     constexpr int64_t W = V::W;
@@ -678,11 +678,44 @@ void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t
     float* xt = scratch_x(static_cast<size_t>(in_features * ldt));
     par((in_features + kTransposeBlock - 1) / kTransposeBlock,
         [&](int64_t ib) { transpose_in(x, tokens, in_features, in_features, xt, ldt, ib); });
-    strips<ColT>(xt, ldt, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par,
-                 [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
-                     tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
-                 });
+    strips<ColT>(xt, ldt, tokens, in_features, crow, col, val, bias, out_features, act, par, write);
     trim_scratch_x();
+}
+
+// Tile rows -> rows of a feature-major Y^T (row stride ldy): yt[(r0 + r) * ldy + t0 + t] = tile[r * ldd + t].
+inline void tile_to_featuremajor(const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn,
+                                 float* yt, int64_t ldy) {
+    for (int64_t r = 0; r < nr; ++r)
+        std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd, static_cast<size_t>(tn) * sizeof(float));
+}
+}  // namespace detail
+
+// Y (tokens x out_features, row-major) = act(X (tokens x in_features, row-major) * W^T + bias), W given in CSR
+// by output row. crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values:
+// nnz float; bias may be nullptr. Parallel over output rows (and token strips) with `par`.
+template <typename ColT, typename Par = OmpFor>
+void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
+              const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
+              Act act = Act::None, const Par& par = Par()) {
+    detail::rm_entry<ColT>(x, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par, y,
+                           out_features, 1,
+                           [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               detail::tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
+                           });
+}
+
+// Row-major in, feature-major out: Y^T (out_features x ldy, ldy >= tokens) = act(W X^T + bias) from X
+// (tokens x in_features, row-major). The first layer of a feature-major chain (the intermediate Linear
+// whose result feeds the output Linear); columns tokens..ldy-1 of Y^T are not written.
+template <typename ColT, typename Par = OmpFor>
+void spmm_f32_rm_fm(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
+                    const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
+                    int64_t ldy, Act act = Act::None, const Par& par = Par()) {
+    detail::rm_entry<ColT>(x, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par, yt,
+                           1, ldy,
+                           [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
+                               detail::tile_to_featuremajor(tile, ldd, r0, nr, t0, tn, yt, ldy);
+                           });
 }
 
 namespace detail {
@@ -740,9 +773,7 @@ void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t l
                  int64_t ldy, Act act = Act::None, const Par& par = Par()) {
     detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
                            yt, 1, ldy, [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
-                               for (int64_t r = 0; r < nr; ++r)
-                                   std::memcpy(yt + (r0 + r) * ldy + t0, tile + r * ldd,
-                                               static_cast<size_t>(tn) * sizeof(float));
+                               detail::tile_to_featuremajor(tile, ldd, r0, nr, t0, tn, yt, ldy);
                            });
 }
 
