@@ -1,0 +1,241 @@
+// vlsparse int8 sparse x dense kernel: Y = act(dequant(Xq Wq^T) + bias), W (out x in) pruned, stored as
+// 1x4 blocks (4 consecutive inputs of one output row kept or pruned together; an unstructured mask is
+// stored as the 1x4 blocks it touches, the pruned weights inside them zero).
+//
+// Quantisation (what onnxruntime's dynamic quantisation does, per token instead of per tensor):
+//   weights  symmetric int8, one fp32 scale per output row: w ~ sw[o] * wq, wq in [-127, 127] (done in Python)
+//   inputs   asymmetric uint8 per token, the ONNX DynamicQuantizeLinear formula applied to each row of X:
+//              lo = min(0, min_k x), hi = max(0, max_k x), sx = (hi - lo) / 255 (1 when hi == lo),
+//              zp = clamp(round(-lo / sx), 0, 255), xq = clamp(round(x / sx) + zp, 0, 255),
+//            round half to even, float32 arithmetic (x / sx a true division).
+//   acc[t, o] = sum_k (xq[t, k] - zp[t]) * wq[o, k]   (int32, exact: acc(xq.wq) - zp[t] * wsum[o])
+//   y[t, o]   = act(float(acc) * (sx[t] * sw[o]) + bias[o])   (fp32)
+// uint8 x int8 is what VNNI's vpdpbusd multiplies: 4 byte products summed into an int32 lane.
+//
+// Data layout: the quantised X is packed block-major, xq[kb][t][j] = xq(t, 4 kb + j) (Tp = T rounded up
+// to 16, padded tokens and inputs hold zeros), so that one 64-byte vector holds one block of 16 tokens
+// and a block's 4 weights, broadcast, multiply it with one vpdpbusd.
+//
+// ISA paths, chosen at run time (isa = -1: the best the CPU has, or one forced for tests):
+//   2 "avx512vnni"  vpdpbusd on 16 tokens per vector
+//   1 "avx2"        exact emulation: bytes widened to int16 pairs and vpmaddwd (no vpmaddubsw, which saturates)
+//   0 "scalar"      plain C++
+// Every path is compiled with its own target attribute (GCC/Clang), so one build runs on any x86-64 CPU.
+// Threads: OpenMP over (token strip, block of 64 output rows) units, like spmm.h.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "spmm.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define VLS_I8_X86 1
+#define VLS_I8_TARGET(t) __attribute__((target(t)))
+#else
+#define VLS_I8_X86 0
+#define VLS_I8_TARGET(t)
+#endif
+
+namespace vlsparse {
+namespace int8 {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kVnni512 = 2 };
+constexpr int kGroup = 16;  // tokens per group (one AVX-512 vector of int32)
+constexpr int kMaxGroups = 8;  // groups per token strip
+constexpr int64_t kRowBlock = 64;
+
+inline const char* isa_name(int isa) {
+    return isa == kVnni512 ? "avx512vnni" : isa == kAvx2 ? "avx2" : "scalar";
+}
+
+inline bool isa_supported(int isa) {
+#if VLS_I8_X86
+    if (isa == kVnni512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+    if (isa == kAvx2) return __builtin_cpu_supports("avx2");
+#endif
+    return isa == kScalar;
+}
+
+inline int best_isa() {
+    static const int best = isa_supported(kVnni512) ? kVnni512 : isa_supported(kAvx2) ? kAvx2 : kScalar;
+    return best;
+}
+
+inline int64_t padded_tokens(int64_t tokens) { return (tokens + kGroup - 1) / kGroup * kGroup; }
+
+// Per-token quantisation (formula above) of x (T x in, row stride ldx) into the packed xq (KB x Tp x 4
+// bytes, KB = ceil(in / 4)), sx (T) and zp (T). Plain C++ on every path (the same numbers everywhere).
+inline void quantize_tokens(const float* x, int64_t tokens, int64_t in, int64_t ldx, uint8_t* xq, int64_t tp,
+                            float* sx, int32_t* zp) {
+    const int64_t kb_n = (in + 3) / 4;
+    std::memset(xq, 0, static_cast<size_t>(kb_n * tp * 4));
+    OmpFor()(tokens, [&](int64_t t) {
+        const float* row = x + t * ldx;
+        float lo = 0.0f, hi = 0.0f;
+        for (int64_t k = 0; k < in; ++k) {
+            lo = std::min(lo, row[k]);
+            hi = std::max(hi, row[k]);
+        }
+        float s = (hi - lo) / 255.0f;
+        if (!(s > 0.0f)) s = 1.0f;
+        const float z = std::min(255.0f, std::max(0.0f, std::nearbyint(-lo / s)));
+        sx[t] = s;
+        zp[t] = static_cast<int32_t>(z);
+        uint8_t* dst = xq + t * 4;
+        for (int64_t k = 0; k < in; ++k) {
+            const float q = std::min(255.0f, std::max(0.0f, std::nearbyint(row[k] / s) + z));
+            dst[(k >> 2) * tp * 4 + (k & 3)] = static_cast<uint8_t>(q);
+        }
+    });
+}
+
+namespace detail8 {
+
+// acc[g * 16 + i] (int32) = sum over the row's blocks b of dot4(xq[bcol[b]][token g*16+i], wq[b]), for the
+// NG groups of 16 tokens starting at xs (row stride of xq per block: ld bytes).
+template <typename ColT>
+inline void row_scalar(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int ng,
+                       int32_t* acc) {
+    const int n = ng * kGroup;
+    for (int i = 0; i < n; ++i) acc[i] = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
+        const int8_t* w = wq + 4 * b;
+        for (int i = 0; i < n; ++i)
+            acc[i] += xb[4 * i] * w[0] + xb[4 * i + 1] * w[1] + xb[4 * i + 2] * w[2] + xb[4 * i + 3] * w[3];
+    }
+}
+
+#if VLS_I8_X86
+template <int NG, typename ColT>
+VLS_I8_TARGET("avx512f,avx512bw,avx512vnni")
+void row_vnni(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int32_t* acc) {
+    __m512i a[NG];
+    for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
+        int32_t w4;
+        std::memcpy(&w4, wq + 4 * b, 4);
+        const __m512i w = _mm512_set1_epi32(w4);
+        for (int g = 0; g < NG; ++g)
+            a[g] = _mm512_dpbusd_epi32(a[g], _mm512_loadu_si512(reinterpret_cast<const void*>(xb + 64 * g)), w);
+    }
+    for (int g = 0; g < NG; ++g) _mm512_storeu_si512(reinterpret_cast<void*>(acc + 16 * g), a[g]);
+}
+
+// AVX2 has no u8 x s8 -> int32 dot product without saturation (vpmaddubsw saturates at int16), so the bytes
+// of each 4-byte lane are split into two int16 pairs (x0, x2) and (x1, x3) and multiplied with vpmaddwd.
+template <int NG, typename ColT>
+VLS_I8_TARGET("avx2")
+void row_avx2(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int32_t* acc) {
+    __m256i a[2 * NG];
+    for (int g = 0; g < 2 * NG; ++g) a[g] = _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi16(0x00FF);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
+        const int8_t* w = wq + 4 * b;
+        const __m256i w02 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(w[0]) |
+                                                                   (static_cast<uint32_t>(static_cast<uint16_t>(w[2])) << 16)));
+        const __m256i w13 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(w[1]) |
+                                                                   (static_cast<uint32_t>(static_cast<uint16_t>(w[3])) << 16)));
+        for (int g = 0; g < 2 * NG; ++g) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * g));
+            const __m256i p = _mm256_madd_epi16(_mm256_and_si256(xv, low), w02);
+            a[g] = _mm256_add_epi32(a[g], _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_srli_epi16(xv, 8), w13)));
+        }
+    }
+    for (int g = 0; g < 2 * NG; ++g) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 8 * g), a[g]);
+}
+#endif
+
+template <typename ColT>
+inline void row_dispatch(int isa, const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb,
+                         int ng, int32_t* acc) {
+#if VLS_I8_X86
+#define VLS_I8_CASES(fn)                                     \
+    switch (ng) {                                            \
+        case 1: fn<1, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 2: fn<2, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 3: fn<3, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 4: fn<4, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 5: fn<5, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 6: fn<6, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        case 7: fn<7, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+        default: fn<8, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+    }
+    if (isa == kVnni512) { VLS_I8_CASES(row_vnni) }
+    if (isa == kAvx2) {
+        // 16 ymm registers: at most 4 groups (8 accumulators) at a time
+        for (int g0 = 0; g0 < ng; g0 += 4) {
+            const int n = std::min(4, ng - g0);
+            const uint8_t* x0 = xs + 64 * g0;
+            int32_t* a0 = acc + kGroup * g0;
+            if (n == 4) row_avx2<4, ColT>(x0, ld, bcol, wq, nb, a0);
+            else if (n == 3) row_avx2<3, ColT>(x0, ld, bcol, wq, nb, a0);
+            else if (n == 2) row_avx2<2, ColT>(x0, ld, bcol, wq, nb, a0);
+            else row_avx2<1, ColT>(x0, ld, bcol, wq, nb, a0);
+        }
+        return;
+    }
+#undef VLS_I8_CASES
+#else
+    (void)isa;
+#endif
+    row_scalar<ColT>(xs, ld, bcol, wq, nb, ng, acc);
+}
+
+}  // namespace detail8
+
+// Y = act(dequant(Xq Wq^T) + bias) (row-major T x out fp32), or, with acc_out != nullptr, the exact
+// integer accumulations acc[t, o] = sum_k (xq - zp[t]) * wq (int32, T x out) and no y.
+// x: T x in fp32 row-major; crow: out+1 int32 over blocks; bcol: nblocks block columns (input // 4);
+// wq: nblocks x 4 int8; sw: out fp32; wsum: out int32 (sum of the row's wq); bias: out fp32 or nullptr.
+// isa: -1 best available, else kScalar / kAvx2 / kVnni512 (must be supported).
+template <typename ColT>
+void spmm_int8(const float* x, int64_t tokens, int64_t in, const int32_t* crow, const ColT* bcol, const int8_t* wq,
+               const float* sw, const int32_t* wsum, const float* bias, int64_t out, float* y, int32_t* acc_out,
+               Act act, int isa) {
+    if (tokens <= 0 || out <= 0) return;
+    if (isa < 0) isa = best_isa();
+    const int64_t tp = padded_tokens(tokens), kb_n = (in + 3) / 4, ld = tp * 4;
+    static thread_local vlsparse::detail::Scratch xbuf, sbuf;
+    uint8_t* xq = reinterpret_cast<uint8_t*>(xbuf.get(static_cast<size_t>(kb_n * tp + tp)));
+    float* sx = sbuf.get(static_cast<size_t>(2 * tp));
+    int32_t* zp = reinterpret_cast<int32_t*>(sx + tp);
+    quantize_tokens(x, tokens, in, in, xq, tp, sx, zp);
+    const int64_t groups = tp / kGroup, n_strips = (groups + kMaxGroups - 1) / kMaxGroups;
+    const int64_t row_blocks = (out + kRowBlock - 1) / kRowBlock;
+    OmpFor()(n_strips * row_blocks, [&](int64_t unit) {
+        const int64_t s = unit / row_blocks, r0 = (unit % row_blocks) * kRowBlock;
+        const int64_t g0 = s * groups / n_strips, g1 = (s + 1) * groups / n_strips;  // balanced strips
+        const int ng = static_cast<int>(g1 - g0);
+        const int64_t t0 = g0 * kGroup, tn = std::min(tokens, g1 * kGroup) - t0, width = ng * kGroup;
+        const int64_t nr = std::min(kRowBlock, out - r0);
+        alignas(64) int32_t acc[kMaxGroups * kGroup];
+        static thread_local vlsparse::detail::Scratch tile_buf;
+        float* tile = tile_buf.get(static_cast<size_t>(kRowBlock * kMaxGroups * kGroup));
+        for (int64_t r = 0; r < nr; ++r) {
+            const int64_t o = r0 + r, b0 = crow[o];
+            detail8::row_dispatch<ColT>(isa, xq + t0 * 4, ld, bcol + b0, wq + 4 * b0, crow[o + 1] - b0, ng, acc);
+            for (int64_t i = 0; i < tn; ++i) acc[i] -= zp[t0 + i] * wsum[o];
+            if (acc_out != nullptr) {
+                for (int64_t i = 0; i < tn; ++i) acc_out[(t0 + i) * out + o] = acc[i];
+                continue;
+            }
+            const float b = bias ? bias[o] : 0.0f;
+            float* trow = tile + r * width;
+            for (int64_t i = 0; i < tn; ++i) trow[i] = static_cast<float>(acc[i]) * (sx[t0 + i] * sw[o]) + b;
+            if (act == Act::Gelu) vlsparse::detail::gelu_erf_inplace(trow, tn);
+        }
+        if (acc_out == nullptr)
+            vlsparse::detail::tile_to_rowmajor(tile, width, nr, tn, y + t0 * out + r0, out);
+    });
+}
+
+}  // namespace int8
+}  // namespace vlsparse
