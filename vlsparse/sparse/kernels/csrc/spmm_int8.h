@@ -21,7 +21,8 @@
 //   1 "avx2"        exact emulation: bytes widened to int16 pairs and vpmaddwd (no vpmaddubsw, which saturates)
 //   0 "scalar"      plain C++
 // Every path is compiled with its own target attribute (GCC/Clang), so one build runs on any x86-64 CPU.
-// Threads: OpenMP over (token strip, block of 64 output rows) units, like spmm.h.
+// Threads: OpenMP over (token strip, block of 64 output rows) units, like spmm.h; inputs walked in column blocks
+// whose slice of the packed xq stays in L1 (per-row cursors into the sorted blocks), as spmm.h does.
 #pragma once
 
 #include <cmath>
@@ -46,6 +47,7 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kVnni512 = 2 };
 constexpr int kGroup = 16;  // tokens per group (one AVX-512 vector of int32)
 constexpr int kMaxGroups = 8;  // groups per token strip
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kL1Bytes = 24 * 1024;  // bytes of packed xq per column block
 
 inline const char* isa_name(int isa) {
     return isa == kVnni512 ? "avx512vnni" : isa == kAvx2 ? "avx2" : "scalar";
@@ -68,41 +70,74 @@ inline int best_isa() {
 
 inline int64_t padded_tokens(int64_t tokens) { return (tokens + kGroup - 1) / kGroup * kGroup; }
 
-// Per-token quantisation (formula above) of x (T x in, row stride ldx) into the packed xq (KB x Tp x 4
-// bytes, KB = ceil(in / 4)), sx (T) and zp (T). Plain C++ on every path (the same numbers everywhere).
+// Round half to even for |v| < 2^22 (adding and removing 1.5 * 2^23 rounds at the units in round-to-nearest
+// mode): what std::nearbyint gives, but in a form the compiler vectorises. |x / sx| <= 255 here.
+inline float round_even(float v) {
+    const float magic = 12582912.0f;
+    return (v + magic) - magic;
+}
+
+// One token's quantisation (formula above): returns its scale and zero point, writes its bytes into the packed
+// xq (dst = the token's first byte; a block row is ld bytes). Plain C++ that the compiler vectorises (exact
+// operations, so the numbers are the same on every path); all sizes are parameters so that the byte
+// stores cannot alias them.
+inline void quantize_token(const float* __restrict row, int64_t in, int64_t ld, uint8_t* __restrict dst,
+                           uint8_t* __restrict q, float* s_out, int32_t* z_out) {
+    constexpr int L = 16;
+    float mn[L] = {}, mx[L] = {};  // start at 0: lo = min(0, min x), hi = max(0, max x)
+    int64_t k = 0;
+    for (; k + L <= in; k += L)
+        for (int j = 0; j < L; ++j) {
+            const float v = row[k + j];
+            mn[j] = v < mn[j] ? v : mn[j];
+            mx[j] = v > mx[j] ? v : mx[j];
+        }
+    for (; k < in; ++k) {
+        mn[0] = row[k] < mn[0] ? row[k] : mn[0];
+        mx[0] = row[k] > mx[0] ? row[k] : mx[0];
+    }
+    float lo = 0.0f, hi = 0.0f;
+    for (int j = 0; j < L; ++j) {
+        lo = std::min(lo, mn[j]);
+        hi = std::max(hi, mx[j]);
+    }
+    float s = (hi - lo) / 255.0f;
+    if (!(s > 0.0f)) s = 1.0f;
+    const float z = std::min(255.0f, std::max(0.0f, round_even(-lo / s)));
+    *s_out = s;
+    *z_out = static_cast<int32_t>(z);
+    for (int64_t i = 0; i < in; ++i) {
+        float v = round_even(row[i] / s) + z;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > 255.0f ? 255.0f : v;
+        q[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
+    }
+    const int64_t kb_n = (in + 3) / 4;
+    for (int64_t i = in; i < kb_n * 4; ++i) q[i] = 0;
+    for (int64_t kb = 0; kb < kb_n; ++kb) std::memcpy(dst + kb * ld, q + 4 * kb, 4);
+}
+
+// Per-token quantisation of x (T x in, row stride ldx) into the packed xq (KB x Tp x 4 bytes, KB = ceil(in / 4);
+// padded tokens zero), sx (T) and zp (T).
 inline void quantize_tokens(const float* x, int64_t tokens, int64_t in, int64_t ldx, uint8_t* xq, int64_t tp,
                             float* sx, int32_t* zp) {
     const int64_t kb_n = (in + 3) / 4;
     std::memset(xq, 0, static_cast<size_t>(kb_n * tp * 4));
     OmpFor()(tokens, [&](int64_t t) {
-        const float* row = x + t * ldx;
-        float lo = 0.0f, hi = 0.0f;
-        for (int64_t k = 0; k < in; ++k) {
-            lo = std::min(lo, row[k]);
-            hi = std::max(hi, row[k]);
-        }
-        float s = (hi - lo) / 255.0f;
-        if (!(s > 0.0f)) s = 1.0f;
-        const float z = std::min(255.0f, std::max(0.0f, std::nearbyint(-lo / s)));
-        sx[t] = s;
-        zp[t] = static_cast<int32_t>(z);
-        uint8_t* dst = xq + t * 4;
-        for (int64_t k = 0; k < in; ++k) {
-            const float q = std::min(255.0f, std::max(0.0f, std::nearbyint(row[k] / s) + z));
-            dst[(k >> 2) * tp * 4 + (k & 3)] = static_cast<uint8_t>(q);
-        }
+        static thread_local vlsparse::detail::Scratch buf;
+        uint8_t* q = reinterpret_cast<uint8_t*>(buf.get(static_cast<size_t>(kb_n + 1)));
+        quantize_token(x + t * ldx, in, tp * 4, xq + t * 4, q, sx + t, zp + t);
     });
 }
 
 namespace detail8 {
 
-// acc[g * 16 + i] (int32) = sum over the row's blocks b of dot4(xq[bcol[b]][token g*16+i], wq[b]), for the
-// NG groups of 16 tokens starting at xs (row stride of xq per block: ld bytes).
+// acc[g * 16 + i] (int32) += sum over the nb blocks b of dot4(xq[bcol[b]][token g*16+i], wq[b]), for the NG
+// groups of 16 tokens starting at xs (one block row of xq is ld bytes).
 template <typename ColT>
 inline void row_scalar(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int ng,
                        int32_t* acc) {
     const int n = ng * kGroup;
-    for (int i = 0; i < n; ++i) acc[i] = 0;
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
         const int8_t* w = wq + 4 * b;
@@ -112,20 +147,33 @@ inline void row_scalar(const uint8_t* xs, int64_t ld, const ColT* bcol, const in
 }
 
 #if VLS_I8_X86
+template <int NG>
+VLS_I8_TARGET("avx512f,avx512bw,avx512vnni")
+inline void vnni_step(__m512i* a, const uint8_t* xb, const int8_t* wq) {
+    int32_t w4;
+    std::memcpy(&w4, wq, 4);
+    const __m512i w = _mm512_set1_epi32(w4);
+    for (int g = 0; g < NG; ++g)
+        a[g] = _mm512_dpbusd_epi32(a[g], _mm512_loadu_si512(reinterpret_cast<const void*>(xb + 64 * g)), w);
+}
+
+// U independent accumulator sets (blocks b, b+1, ... in turn) hide vpdpbusd's latency when NG is small.
 template <int NG, typename ColT>
 VLS_I8_TARGET("avx512f,avx512bw,avx512vnni")
 void row_vnni(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int32_t* acc) {
-    __m512i a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_si512();
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
-        int32_t w4;
-        std::memcpy(&w4, wq + 4 * b, 4);
-        const __m512i w = _mm512_set1_epi32(w4);
-        for (int g = 0; g < NG; ++g)
-            a[g] = _mm512_dpbusd_epi32(a[g], _mm512_loadu_si512(reinterpret_cast<const void*>(xb + 64 * g)), w);
+    constexpr int U = NG >= 4 ? 1 : NG >= 2 ? 2 : 4;
+    __m512i a[U][NG];
+    for (int u = 0; u < U; ++u)
+        for (int g = 0; g < NG; ++g) a[u][g] = _mm512_setzero_si512();
+    int64_t b = 0;
+    for (; b + U <= nb; b += U)
+        for (int u = 0; u < U; ++u) vnni_step<NG>(a[u], xs + static_cast<int64_t>(bcol[b + u]) * ld, wq + 4 * (b + u));
+    for (; b < nb; ++b) vnni_step<NG>(a[0], xs + static_cast<int64_t>(bcol[b]) * ld, wq + 4 * b);
+    for (int g = 0; g < NG; ++g) {
+        __m512i s = _mm512_loadu_si512(reinterpret_cast<const void*>(acc + 16 * g));
+        for (int u = 0; u < U; ++u) s = _mm512_add_epi32(s, a[u][g]);
+        _mm512_storeu_si512(reinterpret_cast<void*>(acc + 16 * g), s);
     }
-    for (int g = 0; g < NG; ++g) _mm512_storeu_si512(reinterpret_cast<void*>(acc + 16 * g), a[g]);
 }
 
 // AVX2 has no u8 x s8 -> int32 dot product without saturation (vpmaddubsw saturates at int16), so the bytes
@@ -134,7 +182,7 @@ template <int NG, typename ColT>
 VLS_I8_TARGET("avx2")
 void row_avx2(const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb, int32_t* acc) {
     __m256i a[2 * NG];
-    for (int g = 0; g < 2 * NG; ++g) a[g] = _mm256_setzero_si256();
+    for (int g = 0; g < 2 * NG; ++g) a[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + 8 * g));
     const __m256i low = _mm256_set1_epi16(0x00FF);
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* xb = xs + static_cast<int64_t>(bcol[b]) * ld;
@@ -157,18 +205,18 @@ template <typename ColT>
 inline void row_dispatch(int isa, const uint8_t* xs, int64_t ld, const ColT* bcol, const int8_t* wq, int64_t nb,
                          int ng, int32_t* acc) {
 #if VLS_I8_X86
-#define VLS_I8_CASES(fn)                                     \
-    switch (ng) {                                            \
-        case 1: fn<1, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 2: fn<2, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 3: fn<3, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 4: fn<4, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 5: fn<5, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 6: fn<6, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        case 7: fn<7, ColT>(xs, ld, bcol, wq, nb, acc); return; \
-        default: fn<8, ColT>(xs, ld, bcol, wq, nb, acc); return; \
+    if (isa == kVnni512) {
+        switch (ng) {
+            case 1: row_vnni<1, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 2: row_vnni<2, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 3: row_vnni<3, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 4: row_vnni<4, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 5: row_vnni<5, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 6: row_vnni<6, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            case 7: row_vnni<7, ColT>(xs, ld, bcol, wq, nb, acc); return;
+            default: row_vnni<8, ColT>(xs, ld, bcol, wq, nb, acc); return;
+        }
     }
-    if (isa == kVnni512) { VLS_I8_CASES(row_vnni) }
     if (isa == kAvx2) {
         // 16 ymm registers: at most 4 groups (8 accumulators) at a time
         for (int g0 = 0; g0 < ng; g0 += 4) {
@@ -182,7 +230,6 @@ inline void row_dispatch(int isa, const uint8_t* xs, int64_t ld, const ColT* bco
         }
         return;
     }
-#undef VLS_I8_CASES
 #else
     (void)isa;
 #endif
@@ -216,20 +263,38 @@ void spmm_int8(const float* x, int64_t tokens, int64_t in, const int32_t* crow, 
         const int ng = static_cast<int>(g1 - g0);
         const int64_t t0 = g0 * kGroup, tn = std::min(tokens, g1 * kGroup) - t0, width = ng * kGroup;
         const int64_t nr = std::min(kRowBlock, out - r0);
-        alignas(64) int32_t acc[kMaxGroups * kGroup];
-        static thread_local vlsparse::detail::Scratch tile_buf;
+        static thread_local vlsparse::detail::Scratch tile_buf, acc_buf;
         float* tile = tile_buf.get(static_cast<size_t>(kRowBlock * kMaxGroups * kGroup));
+        int32_t* acc = reinterpret_cast<int32_t*>(acc_buf.get(static_cast<size_t>(kRowBlock * kMaxGroups * kGroup)));
+        std::memset(acc, 0, static_cast<size_t>(nr * width) * sizeof(int32_t));
+        // Walk the inputs in column blocks whose part of xq (cb blocks x ng groups x 64 bytes) stays in L1, with
+        // a cursor per row into its (sorted) blocks.
+        const int64_t cb = std::max<int64_t>(16, kL1Bytes / (64 * ng));
+        int64_t cur[kRowBlock];
+        for (int64_t r = 0; r < nr; ++r) cur[r] = crow[r0 + r];
+        for (int64_t c0 = 0; c0 < kb_n; c0 += cb) {
+            const int64_t lim = c0 + cb;
+            for (int64_t r = 0; r < nr; ++r) {
+                int64_t e = cur[r];
+                const int64_t end = crow[r0 + r + 1];
+                while (e < end && bcol[e] < lim) ++e;
+                if (e > cur[r])
+                    detail8::row_dispatch<ColT>(isa, xq + t0 * 4, ld, bcol + cur[r], wq + 4 * cur[r], e - cur[r], ng,
+                                                acc + r * width);
+                cur[r] = e;
+            }
+        }
         for (int64_t r = 0; r < nr; ++r) {
-            const int64_t o = r0 + r, b0 = crow[o];
-            detail8::row_dispatch<ColT>(isa, xq + t0 * 4, ld, bcol + b0, wq + 4 * b0, crow[o + 1] - b0, ng, acc);
-            for (int64_t i = 0; i < tn; ++i) acc[i] -= zp[t0 + i] * wsum[o];
+            const int64_t o = r0 + r;
+            int32_t* a = acc + r * width;
+            for (int64_t i = 0; i < tn; ++i) a[i] -= zp[t0 + i] * wsum[o];
             if (acc_out != nullptr) {
-                for (int64_t i = 0; i < tn; ++i) acc_out[(t0 + i) * out + o] = acc[i];
+                for (int64_t i = 0; i < tn; ++i) acc_out[(t0 + i) * out + o] = a[i];
                 continue;
             }
             const float b = bias ? bias[o] : 0.0f;
             float* trow = tile + r * width;
-            for (int64_t i = 0; i < tn; ++i) trow[i] = static_cast<float>(acc[i]) * (sx[t0 + i] * sw[o]) + b;
+            for (int64_t i = 0; i < tn; ++i) trow[i] = static_cast<float>(a[i]) * (sx[t0 + i] * sw[o]) + b;
             if (act == Act::Gelu) vlsparse::detail::gelu_erf_inplace(trow, tn);
         }
         if (acc_out == nullptr)
