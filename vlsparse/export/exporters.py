@@ -42,9 +42,10 @@ from vlsparse.pruning.mask import Mask, apply_mask, check_mask_fits
 from vlsparse.runtime.bundle import ONNX_FILE, BundleExtras, write_bundle
 from vlsparse.runtime.load import FORMAT, ExportError
 from vlsparse.sparse.csr import BitmaskMatrix, CSRMatrix, encode_sparse
+from vlsparse.sparse.int8 import Int8BlockMatrix
 
 LAYOUTS = ("auto", "csr", "bitmask")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 EXTERNAL_DATA_BYTES = 512 * 2**20  # larger ONNX models keep their weights in model.onnx.data
 
 
@@ -96,8 +97,11 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
     Args:
         model: a vlsparse model (``config``, ``prune_scope()``), weights as trained.
         mask: name -> bool (out, in) tensor for the pruned Linear weights.
-        dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32).
-        layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight).
+        dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32), or
+            "int8": symmetric int8 weights with one fp32 scale per output channel, stored as bitmask + int8
+            values (:class:`vlsparse.sparse.int8.Int8BlockMatrix`; loaded as Int8SparseLinear, activations
+            quantised per token at run time). Recorded in the header and in manifest.json.
+        layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight); int8: bitmask.
         bundle_extras: task info, tokenizer and ticket metadata written beside the model (bundle kind "csr").
 
     Raises:
@@ -115,6 +119,9 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         state = cpu_state(net)
         tensors = {k: v for k, v in state.items() if k not in mask}
         for name, m in mask.items():
+            if dtype == "int8":
+                tensors.update(Int8BlockMatrix.from_dense(state[name], m).to_tensors(name))
+                continue
             enc = encode_sparse(state[name], m, DTYPES[dtype])
             if layout == "csr" and isinstance(enc, BitmaskMatrix):
                 enc = enc.to_csr()
@@ -124,7 +131,7 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         meta = {"format": FORMAT, "sparse": json.dumps(sorted(mask)), "dtype": dtype}
         save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
         _write_config(net, tmp)
-        write_bundle(tmp, "csr", bundle_extras)
+        write_bundle(tmp, "csr", bundle_extras, dtype=dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
