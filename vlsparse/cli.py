@@ -37,7 +37,7 @@ _TASK = typer.Option("easy-vqa", "--task", help="task name")
 
 
 _TRAIN = ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
-_IMP = ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
+_IMP = ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions", "block"))
 _ADV = ConfigOptions(AdversarialConfig, tuple(f.name for f in dataclasses.fields(AdversarialConfig)))
 
 
