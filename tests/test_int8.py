@@ -60,14 +60,15 @@ def test_every_isa_of_this_cpu_is_tested():
     assert ISAS[-1] == "scalar" and set(ISAS) <= set(cpu_int8.ISAS)
 
 
-def test_activation_quantisation_equals_numpy():
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantisation_equals_numpy(isa):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 37, generator=g) * 3
     x[1] = 0  # scale 1, zero point 0
     x[2] = x[2].abs() + 0.1  # all positive: lo = 0, zp = 0
     x[3] = -x[3].abs() - 0.1  # all negative: zp = 255
     x[4, :] = 0.5  # one value
-    xq, sx, zp = cpu_int8.quantize(x)
+    xq, sx, zp = cpu_int8.quantize(x, isa)
     rq, rs, rz = np_quantize_tokens(x.numpy())
     np.testing.assert_array_equal(xq.numpy(), rq)
     np.testing.assert_array_equal(sx.numpy(), rs)

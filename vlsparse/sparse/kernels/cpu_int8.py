@@ -50,12 +50,13 @@ def isas() -> list[str]:
     return list(load_extension().isas())
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel's per-token activation quantisation of x (T, in) float32: xq uint8 (T, in), scale float32 (T,),
-    zero point int32 (T,), with x ~ scale[t] * (xq - zp[t]) (ONNX DynamicQuantizeLinear's formula per row)."""
+    zero point int32 (T,), with x ~ scale[t] * (xq - zp[t]) (ONNX DynamicQuantizeLinear's formula per row).
+    isa: as :func:`spmm_int8` (the AVX-512 quantiser runs with "avx512vnni", plain C++ otherwise)."""
     if x.dim() != 2 or x.dtype != torch.float32:
         raise ValueError(f"quantize: x must be 2-D float32, got {x.dtype} {tuple(x.shape)}")
-    xq, sx, zp = load_extension().quantize(x.contiguous())
+    xq, sx, zp = load_extension().quantize(x.contiguous(), _isa(isa))
     return xq, sx, zp
 
 
@@ -72,8 +73,12 @@ def spmm_int8(x: torch.Tensor, crow_indices: torch.Tensor, block_cols: torch.Ten
     """
     if x.dim() != 2 or x.dtype != torch.float32:
         raise ValueError(f"spmm_int8: x must be 2-D float32 (tokens, in_features), got {x.dtype} {tuple(x.shape)}")
-    if isa is not None and isa not in ISAS:
-        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     act = cpu._act(activation)
     return load_extension().spmm_int8(x.contiguous(), crow_indices, block_cols, values, scales, row_sums, bias,
-                                      int(out_features), act, -1 if isa is None else ISAS[isa], bool(raw))
+                                      int(out_features), act, _isa(isa), bool(raw))
+
+
+def _isa(isa: str | None) -> int:
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    return -1 if isa is None else ISAS[isa]
