@@ -80,19 +80,20 @@ def make_fns(backend: str, lin, mask, x):
     return lambda: layer(x)
 
 
-def _batch(fn, n: int) -> float:
-    t = time.perf_counter()
+def _batch(fn, n: int, clock=time.perf_counter) -> float:
+    t = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t) / n
+    return (clock() - t) / n
 
 
-def measure(fns: dict, rounds: int = 15, batch_ms: float = 4.0, stat: str = "median") -> dict:
-    """Median (or min) seconds per call for each callable, interleaved round by round."""
+def measure(fns: dict, rounds: int = 15, batch_ms: float = 4.0, stat: str = "median", clock=time.perf_counter) -> dict:
+    """Median (or min) seconds per call for each callable, interleaved round by round. ``clock``: wall time
+    (time.perf_counter), or time.thread_time for 1-thread runs on a loaded machine (CPU time of this thread)."""
     reps = {}
     for name, fn in fns.items():
         fn()
-        one = max(_batch(fn, 3), 1e-7)
+        one = max(_batch(fn, 3, clock), 1e-7)
         reps[name] = max(1, int(batch_ms * 1e-3 / one))
     if stat == "min":  # single calls, many of them: the fastest is the least disturbed
         rounds = rounds * max(reps.values())
@@ -100,7 +101,7 @@ def measure(fns: dict, rounds: int = 15, batch_ms: float = 4.0, stat: str = "med
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(_batch(fn, reps[name]))
+            samples[name].append(_batch(fn, reps[name], clock))
     reduce = statistics.median if stat == "median" else min
     return {name: reduce(v) for name, v in samples.items()}
 

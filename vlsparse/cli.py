@@ -37,7 +37,7 @@ _TASK = typer.Option("easy-vqa", "--task", help="task name")
 
 
 _TRAIN = ConfigOptions(TrainConfig, ("steps", "batch_size", "lr", "head_lr", "warmup", "seed", "device"))
-_IMP = ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions"))
+_IMP = ConfigOptions(IMPConfig, ("rewind_step", "theta0", "init", "corpus", "objectives", "proportions", "block"))
 _ADV = ConfigOptions(AdversarialConfig, tuple(f.name for f in dataclasses.fields(AdversarialConfig)))
 
 
@@ -224,7 +224,8 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            weights: Path = typer.Option(..., help="safetensors state_dict: train-ticket's weights.safetensors or θ0"),
            model: str = _MODEL, format: str = typer.Option("csr", "--format", help="csr | onnx"),
            sparse: bool = typer.Option(False, "--sparse", help="onnx: pruned Linears as the vlsparse custom op"),
-           dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16"),
+           dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16 | int8 (per-channel "
+                                                           "int8 weights, int8 activations per token)"),
            layout: str = typer.Option("auto", help="csr: csr | bitmask | auto (smaller per weight)"),
            min_sparsity: float = typer.Option(0.5, help="onnx --sparse: convert weights with at least this sparsity"),
            autotune: bool = typer.Option(False, "--autotune", help="csr, onnx --sparse: time each pruned Linear "

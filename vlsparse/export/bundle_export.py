@@ -49,7 +49,7 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         model: the model name or path the weights belong to (as ``--model``).
         out: the bundle directory; must not exist.
         format: "csr" (PyTorch + our SpMM kernels) or "onnx"; ``sparse``: ONNX with the custom op.
-        dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16") and layout ("auto" | "csr" | "bitmask").
+        dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16" | "int8") and layout ("auto" | "csr" | "bitmask").
         min_sparsity: ONNX ``sparse``: convert the Linears with at least this fraction of zeros.
         task_info: task.json; default: the one beside ``weights`` or one level up.
         autotune_tokens: time each pruned Linear dense and CSR at these token counts on this machine and keep
@@ -65,10 +65,14 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         raise ValueError(f"--format must be csr or onnx, got {format!r}")
     if sparse and format != "onnx":
         raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
+    if dtype != "fp32" and format != "csr":
+        raise ValueError(f"--dtype {dtype} applies to --format csr only (ONNX exports are fp32)")
     if out.exists():
         raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
     if autotune_tokens is not None and format == "onnx" and not sparse:
         raise ValueError("--autotune applies to --format csr and to --format onnx --sparse")
+    if autotune_tokens is not None and dtype != "fp32":
+        raise ValueError(f"--autotune times the fp32 kernels; it does not apply to --dtype {dtype}")
     t = Ticket.load(ticket)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file not found")

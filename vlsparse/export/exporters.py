@@ -45,9 +45,10 @@ from vlsparse.runtime.bundle import ONNX_FILE, BundleExtras, write_bundle
 from vlsparse.runtime.checks import AUTOTUNE_FILE
 from vlsparse.runtime.load import FORMAT, ExportError
 from vlsparse.sparse.csr import BitmaskMatrix, CSRMatrix, encode_sparse
+from vlsparse.sparse.int8 import Int8BlockMatrix
 
 LAYOUTS = ("auto", "csr", "bitmask")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 EXTERNAL_DATA_BYTES = 512 * 2**20  # larger ONNX models keep their weights in model.onnx.data
 
 
@@ -99,8 +100,11 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
     Args:
         model: a vlsparse model (``config``, ``prune_scope()``), weights as trained.
         mask: name -> bool (out, in) tensor for the pruned Linear weights.
-        dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32).
-        layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight).
+        dtype: "fp32" | "fp16" | "bf16", the dtype of the stored nonzero values (dense tensors stay fp32), or
+            "int8": symmetric int8 weights with one fp32 scale per output channel, stored as bitmask + int8
+            values (:class:`vlsparse.sparse.int8.Int8BlockMatrix`; loaded as Int8SparseLinear, activations
+            quantised per token at run time). Recorded in the header and in manifest.json.
+        layout: "csr", "bitmask" (packed bits + values) or "auto" (the smaller one per weight); int8: bitmask.
         bundle_extras: task info, tokenizer and ticket metadata written beside the model (bundle kind "csr").
         tuned: an :func:`vlsparse.export.autotune.autotune` record: its "dense" layers are stored dense (masked),
             the others sparse; written as autotune.json with each sparse layer's stored layout as its choice.
@@ -121,6 +125,9 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         dense = {n for n, e in (tuned or {}).get("layers", {}).items() if e["choice"] == "dense"}
         tensors = {k: v for k, v in state.items() if k not in mask or k in dense}
         for name, m in ((n, m) for n, m in mask.items() if n not in dense):
+            if dtype == "int8":  # (export_bundle refuses --autotune with int8)
+                tensors.update(Int8BlockMatrix.from_dense(state[name], m).to_tensors(name))
+                continue
             enc = encode_sparse(state[name], m, DTYPES[dtype])
             if layout == "csr" and isinstance(enc, BitmaskMatrix):
                 enc = enc.to_csr()
@@ -134,7 +141,7 @@ def export_csr(model: nn.Module, mask: Mask, out: str | Path, dtype: str = "fp32
         _write_config(net, tmp)
         if tuned is not None:
             write_json(tmp / AUTOTUNE_FILE, tuned)
-        write_bundle(tmp, "csr", bundle_extras)
+        write_bundle(tmp, "csr", bundle_extras, dtype=dtype)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

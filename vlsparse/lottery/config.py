@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from vlsparse.pruning.magnitude import parse_block
 from vlsparse.training.config import TrainConfig
 
 #: the ``--task`` of IMP on the pre-training objectives (task-agnostic tickets, Gan et al. 2022 sec. 3 (ii))
@@ -92,12 +93,15 @@ class IMPConfig:
     objectives: str = field(default="mlm,mrfr,itm,wra", metadata={"help": "--task pretrain: objectives"})
     proportions: str | None = field(default=None, metadata={"help": "--task pretrain: share of batches per "
                                                                      "objective, e.g. 2,1,2,1 (default equal)"})
+    block: str = field(default="1x1", metadata={"help": "prune whole ROWSxCOLS blocks by their L2 norm, e.g. 1x4 "
+                                                        "(4 consecutive inputs: what the int8 kernel multiplies)"})
 
     def __post_init__(self):
         if any(not 0.0 <= s < 1.0 for s in self.levels) or self.levels != sorted(set(self.levels)):
             raise ValueError(f"sparsity levels must be increasing fractions in [0, 1), got {self.levels}")
         if not 0 <= self.rewind_step < self.train.steps:
             raise ValueError(f"--rewind-step must be in [0, steps={self.train.steps}), got {self.rewind_step}")
+        parse_block(self.block)
         if (self.task == PRETRAIN) != (self.corpus is not None):
             raise ValueError("--task pretrain needs --corpus (and --corpus needs --task pretrain)")
         if self.task == PRETRAIN and self.rewind_step:
@@ -109,7 +113,7 @@ class IMPConfig:
         so that earlier runs resume)."""
         d = asdict(self)
         d["train"] = self.train.identity()
-        defaults = {"theta0": None, "init": "pretrained", "corpus": None, "proportions": None}
+        defaults = {"theta0": None, "init": "pretrained", "corpus": None, "proportions": None, "block": "1x1"}
         drop = [k for k, v in defaults.items() if d[k] == v] + ([] if self.task == PRETRAIN else ["objectives"])
         return {k: v for k, v in d.items() if k not in drop}
 

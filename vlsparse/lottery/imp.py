@@ -26,7 +26,7 @@ from vlsparse.data import save_task_info
 from vlsparse.lottery.config import PRETRAIN, IMPConfig, schedule
 from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
 from vlsparse.lottery.setup import setup
-from vlsparse.pruning.magnitude import global_magnitude_prune
+from vlsparse.pruning.magnitude import check_block, global_magnitude_prune, parse_block
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
@@ -76,6 +76,8 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
     run = Run(run)
     rounds = rounds or TaskRounds(task, collate)
     scope = model.prune_scope()
+    params = dict(model.named_parameters())
+    check_block({n: tuple(params[n].shape) for n in scope}, parse_block(cfg.block))  # before any training
     levels = [0.0] + list(cfg.levels)
     theta0, first = run.theta0, run.ticket(0)
 
@@ -114,7 +116,8 @@ def run_imp(run: str | Path, model: nn.Module, task, collate: Callable, cfg: IMP
         new = None
         if k + 1 < len(levels):
             weights = dict(model.named_parameters())
-            new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1])
+            new = global_magnitude_prune({n: weights[n] for n in scope}, ticket.mask, levels[k + 1],
+                                         parse_block(cfg.block))
             check_same_tensors(new, f"the mask computed for level {k + 1}")
         main_only(lambda k=k, new=new, metrics=metrics: _finish_level(run, model, cfg, levels, k, new, metrics))
         results.append(metrics)
@@ -134,6 +137,8 @@ def _finish_level(run: Run, model: nn.Module, cfg: IMPConfig, levels: list[float
 
 def _meta(cfg: IMPConfig, k: int, target: float, val_metric: dict) -> dict[str, str]:
     extra = {"objectives": cfg.objectives, "corpus": cfg.corpus} if cfg.task == PRETRAIN else {}
+    if cfg.block != "1x1":
+        extra["block"] = cfg.block  # the ticket's masks are made of whole blocks of this shape
     return {"model": cfg.model, "task": cfg.task, "method": "imp", "target_sparsity": f"{target:.6f}",
             "imp_round": str(k), "rewind_step": str(cfg.rewind_step), "seed": str(cfg.train.seed),
             "val_metric": json.dumps(val_metric), "init": cfg.init, **extra, **training_meta(cfg.train.adversarial)}

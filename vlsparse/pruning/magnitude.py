@@ -4,6 +4,12 @@ Global magnitude pruning follows Han et al. (2015) as used by IMP in Gan et al. 
 Algorithm 1) and open_lth's ``pruning/sparse_global.py``: rank the magnitudes of all *kept*
 weights in the scope together and remove the smallest until the target global sparsity is reached.
 Ties are broken by position (torch.topk on the flattened vector), so results are deterministic.
+
+Block pruning (``block=(rows, cols)``, e.g. (1, 4): 4 consecutive inputs of one output row, the groups the
+int8 kernel's VNNI path multiplies): the same global ranking over whole blocks scored by their L2 norm
+(group-lasso-style block magnitude, as in Narang et al. 2017 "Block-sparse recurrent neural networks" and
+Gray et al. 2017's block-sparse kernels), so every mask is made of whole blocks; the target sparsity is
+counted in blocks (= in weights, every block being the same size).
 """
 
 from __future__ import annotations
@@ -30,20 +36,49 @@ def _n_to_prune(mask: Mask, target: float) -> int:
     return want - pruned
 
 
-def global_magnitude_prune(weights: dict[str, torch.Tensor], mask: Mask, target: float) -> Mask:
+def parse_block(text: str) -> tuple[int, int]:
+    """"ROWSxCOLS" (e.g. "1x4") -> (rows, cols), both in [1, 64]; ValueError (one line) otherwise."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 64 for p in parts):
+        raise ValueError(f"--block must be ROWSxCOLS with sizes in 1..64 (e.g. 1x4), got {str(text)[:40]!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def check_block(shapes: dict[str, tuple[int, ...]], block: tuple[int, int]) -> None:
+    """ValueError (one line, naming the first weight) unless ``block`` divides every weight shape (out, in)."""
+    r, c = block
+    for name, shape in shapes.items():
+        if len(shape) != 2 or shape[0] % r or shape[1] % c:
+            raise ValueError(f"--block {r}x{c}: {name} of shape {tuple(shape)} does not divide into {r}x{c} blocks")
+
+
+def _blocks(t: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    """(out, in) -> (out / rows, in / cols, rows * cols): the weights of every block; ValueError if it does not divide."""
+    (r, c), shape = block, tuple(t.shape)
+    check_block({name: shape}, block)
+    return t.reshape(shape[0] // r, r, shape[1] // c, c).transpose(1, 2).reshape(shape[0] // r, shape[1] // c, r * c)
+
+
+def global_magnitude_prune(weights: dict[str, torch.Tensor], mask: Mask, target: float,
+                           block: tuple[int, int] = (1, 1)) -> Mask:
     """Extend ``mask`` to global ``target`` sparsity by removing the smallest-magnitude kept weights.
 
     Args:
         weights: name -> trained weight tensor (any float dtype/device), the keys of ``mask``.
         mask: current mask (name -> bool tensor, True = kept); already-pruned weights stay pruned.
         target: global sparsity after pruning, a fraction in [0, 1).
+        block: (rows, cols): prune whole blocks ranked by their L2 norm (module docstring); (1, 1): weights.
 
     Returns:
-        a new mask (CPU bool tensors) with exactly ``round(target * total)`` zeros.
+        a new mask (CPU bool tensors) with exactly ``round(target * total)`` zeros (in blocks: round(target *
+        blocks) whole blocks pruned).
 
     Raises:
-        ValueError: target outside [0, 1) or below the current sparsity.
+        ValueError: target outside [0, 1) or below the current sparsity; a weight whose shape the block does
+            not divide (naming it).
     """
+    if tuple(block) != (1, 1):
+        return _block_prune(weights, mask, target, tuple(block))
     _check_sparsity(target)
     n = _n_to_prune(mask, target)
     names = list(mask)
@@ -53,6 +88,16 @@ def global_magnitude_prune(weights: dict[str, torch.Tensor], mask: Mask, target:
     if n:
         flat[torch.topk(scores, n, largest=False, sorted=False).indices] = False
     return _unflatten(flat, mask)
+
+
+def _block_prune(weights: dict[str, torch.Tensor], mask: Mask, target: float, block: tuple[int, int]) -> Mask:
+    """:func:`global_magnitude_prune` over blocks: a block is kept while any of its weights is (block masks are
+    exact, so all are); its score is the L2 norm of its weights."""
+    bmask = {k: _blocks(m, block, k).any(-1) for k, m in mask.items()}  # (out / r, in / c) bool
+    norms = {k: _blocks(weights[k].detach().float().cpu(), block, k).norm(dim=-1) for k in mask}
+    kept = global_magnitude_prune(norms, bmask, target)
+    r, c = block
+    return {k: m.repeat_interleave(r, 0).repeat_interleave(c, 1) for k, m in kept.items()}
 
 
 def random_prune(mask: Mask, target: float, seed: int = 0) -> Mask:

@@ -13,7 +13,8 @@ Every export directory (``vlsparse export``, :func:`vlsparse.export.exporters.ex
                                              task, method, IMP round, val_metric, and the metrics.json
                                              found beside the weights (val/test VQA score)
     DIR/tokenizer.json, tokenizer_config.json  the tokenizer (``tokenizers`` / transformers format)
-    DIR/manifest.json                        format, kind, vlsparse version, sha256 + size of every
+    DIR/manifest.json                        format, kind, dtype of the stored weights (fp32, fp16,
+                                             bf16, int8), vlsparse version, sha256 + size of every
                                              other file
 
 task.json, ticket.json and the tokenizer come from :class:`BundleExtras`; an export without them has
@@ -40,7 +41,7 @@ from vlsparse._version import __version__
 from vlsparse.atomic import write_json
 from vlsparse.runtime.checks import ANSWER_FIELDS, REGION_FIELDS, BundleError, check_config, check_manifest_entry, check_task
 
-__all__ = ["FORMAT", "KINDS", "MANIFEST", "BundleError", "BundleExtras", "Bundle", "write_bundle", "read_bundle",
+__all__ = ["FORMAT", "KINDS", "DTYPES", "MANIFEST", "BundleError", "BundleExtras", "Bundle", "write_bundle", "read_bundle",
            "find_task_info", "ticket_metadata", "sha256"]
 
 FORMAT = "vlsparse-bundle-1"
@@ -48,6 +49,8 @@ MANIFEST = "manifest.json"
 #: bundle kind -> its model file
 CSR_FILE, ONNX_FILE = "model.safetensors", "model.onnx"
 KINDS = {"csr": CSR_FILE, "onnx": ONNX_FILE, "onnx-sparse": ONNX_FILE}
+#: what manifest.json's "dtype" may say (the stored pruned weights; absent in older bundles: fp32)
+DTYPES = ("fp32", "fp16", "bf16", "int8")
 TASK_FILE, TICKET_FILE, TOKENIZER_FILE = "task.json", "ticket.json", "tokenizer.json"
 __all__ += ["ANSWER_FIELDS", "REGION_FIELDS"]
 
@@ -100,9 +103,10 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None = None) -> dict:
+def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None = None, dtype: str = "fp32") -> dict:
     """Write task.json, ticket.json and the tokenizer files from ``extras`` into ``directory`` (which
     already holds config.json and the model file), then manifest.json over every file; returns the manifest.
+    ``dtype``: the stored weights' dtype (one of :data:`DTYPES`), recorded in the manifest.
 
     Raises:
         BundleError: unknown ``kind``, model file missing, task info that does not fit config.json
@@ -112,6 +116,8 @@ def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None =
     directory = Path(directory)
     if kind not in KINDS:
         raise BundleError(f"bundle kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if dtype not in DTYPES:
+        raise BundleError(f"bundle dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not (directory / KINDS[kind]).is_file():
         raise BundleError(f"{directory / KINDS[kind]}: the {kind} bundle's model file is missing")
     extras = extras or BundleExtras()
@@ -126,7 +132,7 @@ def write_bundle(directory: str | Path, kind: str, extras: BundleExtras | None =
             raise BundleError(f"tokenizer {type(extras.tokenizer).__name__} wrote no {TOKENIZER_FILE}: "
                               "a fast (tokenizers-backed) tokenizer is needed")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": FORMAT, "kind": kind, "vlsparse_version": __version__,
+    manifest = {"format": FORMAT, "kind": kind, "dtype": dtype, "vlsparse_version": __version__,
                 "files": {p.relative_to(directory).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
                           for p in files}}
     write_json(directory / MANIFEST, manifest)
@@ -181,6 +187,8 @@ def read_bundle(path: str | Path) -> Bundle:
             or not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{mpath}: kind {manifest.get('kind')!r} is not one of {', '.join(KINDS)}, "
                           "or the file list is missing")
+    if manifest.get("dtype", "fp32") not in DTYPES:
+        raise BundleError(f"{mpath}: dtype {manifest.get('dtype')!r:.40} is not one of {', '.join(DTYPES)}")
     for name, entry in manifest["files"].items():
         f = check_manifest_entry(path, name, entry, mpath)
         if not f.is_file():

@@ -5,8 +5,9 @@ The directory is the one :func:`vlsparse.export.exporters.export_csr` writes::
     DIR/config.json          the model configuration (model_type selects the class)
     DIR/model.safetensors    per pruned Linear weight ``<name>``: its sparse arrays under
                              ``<name>.crow_indices/.col_indices/.values`` (CSR) or
-                             ``<name>.bitmask/.values`` (bitmask layout); every other tensor dense.
-                             Header: format=vlsparse-csr-1, sparse (JSON list of names).
+                             ``<name>.bitmask/.values`` (bitmask layout) or, int8,
+                             ``<name>.bitmask/.qvalues/.scales``; every other tensor dense.
+                             Header: format=vlsparse-csr-1, sparse (JSON list of names), dtype.
     DIR/autotune.json        optional (``export --autotune``): per pruned Linear the format chosen by
                              timing on the exporting machine ("dense" ones are stored dense) and the times.
 """
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 from vlsparse.models.registry import model_from_config
 from vlsparse.runtime.checks import AUTOTUNE_FILE, read_autotune
 from vlsparse.sparse.csr import decode_sparse
+from vlsparse.sparse.int8 import Int8BlockMatrix, Int8SparseLinear, is_int8
 from vlsparse.sparse.linear import InputShare, SparseLinear
 
 FORMAT = "vlsparse-csr-1"
@@ -37,7 +39,10 @@ class ExportError(ValueError):
 def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> nn.Module:
     """Rebuild a model from a CSR directory with :class:`SparseLinear` in place of the pruned Linears.
 
-    Outputs equal the masked dense model's (fp32 values: <= 1e-4 max abs difference, tested).
+    Outputs equal the masked dense model's (fp32 values: <= 1e-4 max abs difference, tested). An int8 export
+    (header dtype=int8) loads as :class:`~vlsparse.sparse.int8.Int8SparseLinear` layers, each within its
+    docstring's quantisation error bound of the masked fp32 layer (tested); ``backend`` then is "cpu" or
+    "dense" ("auto" and the fp32 kernels' backends mean the int8 kernel).
     The dense model is never materialised: the model is built with its parameters on the meta device
     (no storage), each pruned Linear becomes a SparseLinear over the file's arrays, and every other
     parameter takes the file's tensor itself (``load_state_dict(assign=True)``, no copy), so the loaded
@@ -48,7 +53,8 @@ def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> 
     Raises:
         ExportError: missing files, a file that is not a vlsparse CSR export, or corrupt sparse arrays
             (indices out of range, non-monotonic crow_indices, wrong lengths), naming the tensor; a
-            tensor the model lacks or a parameter the file lacks.
+            tensor the model lacks or a parameter the file lacks; a weight whose arrays are not of the
+            dtype the header (and manifest.json, when present) says.
     """
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
@@ -67,6 +73,7 @@ def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> 
     with parameters_on_meta():
         model = model_from_config(config)
     sparse = json.loads(meta["sparse"])
+    _check_dtype(path, meta.get("dtype", "fp32"), sparse, tensors)
     dense_state = {k: v for k, v in tensors.items() if not any(k.startswith(s + ".") for s in sparse)}
     own = set(model.state_dict())
     unexpected = sorted(set(dense_state) - own)
@@ -112,19 +119,41 @@ def check_autotune(path: Path, model: nn.Module, sparse: list[str], tensors: dic
     return record
 
 
+def _check_dtype(path: Path, dtype: str, sparse: list, tensors: dict) -> None:
+    """The header's dtype agrees with manifest.json's (when there is one) and with every sparse weight's arrays."""
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text()).get("dtype", "fp32")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ExportError(f"{manifest}: unreadable ({exc})") from exc
+        if recorded != dtype:
+            raise ExportError(f"{manifest}: says dtype {recorded!r:.20} but model.safetensors holds {dtype!r:.20}")
+    for name in sparse:
+        if is_int8(tensors, name) != (dtype == "int8"):
+            raise ExportError(f"{path / 'model.safetensors'}: sparse weight {name} is "
+                              f"{'' if is_int8(tensors, name) else 'not '}int8 but the header says dtype {dtype!r:.20}")
+
+
 def _swap_in_sparse(model: nn.Module, name: str, tensors: dict, dense_state: dict, weights: Path,
                     backend: str) -> None:
     """Replace the Linear of weight ``name`` (on meta) by a SparseLinear over its arrays in ``tensors``; its
     bias (fp32 (out,)) moves from ``dense_state`` into the new module."""
     module_path = name.removesuffix(".weight")
     linear = model.get_submodule(module_path)
+    int8 = is_int8(tensors, name)
     try:
-        csr = decode_sparse(tensors, name, shape=tuple(linear.weight.shape))
+        shape = tuple(linear.weight.shape)
+        matrix = Int8BlockMatrix.from_tensors(tensors, name, shape) if int8 else decode_sparse(tensors, name, shape)
     except (ValueError, KeyError) as exc:
         raise ExportError(f"{weights}: sparse weight {name}: {exc}") from exc
     bias = dense_state.pop(module_path + ".bias", None) if linear.bias is not None else None
     parent, _, child = module_path.rpartition(".")
-    setattr(model.get_submodule(parent), child, SparseLinear.from_csr(csr, bias=bias, backend=backend))
+    if int8:
+        layer = Int8SparseLinear(matrix, bias, backend="dense" if backend == "dense" else "auto")
+    else:
+        layer = SparseLinear.from_csr(matrix, bias=bias, backend=backend)
+    setattr(model.get_submodule(parent), child, layer)
 
 
 @contextmanager
@@ -160,7 +189,8 @@ def chain_sparse_layers(model: nn.Module) -> int:
       is transposed once; the model clears it after each forward);
     * an ``intermediate`` block (``dense`` + exact GELU ``intermediate_act_fn``, as in BERT, LXMERT and
       ViLT) computes GELU in the kernel's epilogue (its activation becomes Identity) and, when the
-      ``output.dense`` beside it is sparse too, hands it a feature-major result (no transpose between).
+      ``output.dense`` beside it is sparse too, hands it a feature-major result (no transpose between);
+      an int8 ``dense`` (:class:`Int8SparseLinear`) takes the GELU epilogue only.
     Outputs are unchanged (tested against the masked dense model).
     """
     share, links = InputShare(), 0
@@ -172,9 +202,9 @@ def chain_sparse_layers(model: nn.Module) -> int:
             links += 1
         inter, out = getattr(mod, "intermediate", None), getattr(mod, "output", None)
         dense = getattr(inter, "dense", None)
-        if isinstance(dense, SparseLinear) and _exact_gelu(getattr(inter, "intermediate_act_fn", None)):
+        if isinstance(dense, (SparseLinear, Int8SparseLinear)) and _exact_gelu(getattr(inter, "intermediate_act_fn", None)):
             dense.activation, inter.intermediate_act_fn = "gelu", nn.Identity()
-            if isinstance(getattr(out, "dense", None), SparseLinear):
+            if isinstance(dense, SparseLinear) and isinstance(getattr(out, "dense", None), SparseLinear):
                 dense.out_layout = "feature"
             links += 1
     if links:

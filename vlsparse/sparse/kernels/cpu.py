@@ -74,9 +74,9 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_key() -> str:
+def _build_key(files: tuple[str, ...] = SOURCES + HEADERS) -> str:
     h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
+    for name in files:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     for part in (*CFLAGS, *_ldflags(), torch.__version__, sys.version, platform.machine(), _cpu_flags(),
@@ -108,10 +108,10 @@ def _compiler_version() -> str:
     return f"{cxx}\n{(out.stdout.splitlines() or [''])[0] if out else ''}"
 
 
-def _verified_build_dir(key: str) -> Path:
-    """``<cache>/spmm_<key>`` (0700, private), emptied when its library does not match its recorded sha256."""
-    build_dir = secure_dir(secure_dir(cache_dir()) / f"spmm_{key}")
-    lib = build_dir / f"vlsparse_spmm_{key}.so"
+def _verified_build_dir(key: str, stem: str = "spmm") -> Path:
+    """``<cache>/<stem>_<key>`` (0700, private), emptied when its library does not match its recorded sha256."""
+    build_dir = secure_dir(secure_dir(cache_dir()) / f"{stem}_{key}")
+    lib = build_dir / f"vlsparse_{stem}_{key}.so"
     if lib.exists() and not verified(lib):  # planted or altered: never loaded; rebuilt from scratch
         shutil.rmtree(build_dir)
         secure_dir(build_dir)
@@ -132,27 +132,36 @@ def load_extension(verbose: bool = False) -> ModuleType:
     with _lock:
         if _module is not None:
             return _module
-        _find_compiler()
-        from torch.utils.cpp_extension import load  # build time only: it imports setuptools, no vlsparse dependency
-
-        key = _build_key()
-        build_dir = _verified_build_dir(key)
-        try:
-            _module = load(
-                name=f"vlsparse_spmm_{key}",
-                sources=[str(CSRC / s) for s in SOURCES],
-                extra_include_paths=[str(CSRC)],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=_ldflags(),
-                build_directory=str(build_dir),
-                verbose=verbose,
-            )
-        except Exception as e:  # compiler errors, missing ninja, ...
-            raise RuntimeError(
-                f"vlsparse: building the CPU sparse kernel failed in {build_dir}: {e}"
-            ) from e
-        record_digest(build_dir / f"vlsparse_spmm_{key}.so")
+        _module = build_module("spmm", SOURCES, HEADERS, verbose)
         return _module
+
+
+def build_module(stem: str, sources: tuple[str, ...], headers: tuple[str, ...], verbose: bool = False) -> ModuleType:
+    """Build (or load from the verified cache) the extension ``vlsparse_<stem>_<key>`` from csrc/ ``sources``.
+
+    Raises:
+        CompilerNotFoundError: no C++ compiler; RuntimeError: the build failed.
+        KernelCacheError (a ValueError): the cache directory is writable by other users (naming it).
+    """
+    _find_compiler()
+    from torch.utils.cpp_extension import load  # build time only: it imports setuptools, no vlsparse dependency
+
+    key = _build_key(sources + headers)
+    build_dir = _verified_build_dir(key, stem)
+    try:
+        module = load(
+            name=f"vlsparse_{stem}_{key}",
+            sources=[str(CSRC / s) for s in sources],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=_ldflags(),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as e:  # compiler errors, missing ninja, ...
+        raise RuntimeError(f"vlsparse: building the CPU sparse kernel failed in {build_dir}: {e}") from e
+    record_digest(build_dir / f"vlsparse_{stem}_{key}.so")
+    return module
 
 
 def simd() -> str:
