@@ -44,14 +44,15 @@ COLORS = ["red", "blue", "green", "yellow"]
 DIM = 12
 
 
-def write_corpus(root, images: int = 16):
-    """COCO captions + per-image npz features: image i has colour i % 4 written into feature dims 0..3."""
+def write_corpus(root, images: int = 16, dim: int = DIM):
+    """COCO captions + per-image npz features of ``dim`` values: image i has colour i % 4 written into feature
+    dims 0..3."""
     rng = np.random.default_rng(0)
     (root / "features").mkdir(parents=True)
     ims, anns = [], []
     for i in range(images):
         color = COLORS[i % 4]
-        feat = rng.standard_normal((3, DIM)).astype(np.float32) * 0.1
+        feat = rng.standard_normal((3, dim)).astype(np.float32) * 0.1
         feat[:, i % 4] += 3.0
         np.savez(root / "features" / f"img{i}.npz", features=feat, norm_bb=rng.random((3, 7)).astype(np.float32))
         ims.append({"id": i, "file_name": f"img{i}.jpg", "facts": {"color": color}})

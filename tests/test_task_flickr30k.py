@@ -14,6 +14,7 @@ from vlsparse.data.flickr30k import load_flickr30k, sample_negatives
 from vlsparse.data.options import LoadOptions
 from vlsparse.data.visual.regions import extract_regions, load_image
 from vlsparse.data.dataset import RetrievalSet, collate
+from vlsparse.training.distributed import shard_range
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -157,6 +158,10 @@ def test_retrieval_evaluate_on_stub(task, root, tokenizer):
     # score matrix against the same rule applied to the raw captions
     want = np.array([[sum(w in c.split() for w in words[k]) for k in rs.image_ids] for c, _ in ref], dtype=float)
     np.testing.assert_array_equal(rs.score_matrix(model, batch_size=2), want)
+    # under torchrun each rank scores its share of the captions (vlsparse.training.loop.evaluate gathers them)
+    shares = [rs.score_matrix(model, batch_size=2, rows=shard_range(len(rs), r, 2)) for r in (0, 1)]
+    assert [len(x) for x in shares] == [8, 7]
+    np.testing.assert_array_equal(np.concatenate(shares), want)
     assert (want.max(1) == 2).all() and ((want == 2).sum(1) == 1).all()
     got = rs.evaluate(model, batch_size=2)
     assert got == {"ir_r1": 1.0, "tr_r1": 1.0, "ir_r5": 1.0, "tr_r5": 1.0, "ir_r10": 1.0, "tr_r10": 1.0, "n": 15}

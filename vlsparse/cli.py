@@ -121,12 +121,14 @@ def pretrain(model: str = _MODEL,
              out: Path = typer.Option(..., help="new directory: config.json + model.safetensors (load it with "
                                                 "--model DIR), pretrain_heads.safetensors, pretrain_metrics.json"),
              train: dict = _TRAIN.with_help(steps="pre-training steps", batch_size="captions per step"),
+             adv: dict = _ADV,
              data_dir: Optional[Path] = typer.Option(None, help="region features (DIR/features) of a COCO captions "
                                                                 "corpus; default: the corpus file's directory")):
-    """VL pre-training with UNITER's objectives (MLM, MRFR, ITM, WRA); held-out metrics before and after."""
+    """VL pre-training with UNITER's objectives (MLM, MRFR, ITM, WRA); held-out metrics before and after.
+    ``--adversarial``: VILLA's adversarial pre-training (vlsparse.training.pretrain)."""
     from vlsparse.lottery.pretraining import run_pretrain  # the `train` extra (torch)
 
-    cfg = train_config(**train)
+    cfg = train_config(**train, adversarial=adversarial_config(**adv))
     bar = Progress()
 
     from vlsparse.training.pretrain import running_summary
@@ -149,9 +151,11 @@ def random_ticket(model: str = _MODEL, sparsity: float = typer.Option(..., help=
     from vlsparse.lottery.main_job import random_ticket as make_random_ticket
     from vlsparse.models.registry import load_model
 
+    from vlsparse.training.distributed import main_only
+
     net, _ = load_model(model)
     t = make_random_ticket(net, sparsity, seed, model=model)
-    t.save(out)
+    main_only(lambda: t.save(out))  # under torchrun: rank 0 writes (every rank draws the same mask)
     typer.echo(f"random ticket, sparsity {t.sparsity:.2%} -> {out}")
 
 
@@ -163,19 +167,23 @@ def transfer(source: list[Path] = typer.Option(..., help="an IMP run directory o
              levels: str = typer.Option("0.5,0.7,0.8", help="sparsities at which each source's ticket is trained"),
              model: Optional[str] = typer.Option(None, help="the target model; default: the sources' model"),
              out: Path = typer.Option(..., help="output directory (re-running resumes cell by cell)"),
-             train: dict = _TRAIN, plots: bool = typer.Option(True, help="write the PNG heatmaps and line plots")):
+             train: dict = _TRAIN, adv: dict = _ADV,
+             plots: bool = typer.Option(True, help="write the PNG heatmaps and line plots")):
     """Tickets across tasks: every source's ticket at every level trained on every target from θ0 with the
-    target's own head φ0; transfer.csv, overlap.csv (mask IoU of every source pair), heatmaps and line plots."""
+    target's own head φ0; transfer.csv, overlap.csv (mask IoU of every source pair), heatmaps and line plots.
+    ``--adversarial``: every cell trains adversarially (another configuration than standard training)."""
     # the `train` extra (torch): imported by the commands that need it
     from vlsparse.lottery.transfer import parse_transfer_levels, run_transfer
     from vlsparse.lottery.transfer_report import format_matrix, write_reports
+    from vlsparse.training.distributed import main_only
 
     lv = parse_transfer_levels(levels)
+    cfg = train_config(**train, adversarial=adversarial_config(**adv))
     bar = Progress()
     t0 = time.time()
-    records, sources = run_transfer(out, source, target, lv, train_config(**train), model=model, progress=bar)
+    records, sources = run_transfer(out, source, target, lv, cfg, model=model, progress=bar)
     bar.close()
-    rows, overlaps = write_reports(out, records, sources, lv, plots=plots)
+    rows, overlaps = main_only(lambda: write_reports(out, records, sources, lv, plots=plots))  # rank 0 writes
     typer.echo(format_matrix(rows))
     for o in overlaps:
         typer.echo(f"overlap at {o['level']:.0%}: {o['source_a']} vs {o['source_b']} IoU {o['iou']:.3f} "
@@ -293,17 +301,26 @@ def main_job(out: Path = typer.Option(Path("runs/easy-vqa"), help="output direct
     bar.close()
     typer.echo(format_table(rows, data.metric_name))
     typer.echo(f"table: {out / 'table.md'}; took {time.time() - t0:.0f} s")
-    if bench:
-        from vlsparse.bench.report import format_summary
-        from vlsparse.bench.run import Settings, bench_run
+    if bench:  # under torchrun: rank 0 benches (a latency measurement of one process), the others wait
+        from vlsparse.training.distributed import main_only
 
-        t1 = time.time()
-        report = bench_run(first, out / "bench", Settings(threads=torch.get_num_threads(),
-                                                          max_questions=bench_questions, repeats=10, memory="delta"),
-                           levels=[0, bench_idx], task=data, progress=lambda m: typer.echo(m, err=True))
-        typer.echo(format_summary(report))
-        typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
-                   f"main job total {time.time() - t0:.0f} s")
+        main_only(lambda: _bench_main_job(first, out, data, bench_idx, bench_questions, t0))
+
+
+def _bench_main_job(first: Path, out: Path, data, bench_idx: int, bench_questions: int, t0: float) -> None:
+    """The main job's closing bench of the dense model and the tickets at level ``bench_idx`` (prints the summary)."""
+    import torch
+
+    from vlsparse.bench.report import format_summary
+    from vlsparse.bench.run import Settings, bench_run
+
+    t1 = time.time()
+    report = bench_run(first, out / "bench", Settings(threads=torch.get_num_threads(),
+                                                      max_questions=bench_questions, repeats=10, memory="delta"),
+                       levels=[0, bench_idx], task=data, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(format_summary(report))
+    typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
+               f"main job total {time.time() - t0:.0f} s")
 
 
 @app.command()

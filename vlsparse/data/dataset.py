@@ -341,31 +341,38 @@ class RetrievalSet:
         return self.texts.used_token_ids()
 
     @torch.no_grad()
-    def score_matrix(self, model: Any, batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    def score_matrix(self, model: Any, batch_size: int = 256, device: str = "cpu",
+                     rows: range | None = None) -> np.ndarray:
         """(captions, images) float64 scores of the model's rank head. The images are batched once
-        (``batch_size`` per batch, kept on ``device``); each caption is then scored against every batch."""
+        (``batch_size`` per batch, kept on ``device``); each caption is then scored against every batch.
+        ``rows``: only these captions (a range; the result is (len(rows), images)), e.g. one process's share."""
         model.to(device).eval()
+        rows = range(len(self.texts)) if rows is None else rows
         n = len(self.images)
         chunks = []
         for s in range(0, n, batch_size):
             batch = collate([self.images[k] for k in range(s, min(s + batch_size, n))])
             chunks.append({k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")})
-        scores = np.zeros((len(self.texts), n))
-        for t in range(len(self.texts)):
+        scores = np.zeros((len(rows), n))
+        for i, t in enumerate(rows):
             text = self.texts[t]
             start = 0
             for chunk in chunks:
                 m = next(iter(chunk.values())).shape[0]
                 ids = text["input_ids"].to(device).expand(m, -1)
                 out = model(input_ids=ids, attention_mask=text["attention_mask"].to(device).expand(m, -1), **chunk)
-                scores[t, start:start + m] = out.reshape(-1).double().cpu().numpy()
+                scores[i, start:start + m] = out.reshape(-1).double().cpu().numpy()
                 start += m
         return scores
 
-    def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
-        """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions)."""
-        scores = self.score_matrix(model, batch_size, device)
+    def metrics(self, scores: np.ndarray) -> dict[str, float]:
+        """``{"ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10", "n"}`` (fractions; n = captions) of a
+        (captions, images) score matrix."""
         return {**recall_at_k(scores, self.caption_image, image_class=self.image_class), "n": len(self)}
+
+    def evaluate(self, model: Any, batch_size: int = 256, device: str = "cpu") -> dict[str, float]:
+        """:meth:`metrics` of :meth:`score_matrix` (fractions; n = captions)."""
+        return self.metrics(self.score_matrix(model, batch_size, device))
 
 
 #: key order of a batch

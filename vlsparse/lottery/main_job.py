@@ -15,7 +15,8 @@ For each seed, ``OUT`` (or ``OUT/seed_<s>`` with several seeds) holds::
     table.md                 this seed's table
 
 and ``OUT/table.md`` the table over all seeds (mean ± std). Every step skips work already on disk, so re-running
-the same command resumes.
+the same command resumes. Under torchrun every stage trains on all ranks and rank 0 decides what is on disk and
+writes every file (:mod:`vlsparse.training.distributed`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from vlsparse.pruning.magnitude import random_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.config import TrainConfig
+from vlsparse.training.distributed import main_only
 from vlsparse.training.pretrain import running_summary
+
 
 def random_ticket(net: nn.Module, sparsity: float, seed: int = 0, scope: list[str] | None = None,
                   **meta: str) -> Ticket:
@@ -102,8 +105,10 @@ class JobSettings:
 def _retrain(out: Path, name: str, ticket_path: Path, model, task, collate, cfg: TrainConfig, theta0: Path,
              init: str, progress) -> dict:
     """Train ``ticket_path``'s mask from θ0 (``init``) into ``out`` unless finished there; its metrics."""
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
+    done = main_only(lambda: json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file()
+                     else None)
+    if done is not None:
+        return done
     return retrain_ticket(Ticket.load(ticket_path), model, task, collate, cfg, out, theta0=theta0, init=init,
                           ticket_path=str(ticket_path), progress=(lambda s: progress(name, s, cfg.steps))
                           if progress else None)
@@ -117,14 +122,19 @@ def baselines(out: Path, model: nn.Module, task, collate: Callable, cfg: IMPConf
     imp = Run(out / "imp")
     level = f"level_{k:02d}"
     rand = out / "random" / level / "ticket.safetensors"
-    if not rand.exists():
-        sparsity = Ticket.load(imp.ticket(k)).sparsity
-        random_ticket(model, sparsity, cfg.train.seed, list(Ticket.load(imp.ticket(k)).mask),
-                      model=cfg.model, task=cfg.task).save(rand)
     floor = out / "floor" / "ticket.safetensors"
-    if not floor.exists():
-        mask = {n: torch.zeros_like(m) for n, m in Ticket.load(imp.ticket(0)).mask.items()}
-        Ticket(mask, {"model": cfg.model, "task": cfg.task, "method": "floor", "target_sparsity": "1.0"}).save(floor)
+
+    def tickets() -> None:  # rank 0 writes the random and floor tickets (the others read them after)
+        if not rand.exists():
+            sparsity = Ticket.load(imp.ticket(k)).sparsity
+            random_ticket(model, sparsity, cfg.train.seed, list(Ticket.load(imp.ticket(k)).mask),
+                          model=cfg.model, task=cfg.task).save(rand)
+        if not floor.exists():
+            mask = {n: torch.zeros_like(m) for n, m in Ticket.load(imp.ticket(0)).mask.items()}
+            meta = {"model": cfg.model, "task": cfg.task, "method": "floor", "target_sparsity": "1.0"}
+            Ticket(mask, meta).save(floor)
+
+    main_only(tickets)
     plan = {"random": (out / "random" / level, rand, "pretrained"),
             "dense_text": (out / "text-only" / "level_00", imp.ticket(0), "text-only"),
             "text_only": (out / "text-only" / level, imp.ticket(k), "text-only"),
@@ -157,21 +167,25 @@ def one_seed(out: str | Path, cfg: IMPConfig, job: JobSettings,
     the TaskData). ``cfg.model`` is ignored: the model is ``out/pretrained``."""
     out = Path(out)
     pre = out / "pretrained"
-    if not (pre / "config.json").is_file():
+    if not main_only((pre / "config.json").is_file):
         pcfg = dataclasses.replace(cfg.train, steps=job.pretrain_steps, batch_size=job.pretrain_batch_size,
                                    warmup=min(cfg.train.warmup, job.pretrain_steps))
         run_pretrain(job.base_model, job.corpus, pre, pcfg, job.objectives, job.proportions,
                      progress=(lambda s, r: progress("pretrain", s, pcfg.steps, running_summary(r))) if progress else None)
     cfg = dataclasses.replace(cfg, model=str(pre))
     model, task, collate = setup(cfg.model, cfg.task, cfg.train.seed)
-    check_config(out / "imp", cfg)
-    save_task_info(task, Run(out / "imp").task_info)
+
+    def start() -> None:  # rank 0: refuse another configuration before writing anything
+        check_config(out / "imp", cfg)
+        save_task_info(task, Run(out / "imp").task_info)
+
+    main_only(start)
     imp = run_imp(out / "imp", model, task, collate, cfg, progress)
     results = {"imp": imp, "dense": imp[0], **baselines(out, model, task, collate, cfg, job.compare, progress)}
     results["agnostic"] = task_agnostic(out, model, task, collate, cfg, job, progress)
     results = {k: results[k] for k in ("imp", "dense", "dense_text", "random", "text_only", "shuffled", "agnostic",
                                        "floor")}
-    write_text(out / "table.md", format_table(table_rows([results]), task.metric_name))
+    main_only(lambda: write_text(out / "table.md", format_table(table_rows([results]), task.metric_name)))
     return results, task
 
 
@@ -193,7 +207,7 @@ def run_main_job(out: str | Path, cfg: IMPConfig, job: JobSettings, seeds: list[
         r, task = one_seed(d, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s)), job, progress)
         results.append(r)
     rows = table_rows(results)
-    write_text(out / "table.md", format_table(rows, task.metric_name))
+    main_only(lambda: write_text(out / "table.md", format_table(rows, task.metric_name)))
     return rows, task, dirs[0]
 
 

@@ -8,7 +8,13 @@
     DIR/model.safetensors            the backbone with its pre-trained image embeddings (save_pretrained)
     DIR/pretrain_heads.safetensors   the MLM / MRFR / ITM heads (pre-training resumes from them; never needed
                                      to load DIR with --model DIR)
-    DIR/pretrain_metrics.json        held-out metrics before and after, objectives, steps, corpus, seconds
+    DIR/pretrain_metrics.json        held-out metrics before and after, objectives, steps, batch size, the
+                                     training method (``training``: standard | adversarial, and the
+                                     ``adversarial`` settings as JSON, as in tickets), corpus, seconds
+
+With ``cfg.adversarial`` pre-training is adversarial (VILLA's adversarial pre-training,
+:mod:`vlsparse.training.pretrain`). Under torchrun every rank pre-trains its share of each batch and rank 0
+writes DIR (:mod:`vlsparse.training.distributed`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from vlsparse.lottery.config import IMPConfig
 from vlsparse.lottery.imp import reinit_check, run_imp, start_from
 from vlsparse.lottery.runs import check_config
 from vlsparse.models.registry import load_model, load_tokenizer
+from vlsparse.training.adversarial_config import training_meta
 from vlsparse.training.config import TrainConfig
+from vlsparse.training.distributed import main_only
 from vlsparse.training.objectives import PretrainHeads, parse_objectives
 from vlsparse.training.pretrain import evaluate_pretraining, new_heads, pretrain
 
@@ -68,7 +76,8 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
     Returns:
         the content of DIR/pretrain_metrics.json: ``before`` / ``after`` held-out metrics
         (:func:`~vlsparse.training.pretrain.evaluate_pretraining`), ``objectives`` (name -> share), ``steps``,
-        ``corpus`` (name, images, captions, vocabulary), ``pretrained_from``, ``train_seconds``.
+        ``seed``, ``batch_size``, ``training`` (and ``adversarial``: :func:`~vlsparse.training.adversarial_config.
+        training_meta`), ``corpus`` (name, images, captions, vocabulary), ``pretrained_from``, ``train_seconds``.
 
     Raises:
         ValueError: ``out`` exists, bad objectives or proportions (checked before anything is loaded); see
@@ -77,7 +86,7 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
             from start to end; a killed run's ``.NAME.tmp-*`` directory is removed by the next run).
     """
     out = Path(out)
-    if out.exists():
+    if main_only(out.exists):
         raise ValueError(f"--out {out}: exists; pre-training writes a new directory")
     mix = parse_objectives(objectives, proportions)
     net, heads, data = load_pretraining(model, corpus, cfg.seed, data_dir)
@@ -90,8 +99,14 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
                                                                       False) else None
     net.config.img_embeddings_pretrained, net.config.pretrained_from = True, origin or model
     metrics = {"before": before, "after": after, "objectives": mix, "steps": cfg.steps, "seed": cfg.seed,
-               "corpus": data.stats, "pretrained_from": net.config.pretrained_from,
-               "train_seconds": round(seconds, 1)}
+               "batch_size": cfg.batch_size, **training_meta(cfg.adversarial), "corpus": data.stats,
+               "pretrained_from": net.config.pretrained_from, "train_seconds": round(seconds, 1)}
+    main_only(lambda: _write_pretrained(out, net, heads, metrics))  # rank 0 writes; the others wait
+    return metrics
+
+
+def _write_pretrained(out: Path, net: nn.Module, heads: PretrainHeads, metrics: dict) -> None:
+    """Write DIR (module docstring) into a temporary sibling, then rename it to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # a killed run's: removed by the lock
     try:
@@ -102,7 +117,6 @@ def run_pretrain(model: str, corpus: str, out: str | os.PathLike, cfg: TrainConf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return metrics
 
 
 class PretrainRounds:
@@ -142,7 +156,7 @@ def find_pretrain_ticket(run: str | os.PathLike, cfg: IMPConfig, data_dir: str |
     mix = parse_objectives(cfg.objectives, cfg.proportions)
     reinit_check(cfg.init)
     net, heads, data = load_pretraining(cfg.model, cfg.corpus, cfg.train.seed, data_dir)
-    check_config(run, cfg)
+    main_only(lambda: check_config(run, cfg))
     start_from(net, cfg)
     torch.manual_seed(cfg.train.seed)
     return run_imp(run, net, None, None, cfg, progress, rounds=PretrainRounds(heads, data, mix)), data

@@ -22,7 +22,7 @@ from vlsparse.pruning.mask import check_mask_fits
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket, TicketError
 from vlsparse.training.adversarial_config import training_meta
-from vlsparse.training.distributed import main_only
+from vlsparse.training.distributed import check_same_tensors, main_only
 from vlsparse.training.loop import TrainConfig, evaluate, train
 
 
@@ -61,6 +61,7 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         check_mask_fits(ticket.mask, model, ticket_path)
     except ValueError as exc:
         raise TicketError(str(exc)) from exc
+    check_same_tensors(ticket.mask, f"the mask of {ticket_path}")  # under torchrun: every rank trains one mask
     fresh_flag = getattr(model.config, "img_embeddings_pretrained", None)
     try:
         reinitialize(model, init, seed=cfg.seed)

@@ -16,7 +16,15 @@ same θ0 and steps): the reference of "% of dense". Layout of DIR::
 Re-running resumes cell by cell. A cell whose source is an IMP run *on the target task itself*, with the same
 model and training options, is that run's level (an IMP level's metrics are those of training its mask from
 θ0 with the same head φ0 and steps, ``tests/test_imp.py``): its metrics are copied with ``"from_run"`` set,
-not recomputed; the dense cell likewise from such a run's level 0.
+not recomputed; the dense cell likewise from such a run's level 0. "The same training options" are
+:meth:`TrainConfig.identity` (also what config.json holds), which includes the adversarial settings: with
+``--adversarial`` (VILLA's adversarial training, :mod:`vlsparse.training.adversarial`) every cell trains
+adversarially, such a DIR is another configuration than a standard one (resuming one with the other is refused),
+and only an IMP run with the same adversarial settings is copied. Every cell's metrics.json records ``training``
+(standard | adversarial) and the settings (``adversarial``, JSON), as tickets do.
+
+Under torchrun (``torchrun --nproc_per_node N -m vlsparse transfer ...``) every cell trains on all ranks
+(:mod:`vlsparse.training.distributed`); rank 0 decides which cells are missing and writes every file.
 
 Sources: an IMP run directory (``find-ticket --out RUN``: its levels' tickets, matched to ``--levels`` by their
 target sparsity) or one ticket file (a single level, its target sparsity). Labels: the source's task
@@ -37,7 +45,9 @@ from vlsparse.lottery.runs import CONFIG, Run, RunError
 from vlsparse.lottery.setup import setup
 from vlsparse.pruning.mask import check_mask_fits, ones_mask
 from vlsparse.pruning.ticket import Ticket, TicketError
+from vlsparse.training.adversarial_config import training_meta
 from vlsparse.training.config import TrainConfig
+from vlsparse.training.distributed import main_only
 
 __all__ = ["Source", "TransferConfig", "parse_transfer_levels", "resolve_source", "run_transfer", "cell_dir",
            "ticket_at", "DENSE"]
@@ -149,6 +159,7 @@ def cell_dir(out: Path, label: str, target: str, level: float) -> Path:
 
 
 def _check_config(out: Path, cfg: TransferConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG
     new = json.loads(json.dumps(cfg.identity()))
     if path.is_file():
@@ -172,7 +183,7 @@ def _from_run(source: Source, target: str, level: float, cfg: TransferConfig) ->
         if source.run.finished(k):
             m = source.run.metrics(k)
             if abs(m["target_sparsity"] - level) <= _TOLERANCE:
-                return {**m, "from_run": str(source.run.level(k))}
+                return {**m, **training_meta(cfg.train.adversarial), "from_run": str(source.run.level(k))}
     return None
 
 
@@ -230,8 +241,7 @@ def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequen
     _label_uniquely(srcs)
     model = _preflight(srcs, targets, list(levels), model)
     cfg = TransferConfig(model, train)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, cfg)
+    main_only(lambda: _check_config(out, cfg))
     records = []
     for target in targets:
         records += _target_cells(out, srcs, target, list(levels), cfg, progress)
@@ -241,37 +251,47 @@ def run_transfer(out: str | Path, sources: Sequence[str | Path], targets: Sequen
 def _target_cells(out: Path, srcs: list[Source], target: str, levels: list[float], cfg: TransferConfig,
                   progress: Callable[[str, int, int], None] | None) -> list[dict]:
     """The cells of one target: the dense reference, then every (source, level); trains the missing ones (those
-    that an IMP run on the target may still finish, last: each is looked up again just before it would train)."""
+    that an IMP run on the target may still finish, last: each is looked up again just before it would train).
+    Under torchrun rank 0 decides which cells are missing and writes them (:mod:`vlsparse.training.distributed`);
+    every rank trains its share of each."""
     dense = Source(DENSE, Path(DENSE), "", cfg.model, {})
     cells = [(dense, 0.0)] + [(s, level) for s in srcs for level in levels]
 
-    def reuse(source: Source, level: float, d: Path) -> bool:
+    def reuse(i: int) -> bool:  # rank 0: copy the cell from an IMP run on the target, if there is one
+        source, level = cells[i]
         found = next((m for s in srcs if (m := _from_run(s, target, level, cfg)) is not None), None) \
             if source is dense else _from_run(source, target, level, cfg)
         if found is not None:
-            write_json(d / "metrics.json", found)
+            write_json(cell_dir(out, source.label, target, level) / "metrics.json", found)
         return found is not None
 
-    todo = [(s, lv, d) for s, lv in cells if not ((d := cell_dir(out, s.label, target, lv)) / "metrics.json").is_file()
-            and not reuse(s, lv, d)]
-    todo.sort(key=lambda c: c[0].task == target or c[0] is dense)  # own-task runs may finish their level meanwhile
+    def missing() -> list[int]:  # rank 0: the cells neither on disk nor copied, own-task ones last
+        todo = [i for i, (s, lv) in enumerate(cells)
+                if not (cell_dir(out, s.label, target, lv) / "metrics.json").is_file() and not reuse(i)]
+        return sorted(todo, key=lambda i: cells[i][0].task == target or i == 0)  # own-task runs may finish meanwhile
+
+    todo = main_only(missing)
     if todo:
         net, data, collate = setup(cfg.model, target, cfg.train.seed)  # θ0: pre-trained + the target's head φ0
         _check_masks_fit(srcs, levels, net)
         theta0 = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        for source, level, d in todo:
-            if reuse(source, level, d):
+        for i in todo:
+            if main_only(lambda i=i: reuse(i)):
                 continue
+            source, level = cells[i]
             net.load_state_dict(theta0)
             ticket = Ticket(ones_mask(net, net.prune_scope()), {"method": "dense"}) if source is dense \
                 else Ticket.load(ticket_at(source, level))
             desc = f"{source.label} -> {target} {level:.0%}"
-            retrain_ticket(ticket, net, data, collate, cfg.train, d, ticket_path=str(source.path), save=False,
+            retrain_ticket(ticket, net, data, collate, cfg.train, cell_dir(out, source.label, target, level),
+                           ticket_path=str(source.path), save=False,
                            progress=(lambda s, desc=desc: progress(desc, s, cfg.train.steps)) if progress else None)
-    return [_record(source, target, level, cell_dir(out, source.label, target, level)) for source, level in cells]
+    return main_only(lambda: [_record(source, target, level, cell_dir(out, source.label, target, level))
+                              for source, level in cells])
 
 
 def _record(source: Source, target: str, level: float, d: Path) -> dict:
     m = json.loads((d / "metrics.json").read_text())
     return {"source": source.label, "target": target, "level": level, "sparsity": m["sparsity"],
-            "val": m["val"], "test": m["test"], "from_run": m.get("from_run", ""), "cell": str(d)}
+            "val": m["val"], "test": m["test"], "from_run": m.get("from_run", ""),
+            "training": m.get("training", "standard"), "cell": str(d)}

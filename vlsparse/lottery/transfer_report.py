@@ -2,7 +2,8 @@
 
 * ``DIR/transfer.csv``: one row per cell: source, target, level (requested sparsity, fraction), sparsity (actual),
   metric (the target's headline metric name), test (its test value, fraction), val, dense (the target's dense test
-  value), pct_of_dense (test / dense x 100), from_run (the IMP level a cell was copied from, else empty);
+  value), pct_of_dense (test / dense x 100), from_run (the IMP level a cell was copied from, else empty), training
+  (standard | adversarial: how the cells were trained);
   ``DIR/transfer.md`` the same as a markdown matrix (% of dense, test metric in brackets).
 * ``DIR/transfer_heatmap.png``: % of dense, sources x targets, one panel per level; ``DIR/transfer_<target>.png``:
   % of dense against sparsity, one line per source (the layout of Gan et al. 2022, Fig. 3).
@@ -44,7 +45,8 @@ def transfer_rows(records: Sequence[dict], metrics: dict[str, str] | None = None
         rows.append({"source": r["source"], "target": r["target"], "level": round(r["level"], 6),
                      "sparsity": round(r["sparsity"], 6), "metric": metric, "test": round(test, 6),
                      "val": round(r["val"][metric], 6), "dense": round(ref, 6),
-                     "pct_of_dense": round(100 * test / ref, 2) if ref else float("nan"), "from_run": r["from_run"]})
+                     "pct_of_dense": round(100 * test / ref, 2) if ref else float("nan"), "from_run": r["from_run"],
+                     "training": r.get("training", "standard")})
     return rows
 
 

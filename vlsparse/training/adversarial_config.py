@@ -1,5 +1,6 @@
 """The settings of adversarial training (VILLA's finetuning stage), torch-free so that the CLI builds its options
-from them (``--adversarial``, ``--adv-steps``, ... of ``vlsparse find-ticket`` and ``train-ticket``).
+from them (``--adversarial``, ``--adv-steps``, ... of ``vlsparse find-ticket``,
+``train-ticket``, ``transfer`` and ``pretrain``).
 
 Defaults and where they come from (VILLA: Gan et al. 2020, "Large-Scale Adversarial Training for
 Vision-and-Language Representation Learning", NeurIPS; its code is github.com/zhegan27/VILLA):

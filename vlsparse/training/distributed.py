@@ -1,9 +1,10 @@
 """Training on many processes: ``torchrun`` + :mod:`torch.distributed` + DistributedDataParallel (DDP).
 
-Every command runs unchanged under ``torchrun --nproc_per_node N [--nnodes M ...] -m vlsparse ...``: torchrun
-sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (PyTorch docs, "torchrun
-(Elastic Launch)"), :func:`run_main` (called by ``vlsparse.cli.main``) joins the process group and every rank
-runs the same command. What changes with the world size W:
+Every training command (find-ticket, train-ticket, pretrain, transfer, main-job) runs unchanged under
+``torchrun --nproc_per_node N [--nnodes M ...] -m vlsparse ...``: torchrun sets ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (PyTorch docs, "torchrun (Elastic Launch)"),
+:func:`run_main` (called by ``vlsparse.cli.main``) joins the process group and every rank runs the same command.
+What changes with the world size W:
 
 - training: the model is wrapped in DDP (gradients averaged over the ranks); ``--batch-size`` B stays the
   global batch: every rank draws the same shuffled global batch (same seed) and takes its contiguous slice of
@@ -11,10 +12,18 @@ runs the same command. What changes with the world size W:
   those of one process up to floating-point reduction order. Dropout draws differ (each rank draws masks for
   its own slice, seeded ``seed + rank``): with dropout > 0 a run is as close to the one-process run as two
   draws of dropout are; with dropout 0 the weights agree to float rounding (tests/test_distributed.py).
+- pre-training (:mod:`vlsparse.training.pretrain`): every rank draws the same global batch and the objective's
+  random choices for all of it, computes the objective on its equal share of the rows (:func:`even_share`), its
+  loss weighted by its share of the objective's terms (:func:`all_sum`), and the gradients are averaged by
+  :func:`average_gradients` (one all-reduce; the objectives call parts of the model, which DDP cannot wrap); the
+  starting weights are rank 0's (:func:`broadcast_parameters`).
 - evaluation: each rank predicts a contiguous shard of the split (:func:`shard_range`, no padding) and the
-  logits are gathered in order (:func:`gather`), so every example counts exactly once.
-- files: only rank 0 writes (:func:`main_only`); the other ranks wait for it, and its error reaches them.
-- masks: every rank computes them from identical weights; :func:`check_same` compares fingerprints.
+  logits are gathered in order (:func:`gather`), so every example counts exactly once (retrieval sets: a shard
+  of the captions, each scored against every image).
+- files: only rank 0 writes (:func:`main_only`) and decides what is already on disk; the other ranks wait for
+  it, and its error reaches them.
+- masks: every rank computes them from identical weights; :func:`check_same_tensors` compares fingerprints
+  before every IMP round and every re-training of a ticket.
 - errors: a rank that raises prints its error and leaves with ``os._exit`` (code 2 for user errors, 1
   otherwise); torchrun then stops the other ranks (and gloo / NCCL collectives waiting on it fail).
 
@@ -122,6 +131,20 @@ def shard_range(n: int, r: int | None = None, w: int | None = None) -> range:
     return range(start, start + base + (r < extra))
 
 
+def even_share(n: int, what: str, r: int | None = None, w: int | None = None) -> range:
+    """Rank ``r``'s equal contiguous share of a global batch of ``n`` examples: ``range(r * n / W, (r + 1) * n / W)``.
+
+    Raises:
+        SameOnEveryRank: W does not divide ``n`` (``what`` names the batch in the message).
+    """
+    r, w = rank() if r is None else r, world_size() if w is None else w
+    if n % w:
+        raise SameOnEveryRank(f"a global batch of {n} {what} (the training split is smaller than --batch-size) is "
+                              f"not divisible by the number of processes ({w})")
+    size = n // w
+    return range(r * size, (r + 1) * size)
+
+
 class RankBatches:
     """A batch sampler that yields this rank's slice of every global batch of ``inner`` (a batch sampler over
     the whole dataset, the same on every rank): ``batch[r * len(batch) / W : (r + 1) * len(batch) / W]``.
@@ -135,11 +158,8 @@ class RankBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.inner:
-            if len(batch) % self.w:
-                raise SameOnEveryRank(f"a global batch of {len(batch)} examples (the training split is smaller "
-                                      f"than --batch-size) is not divisible by the number of processes ({self.w})")
-            size = len(batch) // self.w
-            yield list(batch[self.r * size:(self.r + 1) * size])
+            share = even_share(len(batch), "examples", self.r, self.w)
+            yield list(batch[share.start:share.stop])
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -157,18 +177,64 @@ def wrap(model, device):
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
-def average_gradients(model) -> None:
-    """All-reduce the gradients of ``model``'s parameters to their mean over the ranks (for training steps that
-    DDP cannot wrap, e.g. adversarial steps with several forward passes); a no-op on one process."""
+def _parameters(modules) -> list:
+    """The distinct parameters of ``modules``, in order (a parameter shared by two modules once)."""
+    seen, out = set(), []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def average_gradients(*modules) -> None:
+    """All-reduce the gradients of the parameters of ``modules`` to their mean over the ranks, in one collective
+    per device and dtype (for training that DDP cannot wrap: adversarial steps with several forward passes,
+    pre-training objectives that call parts of the model); a no-op on one process. Every rank must hold
+    gradients for the same parameters (they run the same step)."""
     w = world_size()
     if w == 1:
         return
+    import torch
     import torch.distributed as dist
 
-    for p in model.parameters():
+    groups: dict[tuple, list] = {}
+    for p in _parameters(modules):
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(w)
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(w)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_parameters(*modules) -> None:
+    """Copy rank 0's parameters and buffers of ``modules`` to every rank (as DDP does when it wraps a model),
+    so that training that is not wrapped in DDP starts from one state; a no-op on one process."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """The element-wise sum over the ranks of ``values`` (float64; ``list(values)`` on one process)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def gather(obj: Any) -> list[Any]:
@@ -292,6 +358,7 @@ def shard(items: Sequence) -> Sequence:
     return Subset(items, list(shard_range(len(items))))
 
 
-__all__ = ["RankBatches", "RankFailed", "SameOnEveryRank", "average_gradients", "check_same", "check_same_tensors", "fingerprint",
-           "gather", "init_from_env", "is_main", "launched", "local_batch_size", "main_only", "rank", "run_main",
-           "shard", "shard_range", "world_size", "wrap"]
+__all__ = ["RankBatches", "RankFailed", "SameOnEveryRank", "all_sum", "average_gradients", "broadcast_parameters",
+           "check_same", "check_same_tensors", "even_share", "fingerprint", "gather", "init_from_env", "is_main",
+           "launched", "local_batch_size", "main_only", "rank", "run_main", "shard", "shard_range", "world_size",
+           "wrap"]

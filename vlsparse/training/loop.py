@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,9 +199,13 @@ def evaluate(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: 
 
     The metrics are those of the dataset's ``objective`` (default VQA: ``{"vqa_score", "n"}``, the soft
     target score of the arg-max answer, UNITER/LXMERT); a dataset with its own ``evaluate`` (retrieval:
-    :class:`vlsparse.data.dataset.RetrievalSet`) computes them itself. Datasets whose examples carry question
+    :class:`vlsparse.data.dataset.RetrievalSet`) computes them itself (under torchrun each rank scores a share of
+    its captions against every image and the rows are gathered in order). Datasets whose examples carry question
     types also get the metric per type (:func:`by_question_type`, e.g. ``vqa_score:yes/no``, ``vqa_score:open``).
     """
+    if hasattr(dataset, "score_matrix") and distributed.world_size() > 1:  # retrieval: each rank scores its captions
+        part = dataset.score_matrix(model, batch_size, device, rows=distributed.shard_range(len(dataset)))
+        return dataset.metrics(np.concatenate(distributed.gather(part)))
     if hasattr(dataset, "evaluate"):
         return dataset.evaluate(model, batch_size=batch_size, device=device)
     logits, targets = predict(model, dataset, collate, batch_size, device)

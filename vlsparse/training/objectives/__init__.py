@@ -7,25 +7,25 @@
 * :mod:`~vlsparse.training.objectives.wra`: word-region alignment by optimal transport (IPOT).
 
 Conditional masking (Sec. 3.2): MLM masks only words and MRFR only regions, so one modality is masked per
-example. Every objective is ``fn(model, heads, batch, ctx, gen) -> Step`` on a batch of
-:class:`vlsparse.data.corpus.CaptionSet` items; objectives are sampled per batch in proportions
-(:func:`parse_objectives`), as the official ``MetaLoader`` samples tasks by ``mix_ratio``.
+example. Every objective is an :class:`Objective` (its random choices, ``draw``, apart from its ``loss``), called
+as ``fn(model, heads, batch, ctx, gen) -> Step`` on a batch of :class:`vlsparse.data.corpus.CaptionSet` items;
+objectives are sampled per batch in proportions (:func:`parse_objectives`), as the official ``MetaLoader``
+samples tasks by ``mix_ratio``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from vlsparse.training.objectives.common import Context, Objective, PretrainHeads, Step
+from vlsparse.training.objectives.itm import ITM
+from vlsparse.training.objectives.mlm import MLM
+from vlsparse.training.objectives.mrfr import MRFR
+from vlsparse.training.objectives.wra import WRA
 
-from vlsparse.training.objectives.common import Context, PretrainHeads, Step
-from vlsparse.training.objectives.itm import itm_step
-from vlsparse.training.objectives.mlm import mlm_step
-from vlsparse.training.objectives.mrfr import mrfr_step
-from vlsparse.training.objectives.wra import wra_step
+__all__ = ["OBJECTIVES", "Context", "Objective", "PretrainHeads", "Step", "parse_objectives"]
 
-__all__ = ["OBJECTIVES", "Context", "PretrainHeads", "Step", "parse_objectives"]
-
-#: objective name -> step function
-OBJECTIVES: dict[str, Callable[..., Step]] = {"mlm": mlm_step, "mrfr": mrfr_step, "itm": itm_step, "wra": wra_step}
+#: objective name -> :class:`Objective` (``draw`` then ``loss``; calling it, ``fn(model, heads, batch, ctx, gen)
+#: -> Step``, does both)
+OBJECTIVES: dict[str, Objective] = {"mlm": MLM, "mrfr": MRFR, "itm": ITM, "wra": WRA}
 
 
 def parse_objectives(objectives: str, proportions: str | None = None) -> dict[str, float]:

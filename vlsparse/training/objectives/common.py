@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Context", "PretrainHeads", "Step", "choose_at_least_one", "encode"]
+__all__ = ["Context", "Objective", "PretrainHeads", "Step", "choose_at_least_one", "encode"]
 
 
 @dataclass
 class Step:
     """One objective on one batch: ``loss`` (scalar float32 tensor, differentiable), ``correct`` and ``total``
-    (predictions right / made; 0 / 0 for regression objectives), and ``value`` (the loss or distance to report)."""
+    (predictions right / made; 0 / 0 for regression objectives), and ``value`` (the loss or distance to report).
+
+    ``count``: how many terms ``loss`` is the mean of (masked tokens for MLM, regressed feature values for MRFR,
+    examples for ITM and WRA), which weighs the shares of several processes (:mod:`vlsparse.training.pretrain`);
+    ``logits``: the predictions of a classification objective (ITM (B, 2), MLM (M, V)), None for regression
+    objectives (adversarial pre-training's KL term, :mod:`vlsparse.training.pretrain`)."""
 
     loss: torch.Tensor
     correct: int = 0
     total: int = 0
+    count: int = 1
+    logits: torch.Tensor | None = None
 
     @property
     def value(self) -> float:
         return float(self.loss.detach())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pre-training objective in two parts, so that its random choices are made once per batch: ``draw(batch,
+    ctx, gen) -> drawn`` makes them (masks, negatives; a dict of tensors with the batch's leading dimension B),
+    ``loss(model, heads, batch, drawn, ctx) -> Step`` computes the objective on the batch. Calling the objective
+    does both. Rows of ``batch`` and ``drawn`` may be taken alike (``{k: v[rows]}``) between the two parts: the
+    choices of a whole batch, the loss of some of its rows (one process's share under torchrun)."""
+
+    draw: Callable[[dict, "Context", torch.Generator], dict]
+    loss: Callable[..., Step]
+
+    def __call__(self, model: nn.Module, heads: "PretrainHeads", batch: dict, ctx: "Context",
+                 gen: torch.Generator) -> Step:
+        return self.loss(model, heads, batch, self.draw(batch, ctx, gen), ctx)
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsparse.training.objectives.common import Context, PretrainHeads, Step, choose_at_least_one, encode
+from vlsparse.training.objectives.common import (Context, Objective, PretrainHeads, Step, choose_at_least_one,
+                                                 encode)
 
-__all__ = ["MASK_PROB", "mask_words", "mlm_step"]
+__all__ = ["MASK_PROB", "MLM", "mask_words", "mlm_step"]
 
 MASK_PROB = 0.15
 
@@ -42,10 +43,23 @@ def mask_words(input_ids: torch.Tensor, word_index: torch.Tensor, ctx: Context,
     return masked, chosen
 
 
-def mlm_step(model: nn.Module, heads: PretrainHeads, batch: dict, ctx: Context, gen: torch.Generator) -> Step:
-    """MLM on a batch: cross-entropy of the masked tokens, and how many of them the arg-max gets right."""
+def draw_masks(batch: dict, ctx: Context, gen: torch.Generator) -> dict:
+    """``{"masked": (B, L) int64 masked ids, "chosen": (B, L) bool tokens to predict}`` (:func:`mask_words`)."""
     masked, chosen = mask_words(batch["input_ids"], batch["word_index"], ctx, gen)
-    text = encode(model, batch, input_ids=masked)[2]  # (B, L, h)
+    return {"masked": masked, "chosen": chosen}
+
+
+def mlm_loss(model: nn.Module, heads: PretrainHeads, batch: dict, drawn: dict, ctx: Context) -> Step:
+    """MLM on a batch: cross-entropy of the masked tokens, and how many of them the arg-max gets right;
+    ``logits`` (M, V) over the corpus vocabulary."""
+    chosen = drawn["chosen"]  # (B, L)
+    text = encode(model, batch, input_ids=drawn["masked"])[2]  # (B, L, h)
     logits = heads.mlm(text[chosen], model.get_input_embeddings().weight, ctx)  # (M, V)
     target = batch["input_ids"][chosen]  # (M,)
-    return Step(F.cross_entropy(logits, target), int((logits.argmax(1) == target).sum()), int(target.numel()))
+    return Step(F.cross_entropy(logits, target), int((logits.argmax(1) == target).sum()), int(target.numel()),
+                count=int(target.numel()), logits=logits)
+
+
+#: masked language modelling as an :class:`~vlsparse.training.objectives.common.Objective`
+MLM = Objective(draw_masks, mlm_loss)
+mlm_step = MLM  # fn(model, heads, batch, ctx, gen) -> Step

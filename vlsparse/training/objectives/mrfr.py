@@ -14,17 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsparse.training.objectives.common import Context, PretrainHeads, Step, choose_at_least_one, encode
+from vlsparse.training.objectives.common import (Context, Objective, PretrainHeads, Step, choose_at_least_one,
+                                                 encode)
 
-__all__ = ["MASK_PROB", "mrfr_step"]
+__all__ = ["MASK_PROB", "MRFR", "mrfr_step"]
 
 MASK_PROB = 0.15
 
 
-def mrfr_step(model: nn.Module, heads: PretrainHeads, batch: dict, ctx: Context, gen: torch.Generator) -> Step:
+def draw_regions(batch: dict, ctx: Context, gen: torch.Generator) -> dict:
+    """``{"masked": (B, N) bool}``: the regions to mask and regress."""
+    return {"masked": choose_at_least_one(batch["img_mask"].bool(), MASK_PROB, gen)}
+
+
+def mrfr_loss(model: nn.Module, heads: PretrainHeads, batch: dict, drawn: dict, ctx: Context) -> Step:
     """MRFR on a batch: mean squared error (per feature dimension) of the masked regions' regressed features."""
-    feat = batch["img_feat"]  # (B, N, D)
-    masked = choose_at_least_one(batch["img_mask"].bool(), MASK_PROB, gen)  # (B, N)
+    feat, masked = batch["img_feat"], drawn["masked"]  # (B, N, D), (B, N)
     regions = encode(model, batch, img_feat=feat.masked_fill(masked[..., None], 0.0), img_masks=masked)[1]
     pred = heads.mrfr(regions[masked], model.uniter.img_embeddings.img_linear.weight)  # (M, D)
-    return Step(F.mse_loss(pred, feat[masked]))
+    return Step(F.mse_loss(pred, feat[masked]), count=int(pred.numel()))
+
+
+#: masked region feature regression as an :class:`~vlsparse.training.objectives.common.Objective`
+MRFR = Objective(draw_regions, mrfr_loss)
+mrfr_step = MRFR  # fn(model, heads, batch, ctx, gen) -> Step

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlsparse.training.objectives.common import Context, PretrainHeads, Step, encode
+from vlsparse.training.objectives.common import Context, Objective, PretrainHeads, Step, encode
 
-__all__ = ["WEIGHT", "ipot", "optimal_transport_distance", "wra_step"]
+__all__ = ["WEIGHT", "WRA", "ipot", "optimal_transport_distance", "wra_step"]
 
 WEIGHT = 0.1
 
@@ -53,8 +53,13 @@ def optimal_transport_distance(x: torch.Tensor, y: torch.Tensor, x_pad: torch.Te
     return (cost * plan).sum((1, 2))
 
 
-def wra_step(model: nn.Module, heads: PretrainHeads, batch: dict, ctx: Context, gen: torch.Generator) -> Step:
+def wra_loss(model: nn.Module, heads: PretrainHeads, batch: dict, drawn: dict, ctx: Context) -> Step:
     """WRA on a batch of matching pairs: ``WEIGHT`` x the mean transport distance (lower: better aligned)."""
     _, regions, text = encode(model, batch)
     dist = optimal_transport_distance(text, regions, batch["word_index"] == 0, batch["img_mask"] == 0)  # (B,)
-    return Step(WEIGHT * dist.mean())
+    return Step(WEIGHT * dist.mean(), count=int(dist.numel()))
+
+
+#: word-region alignment as an :class:`~vlsparse.training.objectives.common.Objective` (it draws nothing)
+WRA = Objective(lambda batch, ctx, gen: {}, wra_loss)
+wra_step = WRA  # fn(model, heads, batch, ctx, gen) -> Step
