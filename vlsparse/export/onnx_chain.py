@@ -30,7 +30,7 @@ from onnx import helper
 
 from vlsparse.runtime.ort import DOMAIN, OP_TYPE
 
-__all__ = ["chain_sparse_nodes", "GELU", "FEATURE_MAJOR"]
+__all__ = ["chain_sparse_nodes", "GraphLinks", "GELU", "FEATURE_MAJOR"]
 
 GELU = 1  #: the op's ``activation`` for GELU (erf form)
 FEATURE_MAJOR = 1  #: the op's ``input_layout`` / ``output_layout`` for feature-major tensors
@@ -73,8 +73,9 @@ def _set_attr(n: onnx.NodeProto, name: str, value: int) -> None:
     n.attribute.append(helper.make_attribute(name, int(value)))
 
 
-class _Graph:
-    """Readers, producers and scalar constants of ``g`` as it is now."""
+class GraphLinks:
+    """Readers, producers and scalar constants of ONNX graph ``g`` as it is now (``outputs``: graph output names;
+    ``producer``: tensor -> node; ``readers``: tensor -> nodes reading it; ``inits``: initializers by name)."""
 
     def __init__(self, g: onnx.GraphProto):
         self.outputs = {o.name for o in g.output}
@@ -113,7 +114,7 @@ def _near(v: float | None, target: float) -> bool:
 
 
 # ---- 1. GELU ------------------------------------------------------------------------------------------
-def _match_gelu(y: str, gr: _Graph) -> tuple[list[onnx.NodeProto], str] | None:
+def _match_gelu(y: str, gr: GraphLinks) -> tuple[list[onnx.NodeProto], str] | None:
     """(the GELU's nodes, its output) when ``y`` is read only by an exact GELU of itself, else None."""
     readers = gr.readers.get(y, [])
     if y in gr.outputs or not readers or any(r.domain not in ("", "ai.onnx") for r in readers):
@@ -140,7 +141,7 @@ def _match_gelu(y: str, gr: _Graph) -> tuple[list[onnx.NodeProto], str] | None:
 
 
 def _fuse_gelus(g: onnx.GraphProto, shapes: dict) -> int:
-    gr = _Graph(g)
+    gr = GraphLinks(g)
     dead: set[int] = set()
     fused = 0
     for n in g.node:
@@ -173,7 +174,7 @@ def _drop_unread_constants(nodes: list[onnx.NodeProto], dead_inputs: set[str], o
 # ---- 2. feature-major links ----------------------------------------------------------------------------
 def _link_feature_major(g: onnx.GraphProto) -> set[str]:
     """Set output_layout / input_layout on sparse -> sparse edges; return the feature-major tensors."""
-    gr = _Graph(g)
+    gr = GraphLinks(g)
     fm: set[str] = set()
     for n in g.node:
         y = n.output[0] if _sparse(n) else None
@@ -198,7 +199,7 @@ def _rank(vi: onnx.ValueInfoProto | None) -> int | None:
 def _share_inputs(g: onnx.GraphProto, shapes: dict) -> tuple[set[str], int]:
     """Insert one Transpose per tensor read as X by >= 2 token-major SparseLinears; return the new
     feature-major tensors and how many readers they serve."""
-    gr = _Graph(g)
+    gr = GraphLinks(g)
     used = {n.name for n in g.node} | {t for n in g.node for t in (*n.input, *n.output)} | set(gr.inits)
     inserts: dict[int, onnx.NodeProto] = {}
     new: set[str] = set()

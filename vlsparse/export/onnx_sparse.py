@@ -41,7 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from vlsparse._compat import moved
-from vlsparse.export.onnx_chain import chain_sparse_nodes
+from vlsparse.export.onnx_chain import GraphLinks, chain_sparse_nodes
 from vlsparse.runtime.ort import DOMAIN, OP_TYPE, REQUIRES_MESSAGE
 
 __all__ = ["DOMAIN", "OP_TYPE", "REQUIRES_MESSAGE", "csr_from_dense", "sparsify_onnx"]
@@ -130,18 +130,13 @@ def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype
 
 
 # ---- 1. index the graph: producers, readers, constant values -------------------------------------
-class _GraphIndex:
-    """Lookups over the main graph as it was before the rewrite."""
+class _GraphIndex(GraphLinks):
+    """Lookups over the main graph as it was before the rewrite: :class:`GraphLinks` plus the graph inputs,
+    fresh names and constant folding."""
 
     def __init__(self, g: onnx.GraphProto):
-        self.inits = {t.name: t for t in g.initializer}
+        super().__init__(g)
         self.inputs = {i.name for i in g.input}
-        self.outputs = {o.name for o in g.output}
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for name in n.input:
-                self.consumers.setdefault(name, []).append(n)
         self.names = _Names(g)
         self._const: dict[str, tuple[np.ndarray, str] | None] = {}
 
@@ -285,7 +280,7 @@ def _bias_vector(t: np.ndarray, out_features: int) -> np.ndarray | None:
 def _with_fused_add(linear: _Linear, index: _GraphIndex) -> _Linear:
     """``linear`` with the bias of the Add that is the MatMul's only reader, when it adds a constant (out,)."""
     output = linear.node.output[0]
-    readers = index.consumers.get(output, [])
+    readers = index.readers.get(output, [])
     if len(readers) != 1 or output in index.outputs:
         return linear
     add = readers[0]
