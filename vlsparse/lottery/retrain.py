@@ -57,10 +57,7 @@ def retrain_ticket(ticket: Ticket, model: nn.Module, task, collate: Callable, cf
         _refuse_finished(out)
     if theta0 is not None:
         load_weights(theta0, model)
-    try:
-        check_mask_fits(ticket.mask, model, ticket_path)
-    except ValueError as exc:
-        raise TicketError(str(exc)) from exc
+    _check_fits(ticket, model, ticket_path)
     check_same_tensors(ticket.mask, f"the mask of {ticket_path}")  # under torchrun: every rank trains one mask
     fresh_flag = getattr(model.config, "img_embeddings_pretrained", None)
     try:
@@ -97,6 +94,14 @@ def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[st
 
 
 @locked("out")
+def _check_fits(ticket: Ticket, model: nn.Module, ticket_path: str | None) -> None:
+    """Raise TicketError (one line naming ``ticket_path``) unless the ticket's mask fits ``model``'s prune scope."""
+    try:
+        check_mask_fits(ticket.mask, model, ticket_path)
+    except ValueError as exc:
+        raise TicketError(str(exc)) from exc
+
+
 def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
                  init: str = "pretrained", theta0: str | Path | None = None, data_dir: str | Path | None = None,
                  progress: Callable[[int], None] | None = None) -> tuple[dict, object]:
@@ -121,6 +126,7 @@ def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg
     if theta0 is None and t.meta.get("task") != "pretrain" and (run := Run.of_ticket(ticket)) is not None:
         theta0 = run.theta0
     net, data, collate = setup(model, task, cfg.seed, data_dir)
+    _check_fits(t, net, str(ticket))  # before anything is written into out
     # task.json first: metrics.json, written last, marks a finished run, so a run killed in any write re-runs
     _refuse_finished(Path(out))
     main_only(lambda: save_task_info(data, Path(out) / TASK_INFO))
