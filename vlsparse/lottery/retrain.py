@@ -93,7 +93,6 @@ def _write(out: Path, model: nn.Module, metrics: dict, save: bool, meta: dict[st
     write_json(out / "metrics.json", metrics)
 
 
-@locked("out")
 def _check_fits(ticket: Ticket, model: nn.Module, ticket_path: str | None) -> None:
     """Raise TicketError (one line naming ``ticket_path``) unless the ticket's mask fits ``model``'s prune scope."""
     try:
@@ -102,6 +101,7 @@ def _check_fits(ticket: Ticket, model: nn.Module, ticket_path: str | None) -> No
         raise TicketError(str(exc)) from exc
 
 
+@locked("out")
 def train_ticket(ticket: str | Path, out: str | Path, model: str, task: str, cfg: TrainConfig,
                  init: str = "pretrained", theta0: str | Path | None = None, data_dir: str | Path | None = None,
                  progress: Callable[[int], None] | None = None) -> tuple[dict, object]:
