@@ -132,11 +132,13 @@ def check(fns: dict, atol: float = 1e-4) -> None:
             raise AssertionError(f"{name}: max abs error {err:.2e} vs dense")
 
 
-def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="median", out=print):
+def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="median", out=print,
+        clock=time.perf_counter):
     backends = [b for b in backends if make_fns(b, *make_case(8, 8, 2, 0.5)) is not None]
     cpu_kernel.load_extension()
     what = (f"median of {rounds} interleaved rounds" if stat == "median"
             else f"min over single calls, {rounds} x batch interleaved")
+    what += ", CPU time of this thread" if clock is time.thread_time else ", wall time"
     out(f"# SpMM speedup over dense F.linear (dense time / backend time, {what})")
     out(f"# torch {torch.__version__}, kernel simd={cpu_kernel.simd()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus, load avg {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -157,7 +159,7 @@ def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="m
                             fns = {"dense": make_fns("dense", lin, mask, x)}
                             fns.update({b: make_fns(b, lin, mask, x) for b in backends})
                             check(fns)
-                            med = measure(fns, rounds, batch_ms, stat)
+                            med = measure(fns, rounds, batch_ms, stat, clock)
                             cells = [str(nt), f"{out_f}x{in_f}", str(t), f"{int(round(sp * 100))}%",
                                      f"{med['dense'] * 1e6:.0f}"]
                             cells += [f"{med['dense'] / med[b]:.2f}" for b in backends]
@@ -177,6 +179,9 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=BACKENDS)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-ms", type=float, default=4.0)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time (default), or the CPU time of this thread (time.thread_time; only with "
+                        "--threads 1, where kernel and MKL run on this thread: robust to other processes' load)")
     p.add_argument("--tuning", nargs="*", default=[], metavar="NAME=VALUE",
                    help="tunables of the non-legacy kernels (vlsparse.sparse.kernels.cpu.set_tuning)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
@@ -186,7 +191,10 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
     if a.tuning:
         cpu_kernel.set_tuning(**{k: int(v) for k, v in (t.split("=", 1) for t in a.tuning)})
-    run(shapes, a.tokens, a.sparsity, a.threads, a.backends, a.rounds, a.batch_ms, a.stat)
+    if a.clock == "thread" and a.threads != [1]:
+        p.error("--clock thread needs --threads 1")
+    run(shapes, a.tokens, a.sparsity, a.threads, a.backends, a.rounds, a.batch_ms, a.stat,
+        clock=time.thread_time if a.clock == "thread" else time.perf_counter)
 
 
 if __name__ == "__main__":
