@@ -1,8 +1,9 @@
-"""Every inner kernel of the CPU SpMM (kernel= auto | legacy | gather | strips) against scipy.sparse.
+"""Every inner kernel of the CPU SpMM (kernel= auto | legacy | gather | strips | xreg) against scipy.sparse.
 
 The reference is ``scipy.sparse.csr_matrix`` in float64 on the same CSR arrays. Rows are ragged on purpose:
 empty rows, a row with one nonzero, lengths around multiples of the vector widths (8, 16, 32) so that the
-gather kernel's masked tail and two-chain main loop, and the strips' pair loop and odd nonzero, all run.
+gather kernel's masked tail and two-chain main loop, the register-x kernel's 32-lane steps (one, several, or a
+partial one per 64-column block) and the strips' pair loop and odd nonzero all run.
 Both entries (row-major spmm_cpu; feature-major spmm_cpu_fm with either output layout, its input dense or
 inside a wider buffer, i.e. unit and non-unit column stride) at T in {1, 2, 3, 7, 40, 200}.
 """
@@ -95,7 +96,7 @@ def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="no
             torch.testing.assert_close(y, ref, atol=ATOL, rtol=0, msg=lambda m: f"{kernel} {entry} T={t}: {m}")
 
 
-@pytest.mark.parametrize("kernel", ["auto", "legacy", "gather", "strips"])
+@pytest.mark.parametrize("kernel", ["auto", "legacy", "gather", "strips", "xreg"])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_dtype, nthreads):
@@ -104,22 +105,24 @@ def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_d
     check_all(cpu, kernel, ragged_csr(22, 97, seed=2), index_dtype, 22, 97)  # only the ragged rows
 
 
-@pytest.mark.parametrize("kernel", ["gather", "strips"])
+@pytest.mark.parametrize("kernel", ["gather", "strips", "xreg"])
 def test_unsorted_columns_and_gelu(cpu, kernel):
     check_all(cpu, kernel, ragged_csr(70, 130, seed=3, shuffle=True), torch.int32, 70, 130)
     check_all(cpu, kernel, ragged_csr(70, 130, seed=4), torch.int16, 70, 130, activation="gelu")
 
 
-def test_auto_picks_the_gather_kernel_for_small_token_counts(cpu):
+def test_auto_picks_the_register_x_kernel_for_small_token_counts(cpu):
     small = cpu.tuning()["small_tokens"]
+    xreg = "xreg" if cpu.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
     assert small >= 1
-    assert cpu.kernel_path("auto", 1) == "gather" and cpu.kernel_path("auto", small) == "gather"
+    assert cpu.kernel_path("auto", 1) == xreg and cpu.kernel_path("auto", small) == xreg
     assert cpu.kernel_path("auto", small + 1) == "strips"
     assert cpu.kernel_path("legacy", 1) == "small_rows" and cpu.kernel_path("legacy", 3) == "strips"
     assert cpu.kernel_path("gather", 200) == "gather" and cpu.kernel_path("strips", 1) == "strips"
+    assert cpu.kernel_path("xreg", 200) == xreg
     try:
         cpu.set_tuning(small_tokens=7)
-        assert cpu.kernel_path("auto", 7) == "gather"
+        assert cpu.kernel_path("auto", 7) == xreg
         check_all(cpu, "auto", ragged_csr(22, 97, seed=5), torch.int16, 22, 97)
     finally:
         cpu.set_tuning(small_tokens=small)
@@ -129,7 +132,7 @@ def test_auto_picks_the_gather_kernel_for_small_token_counts(cpu):
         cpu.set_tuning(no_such_knob=1)
 
 
-@pytest.mark.parametrize("kernel", ["gather", "strips", "legacy"])
+@pytest.mark.parametrize("kernel", ["gather", "strips", "legacy", "xreg"])
 def test_the_check_sees_one_wrong_tail_nonzero(cpu, kernel):
     """The comparison can fail: the last nonzero of the 17-long row (the masked tail lane of a 16-wide gather)
     changed by 1 changes that output by 1 with x = 1, and check_all's assertion reports it."""

@@ -15,15 +15,17 @@ Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
     spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=..., activation=,
                 out_layout="feature" | "row", pad=0, kernel=) -> (out, T) or (T, out)
     simd() -> "avx512" | "avx2" | "scalar"
-    kernel_path(kernel, tokens) -> "gather" | "small_rows" | "strips"
+    kernel_path(kernel, tokens) -> "xreg" | "gather" | "small_rows" | "strips"
     tuning() -> dict; set_tuning(**values)
 
 ``kernel`` (every one gives the same result to rounding; csrc/spmm.h, ``enum class Path``):
-    "auto"    the default: T <= tuning()["small_tokens"] tokens: the gather-dot kernel (csrc/spmm_gather.h),
-              more: the token strips (X transposed to feature-major, 16-token vectors, cache-blocked)
-    "legacy"  the kernel as before the gather-dot path (T <= 2: scalar-buffer small_rows; more: the strips
-              with the old tunables), kept so that benchmarks time old and new side by side
-    "gather"  the gather-dot kernel at every T;  "strips"  the strips at every T (tests, benchmarks)
+    "auto"    the default: T <= tuning()["small_tokens"] tokens: the register-x kernel (csrc/spmm_xreg.h, x in
+              zmm registers 64 columns at a time; AVX-512 BW builds, else small_rows), more: the token strips
+              (X transposed to feature-major, 16-token vectors in registers, cache-blocked)
+    "legacy"  the kernel as before this selection (T <= 2: scalar-buffer small_rows; more: the strips with
+              the old tunables), kept so that benchmarks time old and new side by side
+    "xreg"    the register-x kernel at every T; "gather" the vgatherdps gather-dot kernel
+              (csrc/spmm_gather.h) at every T; "strips" the strips at every T (tests, benchmarks)
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ __all__ = ["ACTIVATIONS", "KERNELS", "spmm_cpu", "spmm_cpu_fm", "load_extension"
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("spmm_torch.cpp",)
-HEADERS = ("spmm.h", "spmm_gather.h")
+HEADERS = ("spmm.h", "spmm_gather.h", "spmm_xreg.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized")
 
 #: epilogue name -> the kernel's code (0 none, 1 GELU in its erf form, as torch.nn.functional.gelu)
 ACTIVATIONS = {"none": 0, "gelu": 1}
 #: kernel name -> the kernel's Path code (csrc/spmm.h)
-KERNELS = {"auto": 0, "legacy": 1, "gather": 2, "strips": 3}
+KERNELS = {"auto": 0, "legacy": 1, "gather": 2, "strips": 3, "xreg": 4}
 _lock = threading.Lock()
 _module: ModuleType | None = None
 
@@ -189,7 +191,7 @@ def _kernel(kernel: str) -> int:
 
 
 def kernel_path(kernel: str, tokens: int) -> str:
-    """The inner kernel ``kernel`` runs for ``tokens`` tokens: 'gather', 'small_rows' (legacy) or 'strips'."""
+    """The inner kernel ``kernel`` runs for ``tokens`` tokens: 'xreg', 'gather', 'small_rows' or 'strips'."""
     return load_extension().path_name(_kernel(kernel), int(tokens))
 
 

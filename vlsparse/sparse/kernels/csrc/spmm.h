@@ -123,12 +123,14 @@ inline Tuning& legacy_tuning() {
 }
 
 // Which inner kernel an entry runs (every path computes the same result, to rounding):
-//   Auto    tokens <= tuning().small_tokens: the gather-dot kernel (spmm_gather.h), else the strips.
-//   Legacy  as before the gather-dot path: tokens <= legacy_tuning().small_tokens: small_rows (x[c] by
+//   Auto    tokens <= tuning().small_tokens: the register-x kernel (spmm_xreg.h; AVX-512 BW builds, else
+//           small_rows), more: the strips with tuning().
+//   Legacy  as before this path selection: tokens <= legacy_tuning().small_tokens: small_rows (x[c] by
 //           scalar loads into a buffer), else the strips with legacy_tuning().
-//   Gather  the gather-dot kernel at every token count (tests, benchmarks).
+//   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count (measured, not picked).
 //   Strips  the strips (transposed, token-vectorised) at every token count (tests, benchmarks).
-enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3 };
+//   Xreg    the register-x kernel at every token count (small_rows where not compiled in).
+enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3, Xreg = 4 };
 
 namespace detail {
 
@@ -698,20 +700,27 @@ inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_feat
 }  // namespace vlsparse
 
 #include "spmm_gather.h"  // the gather-dot kernel (uses detail::V, hsum, gelu_erf from above)
+#include "spmm_xreg.h"    // the register-x kernel (AVX-512 BW; same)
 
 namespace vlsparse {
 namespace detail {
 // The small-token kernels: runs the layer and returns true when `path` (with `tokens`) picks one of them
-// (Auto: tokens <= tuning().small_tokens -> gather-dot; Legacy: tokens <= legacy_tuning().small_tokens ->
-// small_rows; Gather: always; Strips: never), and whenever there is no input feature. Element (t, c) of X at
-// x[t * xs_t + c * xs_c], output (t, o) at y[t * ys_t + o * ys_o].
+// (Auto: tokens <= tuning().small_tokens -> register-x where compiled in, else small_rows; Legacy: tokens <=
+// legacy_tuning().small_tokens -> small_rows; Xreg, Gather: always; Strips: never), and whenever there is no
+// input feature. Element (t, c) of X at x[t * xs_t + c * xs_c], output (t, o) at y[t * ys_t + o * ys_o].
 template <typename ColT, typename Par>
 bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, int64_t xs_t, int64_t xs_c,
                 const int32_t* crow, const ColT* col, const float* val, const float* bias, int64_t out_features,
                 float* y, int64_t ys_t, int64_t ys_o, Act act, const Par& par) {
-    const bool legacy = path == Path::Legacy && tokens <= legacy_tuning().small_tokens;
-    const bool gather = path == Path::Gather || (path == Path::Auto && tokens <= tuning().small_tokens);
-    if (in_features <= 0 || legacy || (gather && !gather_fits(in_features, xs_c))) {
+    const bool small = (path == Path::Auto && tokens <= tuning().small_tokens) || path == Path::Xreg ||
+                       (path == Path::Legacy && tokens <= legacy_tuning().small_tokens);
+    const bool gather = path == Path::Gather && gather_fits(in_features, xs_c);
+    if (in_features > 0 && small && path != Path::Legacy && kHasXreg) {
+        xreg_tokens<ColT>(x, tokens, in_features, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act,
+                          par);
+        return true;
+    }
+    if (in_features <= 0 || small || (path == Path::Gather && !gather)) {
         small_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return true;
     }
@@ -724,17 +733,12 @@ bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, 
 inline const Tuning& tuning_for(Path path) { return path == Path::Legacy ? legacy_tuning() : tuning(); }
 }  // namespace detail
 
-// One token: y (out_features) = W x + bias.
+// One token: y (out_features) = W x + bias (small_rows: no in_features here for the register-x kernel).
 template <typename ColT, typename Par = OmpFor>
 void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indices, const float* values,
-              const float* bias, int64_t out_features, float* y, Act act = Act::None, const Par& par = Par(),
-              Path path = Path::Auto) {
+              const float* bias, int64_t out_features, float* y, Act act = Act::None, const Par& par = Par()) {
     if (out_features <= 0) return;
-    // (no in_features here, so no strips: a path that would pick them runs the gather-dot kernel)
-    if (!detail::small_path<ColT>(path, x, 1, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0,
-                                  1, act, par))
-        detail::gather_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1, act,
-                                    par);
+    detail::small_tokens<ColT>(x, 1, 0, 1, crow_indices, col_indices, values, bias, out_features, y, 0, 1, act, par);
 }
 
 namespace detail {
@@ -872,9 +876,11 @@ void spmm_f32_fm_rm(const float* xt, int64_t tokens, int64_t in_features, int64_
 inline const char* simd_name() { return detail::V::name; }
 
 // The inner kernel `path` runs for `tokens` tokens (with in_features > 0 and indices that fit the gather):
-// "gather", "small_rows" or "strips".
+// "xreg", "gather", "small_rows" or "strips".
 inline const char* path_name(Path path, int64_t tokens) {
-    if (path == Path::Gather || (path == Path::Auto && tokens <= tuning().small_tokens)) return "gather";
+    if (path == Path::Gather) return "gather";
+    if (path == Path::Xreg || (path == Path::Auto && tokens <= tuning().small_tokens))
+        return detail::kHasXreg ? "xreg" : "small_rows";
     if (path == Path::Legacy && tokens <= legacy_tuning().small_tokens) return "small_rows";
     return "strips";
 }

@@ -38,8 +38,8 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t out_feature
 }
 
 vlsparse::Path path_of(int64_t path) {
-    TORCH_CHECK(path >= 0 && path <= 3, "vlsparse spmm_cpu: path must be 0 (auto), 1 (legacy), 2 (gather) or 3 "
-                "(strips), got ", path);
+    TORCH_CHECK(path >= 0 && path <= 4, "vlsparse spmm_cpu: path must be 0 (auto), 1 (legacy), 2 (gather), 3 "
+                "(strips) or 4 (xreg), got ", path);
     return static_cast<vlsparse::Path>(path);
 }
 
