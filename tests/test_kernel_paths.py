@@ -111,18 +111,18 @@ def test_unsorted_columns_and_gelu(cpu, kernel):
     check_all(cpu, kernel, ragged_csr(70, 130, seed=4), torch.int16, 70, 130, activation="gelu")
 
 
-def test_auto_picks_the_register_x_kernel_for_small_token_counts(cpu):
+def test_kernel_names_and_the_small_token_threshold(cpu):
     small = cpu.tuning()["small_tokens"]
     xreg = "xreg" if cpu.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
     assert small >= 1
-    assert cpu.kernel_path("auto", 1) == xreg and cpu.kernel_path("auto", small) == xreg
+    assert cpu.kernel_path("auto", 1) == "small_rows" and cpu.kernel_path("auto", small) == "small_rows"
     assert cpu.kernel_path("auto", small + 1) == "strips"
     assert cpu.kernel_path("legacy", 1) == "small_rows" and cpu.kernel_path("legacy", 3) == "strips"
     assert cpu.kernel_path("gather", 200) == "gather" and cpu.kernel_path("strips", 1) == "strips"
-    assert cpu.kernel_path("xreg", 200) == xreg
+    assert cpu.kernel_path("xreg", 1) == xreg and cpu.kernel_path("xreg", 200) == xreg
     try:
-        cpu.set_tuning(small_tokens=7)
-        assert cpu.kernel_path("auto", 7) == xreg
+        cpu.set_tuning(small_tokens=7)  # auto's small-token kernel at T = 3 and 7 too (legacy keeps 2)
+        assert cpu.kernel_path("auto", 7) == "small_rows" and cpu.kernel_path("legacy", 7) == "strips"
         check_all(cpu, "auto", ragged_csr(22, 97, seed=5), torch.int16, 22, 97)
     finally:
         cpu.set_tuning(small_tokens=small)

@@ -19,13 +19,15 @@ Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
     tuning() -> dict; set_tuning(**values)
 
 ``kernel`` (every one gives the same result to rounding; csrc/spmm.h, ``enum class Path``):
-    "auto"    the default: T <= tuning()["small_tokens"] tokens: the register-x kernel (csrc/spmm_xreg.h, x in
-              zmm registers 64 columns at a time; AVX-512 BW builds, else small_rows), more: the token strips
-              (X transposed to feature-major, 16-token vectors in registers, cache-blocked)
-    "legacy"  the kernel as before this selection (T <= 2: scalar-buffer small_rows; more: the strips with
-              the old tunables), kept so that benchmarks time old and new side by side
-    "xreg"    the register-x kernel at every T; "gather" the vgatherdps gather-dot kernel
-              (csrc/spmm_gather.h) at every T; "strips" the strips at every T (tests, benchmarks)
+    "auto"    the default: T <= tuning()["small_tokens"] tokens: small_rows (x[c] by scalar loads), more: the
+              token strips (X transposed to feature-major, up to tuning()["max_vectors"] 16-token vectors
+              in registers per pass over a row, cache-blocked)
+    "legacy"  the same with the tunables as they were before this selection (kept so that a tuning change
+              is timed against it in one process)
+    "xreg"    x in zmm registers 64 columns at a time, vpermt2ps lookups (csrc/spmm_xreg.h; AVX-512 BW)
+    "gather"  vgatherdps gather-dot (csrc/spmm_gather.h); both at every T, both slower than small_rows at
+              T = 1 on the Zen 4 this was measured on (README), selectable to measure other CPUs
+    "strips"  the strips at every T (tests, benchmarks)
 """
 
 from __future__ import annotations

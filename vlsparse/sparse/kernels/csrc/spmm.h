@@ -36,10 +36,10 @@
 // Per nonzero w at column c: broadcast w, FMA the NV vectors of X^T[c, strip] into register
 // accumulators (unrolled by two, two accumulator sets). The row-major entry transposes X and the
 // finished tile with 16x16 register transposes, writing straight into Y (Y^T never exists).
-// Few tokens (<= Tuning::small_tokens) use a small-token kernel without transposes: Path::Auto the
-// gather-dot kernel of spmm_gather.h (values and indices as vectors, x[c] by vgatherdps, up to 4 tokens per
-// pass over a row); Path::Legacy small_rows below (one token: values in vectors, x[c] by scalar loads into a
-// buffer).
+// Few tokens (<= Tuning::small_tokens) use small_rows below, without transposes (one token: values in
+// vectors, x[c] by scalar loads into a buffer). Two alternatives are selectable (Path): the vgatherdps
+// gather-dot of spmm_gather.h and the register-x kernel of spmm_xreg.h; on the 2-core Zen 4 both measured
+// slower than small_rows at T = 1 (README, "SpMM kernel"), so Path::Auto does not pick them.
 #pragma once
 
 #include <algorithm>
@@ -123,13 +123,15 @@ inline Tuning& legacy_tuning() {
 }
 
 // Which inner kernel an entry runs (every path computes the same result, to rounding):
-//   Auto    tokens <= tuning().small_tokens: the register-x kernel (spmm_xreg.h; AVX-512 BW builds, else
-//           small_rows), more: the strips with tuning().
-//   Legacy  as before this path selection: tokens <= legacy_tuning().small_tokens: small_rows (x[c] by
-//           scalar loads into a buffer), else the strips with legacy_tuning().
-//   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count (measured, not picked).
+//   Auto    tokens <= tuning().small_tokens: small_rows (x[c] by scalar loads into a buffer), more: the
+//           strips with tuning(). The fastest measured on the 2-core Zen 4 (README, "SpMM kernel").
+//   Legacy  the same kernels with legacy_tuning(): the kernel as it was before this selection, so that a
+//           tuning change can be timed against it in one process.
+//   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count.
+//   Xreg    the register-x kernel (spmm_xreg.h; AVX-512 BW builds, else small_rows) at every token count.
+//           Gather and Xreg are the two T = 1 alternatives measured slower than small_rows on Zen 4 (kept
+//           selectable so that other CPUs can be measured: benchmarks/spmm_table.py cpu@gather, cpu@xreg).
 //   Strips  the strips (transposed, token-vectorised) at every token count (tests, benchmarks).
-//   Xreg    the register-x kernel at every token count (small_rows where not compiled in).
 enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3, Xreg = 4 };
 
 namespace detail {
@@ -705,27 +707,27 @@ inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_feat
 namespace vlsparse {
 namespace detail {
 // The small-token kernels: runs the layer and returns true when `path` (with `tokens`) picks one of them
-// (Auto: tokens <= tuning().small_tokens -> register-x where compiled in, else small_rows; Legacy: tokens <=
-// legacy_tuning().small_tokens -> small_rows; Xreg, Gather: always; Strips: never), and whenever there is no
-// input feature. Element (t, c) of X at x[t * xs_t + c * xs_c], output (t, o) at y[t * ys_t + o * ys_o].
+// (Auto / Legacy: tokens <= tuning().small_tokens / legacy_tuning().small_tokens -> small_rows; Xreg: the
+// register-x kernel, Gather: the gather-dot kernel, at every token count, small_rows where they cannot run;
+// Strips: never), and whenever there is no input feature. Element (t, c) of X at x[t * xs_t + c * xs_c],
+// output (t, o) at y[t * ys_t + o * ys_o].
 template <typename ColT, typename Par>
 bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, int64_t xs_t, int64_t xs_c,
                 const int32_t* crow, const ColT* col, const float* val, const float* bias, int64_t out_features,
                 float* y, int64_t ys_t, int64_t ys_o, Act act, const Par& par) {
-    const bool small = (path == Path::Auto && tokens <= tuning().small_tokens) || path == Path::Xreg ||
-                       (path == Path::Legacy && tokens <= legacy_tuning().small_tokens);
-    const bool gather = path == Path::Gather && gather_fits(in_features, xs_c);
-    if (in_features > 0 && small && path != Path::Legacy && kHasXreg) {
+    if (in_features > 0 && path == Path::Xreg && kHasXreg) {
         xreg_tokens<ColT>(x, tokens, in_features, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act,
                           par);
         return true;
     }
-    if (in_features <= 0 || small || (path == Path::Gather && !gather)) {
-        small_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+    if (in_features > 0 && path == Path::Gather && gather_fits(in_features, xs_c)) {
+        gather_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return true;
     }
-    if (gather) {
-        gather_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+    const bool small = (path == Path::Auto && tokens <= tuning().small_tokens) ||
+                       (path == Path::Legacy && tokens <= legacy_tuning().small_tokens);
+    if (in_features <= 0 || small || path == Path::Xreg || path == Path::Gather) {
+        small_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return true;
     }
     return false;
@@ -879,10 +881,9 @@ inline const char* simd_name() { return detail::V::name; }
 // "xreg", "gather", "small_rows" or "strips".
 inline const char* path_name(Path path, int64_t tokens) {
     if (path == Path::Gather) return "gather";
-    if (path == Path::Xreg || (path == Path::Auto && tokens <= tuning().small_tokens))
-        return detail::kHasXreg ? "xreg" : "small_rows";
-    if (path == Path::Legacy && tokens <= legacy_tuning().small_tokens) return "small_rows";
-    return "strips";
+    if (path == Path::Xreg) return detail::kHasXreg ? "xreg" : "small_rows";
+    const int64_t small = path == Path::Legacy ? legacy_tuning().small_tokens : tuning().small_tokens;
+    return path != Path::Strips && tokens <= small ? "small_rows" : "strips";
 }
 
 }  // namespace vlsparse
