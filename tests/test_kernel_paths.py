@@ -96,7 +96,7 @@ def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="no
             torch.testing.assert_close(y, ref, atol=ATOL, rtol=0, msg=lambda m: f"{kernel} {entry} T={t}: {m}")
 
 
-@pytest.mark.parametrize("kernel", ["auto", "legacy", "gather", "strips", "xreg"])
+@pytest.mark.parametrize("kernel", ["auto", "legacy", "gather", "strips", "xreg", "insert"])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_dtype, nthreads):
@@ -105,7 +105,7 @@ def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_d
     check_all(cpu, kernel, ragged_csr(22, 97, seed=2), index_dtype, 22, 97)  # only the ragged rows
 
 
-@pytest.mark.parametrize("kernel", ["gather", "strips", "xreg"])
+@pytest.mark.parametrize("kernel", ["gather", "strips", "xreg", "insert"])
 def test_unsorted_columns_and_gelu(cpu, kernel):
     check_all(cpu, kernel, ragged_csr(70, 130, seed=3, shuffle=True), torch.int32, 70, 130)
     check_all(cpu, kernel, ragged_csr(70, 130, seed=4), torch.int16, 70, 130, activation="gelu")
@@ -115,7 +115,8 @@ def test_kernel_names_and_the_small_token_threshold(cpu):
     small = cpu.tuning()["small_tokens"]
     xreg = "xreg" if cpu.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
     assert small >= 1
-    assert cpu.kernel_path("auto", 1) == "small_rows" and cpu.kernel_path("auto", small) == "small_rows"
+    assert cpu.tuning()["insert_tokens"] == 1 and cpu.kernel_path("auto", 1) == "insert"
+    assert cpu.kernel_path("auto", small) == "small_rows" and cpu.kernel_path("insert", 7) == "insert"
     assert cpu.kernel_path("auto", small + 1) == "strips"
     assert cpu.kernel_path("legacy", 1) == "small_rows" and cpu.kernel_path("legacy", 3) == "strips"
     assert cpu.kernel_path("gather", 200) == "gather" and cpu.kernel_path("strips", 1) == "strips"
@@ -132,7 +133,7 @@ def test_kernel_names_and_the_small_token_threshold(cpu):
         cpu.set_tuning(no_such_knob=1)
 
 
-@pytest.mark.parametrize("kernel", ["gather", "strips", "legacy", "xreg"])
+@pytest.mark.parametrize("kernel", ["gather", "strips", "legacy", "xreg", "insert"])
 def test_the_check_sees_one_wrong_tail_nonzero(cpu, kernel):
     """The comparison can fail: the last nonzero of the 17-long row (the masked tail lane of a 16-wide gather)
     changed by 1 changes that output by 1 with x = 1, and check_all's assertion reports it."""

@@ -19,11 +19,12 @@ Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
     tuning() -> dict; set_tuning(**values)
 
 ``kernel`` (every one gives the same result to rounding; csrc/spmm.h, ``enum class Path``):
-    "auto"    the default: T <= tuning()["small_tokens"] tokens: small_rows (x[c] by scalar loads), more: the
-              token strips (X transposed to feature-major, up to tuning()["max_vectors"] 16-token vectors
-              in registers per pass over a row, cache-blocked)
-    "legacy"  the same with the tunables as they were before this selection (kept so that a tuning change
-              is timed against it in one process)
+    "auto"    the default: T <= tuning()["insert_tokens"] (1): "insert"; T <= tuning()["small_tokens"] (2):
+              small_rows (x[c] by scalar loads into a buffer); more: the token strips (X transposed to
+              feature-major, up to tuning()["max_vectors"] 16-token vectors in registers per pass over a
+              row, cache-blocked)
+    "legacy"  the kernel as at commit 403de79 (small_rows for T <= 2, no "insert"), for side-by-side timing
+    "insert"  x[c] by scalar loads that vinsertps puts into xmm lanes, 4 FMA chains (csrc/spmm_gather.h)
     "xreg"    x in zmm registers 64 columns at a time, vpermt2ps lookups (csrc/spmm_xreg.h; AVX-512 BW)
     "gather"  vgatherdps gather-dot (csrc/spmm_gather.h); both at every T, both slower than small_rows at
               T = 1 on the Zen 4 this was measured on (README), selectable to measure other CPUs
@@ -58,7 +59,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitia
 #: epilogue name -> the kernel's code (0 none, 1 GELU in its erf form, as torch.nn.functional.gelu)
 ACTIVATIONS = {"none": 0, "gelu": 1}
 #: kernel name -> the kernel's Path code (csrc/spmm.h)
-KERNELS = {"auto": 0, "legacy": 1, "gather": 2, "strips": 3, "xreg": 4}
+KERNELS = {"auto": 0, "legacy": 1, "gather": 2, "strips": 3, "xreg": 4, "insert": 5}
 _lock = threading.Lock()
 _module: ModuleType | None = None
 

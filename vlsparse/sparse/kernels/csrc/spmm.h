@@ -36,10 +36,11 @@
 // Per nonzero w at column c: broadcast w, FMA the NV vectors of X^T[c, strip] into register
 // accumulators (unrolled by two, two accumulator sets). The row-major entry transposes X and the
 // finished tile with 16x16 register transposes, writing straight into Y (Y^T never exists).
-// Few tokens (<= Tuning::small_tokens) use small_rows below, without transposes (one token: values in
-// vectors, x[c] by scalar loads into a buffer). Two alternatives are selectable (Path): the vgatherdps
-// gather-dot of spmm_gather.h and the register-x kernel of spmm_xreg.h; on the 2-core Zen 4 both measured
-// slower than small_rows at T = 1 (README, "SpMM kernel"), so Path::Auto does not pick them.
+// One token uses the insert-dot kernel of spmm_gather.h (x[c] by scalar loads placed into xmm lanes by
+// vinsertps, four FMA chains), two tokens small_rows below (values in vectors, x[c] by scalar loads into a
+// buffer), both without transposes. Two more T = 1 kernels are selectable (Path): the vgatherdps gather-dot
+// (spmm_gather.h) and the register-x kernel (spmm_xreg.h); on the 2-core Zen 4 both measured slower than
+// small_rows (README, "SpMM kernel"), so Path::Auto does not pick them.
 #pragma once
 
 #include <algorithm>
@@ -109,30 +110,37 @@ struct Tuning {
     int64_t l2_strip_bytes = 1024 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
     int64_t small_tokens = 2;             // tokens <= this: the small-token kernel, no transposes
     int64_t max_vectors = 8;              // token vectors per strip, held in registers per row (<= kMaxNV)
+    int64_t insert_tokens = 1;            // Path::Auto: tokens <= this: the insert-dot kernel (spmm_gather.h)
 };
 // The tunables of Path::Auto / Gather / Strips (settable: the torch extension's set_tuning).
 inline Tuning& tuning() {
     static Tuning t;
     return t;
 }
-// Path::Legacy's tunables: the defaults of the kernel as it was before the gather-dot path (commit 403de79),
-// kept so that benchmarks time old and new side by side in one process.
+// Path::Legacy's tunables: those of the kernel as it was at commit 403de79 (no insert-dot kernel), kept so
+// that benchmarks time old and new side by side in one process.
 inline Tuning& legacy_tuning() {
-    static Tuning t;
+    static Tuning t = [] {
+        Tuning u;
+        u.insert_tokens = 0;
+        return u;
+    }();
     return t;
 }
 
 // Which inner kernel an entry runs (every path computes the same result, to rounding):
-//   Auto    tokens <= tuning().small_tokens: small_rows (x[c] by scalar loads into a buffer), more: the
-//           strips with tuning(). The fastest measured on the 2-core Zen 4 (README, "SpMM kernel").
-//   Legacy  the same kernels with legacy_tuning(): the kernel as it was before this selection, so that a
-//           tuning change can be timed against it in one process.
+//   Auto    tokens <= tuning().insert_tokens (1): the insert-dot kernel (spmm_gather.h); tokens <=
+//           tuning().small_tokens (2): small_rows (x[c] by scalar loads into a buffer); more: the strips
+//           with tuning(). The fastest measured on the 2-core Zen 4 (README, "SpMM kernel").
+//   Legacy  the kernel as it was at commit 403de79: small_rows for tokens <= 2, the strips with
+//           legacy_tuning() (no insert-dot), so that old and new are timed side by side in one process.
 //   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count.
 //   Xreg    the register-x kernel (spmm_xreg.h; AVX-512 BW builds, else small_rows) at every token count.
 //           Gather and Xreg are the two T = 1 alternatives measured slower than small_rows on Zen 4 (kept
 //           selectable so that other CPUs can be measured: benchmarks/spmm_table.py cpu@gather, cpu@xreg).
 //   Strips  the strips (transposed, token-vectorised) at every token count (tests, benchmarks).
-enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3, Xreg = 4 };
+//   Insert  the insert-dot kernel (spmm_gather.h; SSE4.1 builds, else small_rows) at every token count.
+enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3, Xreg = 4, Insert = 5 };
 
 namespace detail {
 
@@ -707,9 +715,9 @@ inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_feat
 namespace vlsparse {
 namespace detail {
 // The small-token kernels: runs the layer and returns true when `path` (with `tokens`) picks one of them
-// (Auto / Legacy: tokens <= tuning().small_tokens / legacy_tuning().small_tokens -> small_rows; Xreg: the
-// register-x kernel, Gather: the gather-dot kernel, at every token count, small_rows where they cannot run;
-// Strips: never), and whenever there is no input feature. Element (t, c) of X at x[t * xs_t + c * xs_c],
+// (Auto: tokens <= tuning().insert_tokens -> insert-dot, <= small_tokens -> small_rows; Legacy: tokens <=
+// legacy_tuning().small_tokens -> small_rows; Xreg / Gather / Insert: that kernel at every token count,
+// small_rows where it cannot run; Strips: never), and whenever there is no input feature. Element (t, c) of X at x[t * xs_t + c * xs_c],
 // output (t, o) at y[t * ys_t + o * ys_o].
 template <typename ColT, typename Par>
 bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, int64_t xs_t, int64_t xs_c,
@@ -720,13 +728,18 @@ bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, 
                           par);
         return true;
     }
+    const bool insert = path == Path::Insert || (path == Path::Auto && tokens <= tuning().insert_tokens);
+    if (in_features > 0 && insert && kHasInsert) {
+        insert_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+        return true;
+    }
     if (in_features > 0 && path == Path::Gather && gather_fits(in_features, xs_c)) {
         gather_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return true;
     }
     const bool small = (path == Path::Auto && tokens <= tuning().small_tokens) ||
                        (path == Path::Legacy && tokens <= legacy_tuning().small_tokens);
-    if (in_features <= 0 || small || path == Path::Xreg || path == Path::Gather) {
+    if (in_features <= 0 || small || path == Path::Xreg || path == Path::Gather || path == Path::Insert) {
         small_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
         return true;
     }
@@ -882,6 +895,8 @@ inline const char* simd_name() { return detail::V::name; }
 inline const char* path_name(Path path, int64_t tokens) {
     if (path == Path::Gather) return "gather";
     if (path == Path::Xreg) return detail::kHasXreg ? "xreg" : "small_rows";
+    if (path == Path::Insert || (path == Path::Auto && tokens <= tuning().insert_tokens))
+        return detail::kHasInsert ? "insert" : "small_rows";
     const int64_t small = path == Path::Legacy ? legacy_tuning().small_tokens : tuning().small_tokens;
     return path != Path::Strips && tokens <= small ? "small_rows" : "strips";
 }

@@ -38,8 +38,8 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t out_feature
 }
 
 vlsparse::Path path_of(int64_t path) {
-    TORCH_CHECK(path >= 0 && path <= 4, "vlsparse spmm_cpu: path must be 0 (auto), 1 (legacy), 2 (gather), 3 "
-                "(strips) or 4 (xreg), got ", path);
+    TORCH_CHECK(path >= 0 && path <= 5, "vlsparse spmm_cpu: path must be 0 (auto), 1 (legacy), 2 (gather), 3 "
+                "(strips), 4 (xreg) or 5 (insert), got ", path);
     return static_cast<vlsparse::Path>(path);
 }
 
@@ -130,7 +130,8 @@ std::string path_name(int64_t path, int64_t tokens) { return vlsparse::path_name
 std::map<std::string, int64_t> get_tuning() {
     const vlsparse::Tuning& t = vlsparse::tuning();
     return {{"row_block", t.row_block}, {"l1_block_bytes", t.l1_block_bytes}, {"min_block_cols", t.min_block_cols},
-            {"l2_strip_bytes", t.l2_strip_bytes}, {"small_tokens", t.small_tokens}, {"max_vectors", t.max_vectors}};
+            {"l2_strip_bytes", t.l2_strip_bytes}, {"small_tokens", t.small_tokens}, {"max_vectors", t.max_vectors},
+            {"insert_tokens", t.insert_tokens}};
 }
 
 void set_tuning(const std::string& name, int64_t value) {
@@ -142,6 +143,7 @@ void set_tuning(const std::string& name, int64_t value) {
     else if (name == "l2_strip_bytes") t.l2_strip_bytes = value;
     else if (name == "small_tokens") t.small_tokens = value;
     else if (name == "max_vectors") t.max_vectors = value;
+    else if (name == "insert_tokens") t.insert_tokens = value;
     else TORCH_CHECK(false, "vlsparse set_tuning: unknown tunable ", name);
 }
 
