@@ -5,7 +5,7 @@ empty rows, a row with one nonzero, lengths around multiples of the vector width
 gather kernel's masked tail and two-chain main loop, the register-x kernel's 32-lane steps (one, several, or a
 partial one per 64-column block) and the strips' pair loop and odd nonzero all run.
 Both entries (row-major spmm_cpu; feature-major spmm_cpu_fm with either output layout, its input dense or
-inside a wider buffer, i.e. unit and non-unit column stride) at T in {1, 2, 3, 7, 40, 200}.
+inside a wider buffer, i.e. unit and non-unit column stride) at T in {1, 2, 3, 7, 40, 150, 175, 200}.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import scipy.special
 import torch
 
 ATOL = 1e-4
-TOKENS = (1, 2, 3, 7, 40, 200)
+TOKENS = (1, 2, 3, 7, 40, 150, 175, 200)  # 150, 175: strips of 9 + half and 11 vectors
 # nonzeros per row of the ragged block (the rest of the rows are random at 30% density)
 RAGGED = (0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 0, 63, 64, 65, 96, 1, 0)
 
@@ -116,6 +116,7 @@ def test_kernel_names_and_the_small_token_threshold(cpu):
     xreg = "xreg" if cpu.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
     assert small >= 1
     assert cpu.tuning()["insert_tokens"] == 1 and cpu.kernel_path("auto", 1) == "insert"
+    assert cpu.tuning()["max_vectors"] == 12
     assert cpu.kernel_path("auto", small) == "small_rows" and cpu.kernel_path("insert", 7) == "insert"
     assert cpu.kernel_path("auto", small + 1) == "strips"
     assert cpu.kernel_path("legacy", 1) == "small_rows" and cpu.kernel_path("legacy", 3) == "strips"

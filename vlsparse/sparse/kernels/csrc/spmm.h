@@ -102,7 +102,9 @@ inline void gelu_erf_inplace(float* __restrict p, int64_t n) {
 
 }  // namespace detail
 
-// Tunables (defaults measured on a 2-core AMD EPYC Zen 4; benchmarks may change them).
+// Tunables. The member defaults are the kernel's as at commit 403de79 (Path::Legacy); tuning() (the other
+// paths) changes three, measured on the 2-core AMD EPYC Zen 4 (README, "SpMM kernel"); benchmarks may
+// change them (the torch extension's set_tuning).
 struct Tuning {
     int64_t row_block = 64;               // output rows per scheduling unit (<= kMaxRowBlock)
     int64_t l1_block_bytes = 44 * 1024;   // bytes of X^T per column block (C * NV * W * 4)
@@ -110,21 +112,26 @@ struct Tuning {
     int64_t l2_strip_bytes = 1024 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
     int64_t small_tokens = 2;             // tokens <= this: the small-token kernel, no transposes
     int64_t max_vectors = 8;              // token vectors per strip, held in registers per row (<= kMaxNV)
-    int64_t insert_tokens = 1;            // Path::Auto: tokens <= this: the insert-dot kernel (spmm_gather.h)
+    int64_t insert_tokens = 0;            // Path::Auto: tokens <= this: the insert-dot kernel (spmm_gather.h)
 };
-// The tunables of Path::Auto / Gather / Strips (settable: the torch extension's set_tuning).
+// The tunables of every path but Legacy: one token by the insert-dot kernel (1.3-1.4x small_rows at T = 1),
+// and strips of up to 12 vectors (192 tokens) per pass over a row with no L2 cap below 8 MiB of X^T, so
+// that T = 200 at in = 3072 is one strip of 12.5 vectors, not three of 4-4.5 (W read once, not three
+// times; 1.1-1.2x at 768x3072, T = 129 and 200; within noise at 3072x768 and 768x768).
 inline Tuning& tuning() {
-    static Tuning t;
-    return t;
-}
-// Path::Legacy's tunables: those of the kernel as it was at commit 403de79 (no insert-dot kernel), kept so
-// that benchmarks time old and new side by side in one process.
-inline Tuning& legacy_tuning() {
     static Tuning t = [] {
         Tuning u;
-        u.insert_tokens = 0;
+        u.insert_tokens = 1;
+        u.max_vectors = 12;
+        u.l2_strip_bytes = int64_t{8} << 20;
         return u;
     }();
+    return t;
+}
+// Path::Legacy's tunables: those of the kernel as it was at commit 403de79 (no insert-dot kernel, strips of
+// at most 8 vectors under a 1 MiB L2 cap), kept so that benchmarks time old and new in one process.
+inline Tuning& legacy_tuning() {
+    static Tuning t;
     return t;
 }
 
