@@ -101,6 +101,12 @@ def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="no
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_dtype, nthreads):
     threads(nthreads)
+    wide = cpu.tuning()["wide_min_in"]
+    cpu.set_tuning(wide_min_in=0)  # strips of up to max_vectors (12) vectors at these small shapes too
+    try:
+        check_all(cpu, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)
+    finally:
+        cpu.set_tuning(wide_min_in=wide)
     check_all(cpu, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)  # > 2 row blocks, > 2 col blocks
     check_all(cpu, kernel, ragged_csr(22, 97, seed=2), index_dtype, 22, 97)  # only the ragged rows
 

@@ -111,18 +111,22 @@ struct Tuning {
     int64_t min_block_cols = 32;          // lower bound on C
     int64_t l2_strip_bytes = 1024 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
     int64_t small_tokens = 2;             // tokens <= this: the small-token kernel, no transposes
-    int64_t max_vectors = 8;              // token vectors per strip, held in registers per row (<= kMaxNV)
+    int64_t max_vectors = 8;              // token vectors per strip, held in registers per row (<= kMaxNV) ...
+    int64_t wide_min_in = 0;              // ... when in_features >= this; below, at most 8
     int64_t insert_tokens = 0;            // Path::Auto: tokens <= this: the insert-dot kernel (spmm_gather.h)
 };
 // The tunables of every path but Legacy: one token by the insert-dot kernel (1.3-1.4x small_rows at T = 1),
-// and strips of up to 12 vectors (192 tokens) per pass over a row with no L2 cap below 8 MiB of X^T, so
-// that T = 200 at in = 3072 is one strip of 12.5 vectors, not three of 4-4.5 (W read once, not three
-// times; 1.1-1.2x at 768x3072, T = 129 and 200; within noise at 3072x768 and 768x768).
+// and, for in_features >= 2048, strips of up to 12 vectors (192 tokens) per pass over a row with no L2 cap
+// below 8 MiB of X^T, so that T = 200 at in = 3072 is one strip of 12.5 vectors, not three of 4-4.5 (W,
+// 4.2 MB at 768x3072 and 70%, read from L3 once instead of three times: 1.07-1.18x at T = 129 and 200).
+// At in = 768 W fits L2 and 12-vector strips measured 0.94-0.96x (their column blocks get shorter), so
+// there strips stay at 8 vectors.
 inline Tuning& tuning() {
     static Tuning t = [] {
         Tuning u;
         u.insert_tokens = 1;
         u.max_vectors = 12;
+        u.wide_min_in = 2048;
         u.l2_strip_bytes = int64_t{8} << 20;
         return u;
     }();
@@ -556,7 +560,8 @@ inline StripPlan plan_strips(int64_t tokens, int64_t in_features, const Tuning& 
     }
     const int64_t per_vec = std::max<int64_t>(1, in_features) * W * 4;
     int64_t cap = tu.l2_strip_bytes / per_vec;
-    cap = std::max<int64_t>(2, std::min<int64_t>(std::min<int64_t>(kMaxNV, tu.max_vectors), cap));
+    const int64_t most = in_features >= tu.wide_min_in ? tu.max_vectors : std::min<int64_t>(8, tu.max_vectors);
+    cap = std::max<int64_t>(2, std::min<int64_t>(std::min<int64_t>(kMaxNV, most), cap));
     p.nstrips = std::max<int64_t>(1, (full + cap - 1) / cap);
     p.base = full / p.nstrips;
     p.rem = full % p.nstrips;

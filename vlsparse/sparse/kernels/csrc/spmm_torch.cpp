@@ -131,7 +131,7 @@ std::map<std::string, int64_t> get_tuning() {
     const vlsparse::Tuning& t = vlsparse::tuning();
     return {{"row_block", t.row_block}, {"l1_block_bytes", t.l1_block_bytes}, {"min_block_cols", t.min_block_cols},
             {"l2_strip_bytes", t.l2_strip_bytes}, {"small_tokens", t.small_tokens}, {"max_vectors", t.max_vectors},
-            {"insert_tokens", t.insert_tokens}};
+            {"insert_tokens", t.insert_tokens}, {"wide_min_in", t.wide_min_in}};
 }
 
 void set_tuning(const std::string& name, int64_t value) {
@@ -144,6 +144,7 @@ void set_tuning(const std::string& name, int64_t value) {
     else if (name == "small_tokens") t.small_tokens = value;
     else if (name == "max_vectors") t.max_vectors = value;
     else if (name == "insert_tokens") t.insert_tokens = value;
+    else if (name == "wide_min_in") t.wide_min_in = value;
     else TORCH_CHECK(false, "vlsparse set_tuning: unknown tunable ", name);
 }
 
