@@ -16,28 +16,12 @@ import scipy.sparse
 import scipy.special
 import torch
 
+from tests.test_sparse_linear import cpu_kernel, threads  # noqa: F401  (fixtures: built kernel, torch threads)
+
 ATOL = 1e-4
 TOKENS = (1, 2, 3, 7, 40, 150, 175, 200)  # 150, 175: strips of 9 + half and 11 vectors
 # nonzeros per row of the ragged block (the rest of the rows are random at 30% density)
 RAGGED = (0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 0, 63, 64, 65, 96, 1, 0)
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    from vlsparse.sparse.kernels import cpu
-
-    try:
-        cpu.load_extension()
-    except cpu.CompilerNotFoundError as e:  # pragma: no cover - CI images have g++
-        pytest.skip(str(e))
-    return cpu
-
-
-@pytest.fixture
-def threads():
-    old = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(old)
 
 
 def ragged_csr(out_f: int, in_f: int, seed: int, shuffle: bool = False):
@@ -64,7 +48,7 @@ def reference(crow, col, vals, bias, x: np.ndarray, gelu: bool = False) -> np.nd
     return 0.5 * y * (1.0 + scipy.special.erf(y / np.sqrt(2.0))) if gelu else y
 
 
-def run_entries(cpu, kernel: str, args, out_f: int, x: torch.Tensor, activation: str = "none"):
+def run_entries(cpu_kernel, kernel: str, args, out_f: int, x: torch.Tensor, activation: str = "none"):
     """{entry name: (T, out) result} for the row-major entry and the feature-major one (both output layouts,
     input contiguous and inside a wider buffer)."""
     t, in_f = x.shape
@@ -73,14 +57,14 @@ def run_entries(cpu, kernel: str, args, out_f: int, x: torch.Tensor, activation:
     wide[:, :t] = xt
     kw = dict(out_features=out_f, activation=activation, kernel=kernel)
     return {
-        "row": cpu.spmm_cpu(x, *args, **kw),
-        "fm": cpu.spmm_cpu_fm(xt, *args, **kw).t(),
-        "fm->row": cpu.spmm_cpu_fm(xt, *args, out_layout="row", **kw),
-        "fm strided": cpu.spmm_cpu_fm(wide[:, :t], *args, **kw).t(),
+        "row": cpu_kernel.spmm_cpu(x, *args, **kw),
+        "fm": cpu_kernel.spmm_cpu_fm(xt, *args, **kw).t(),
+        "fm->row": cpu_kernel.spmm_cpu_fm(xt, *args, out_layout="row", **kw),
+        "fm strided": cpu_kernel.spmm_cpu_fm(wide[:, :t], *args, **kw).t(),
     }
 
 
-def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="none", ref_vals=None):
+def check_all(cpu_kernel, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="none", ref_vals=None):
     """Every entry of ``kernel`` on ``csr`` at every T in TOKENS equals the scipy reference (computed with
     ``ref_vals`` in place of the values when given) within ATOL."""
     crow, col, vals, bias = csr
@@ -91,7 +75,7 @@ def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="no
     for t in TOKENS:
         x = torch.randn(t, in_f, generator=g)
         ref = torch.from_numpy(reference(crow, col, ref_vals, bias, x.numpy(), activation == "gelu")).float()
-        for entry, y in run_entries(cpu, kernel, args, out_f, x, activation).items():
+        for entry, y in run_entries(cpu_kernel, kernel, args, out_f, x, activation).items():
             assert y.shape == (t, out_f), (kernel, entry, t)
             torch.testing.assert_close(y, ref, atol=ATOL, rtol=0, msg=lambda m: f"{kernel} {entry} T={t}: {m}")
 
@@ -99,49 +83,49 @@ def check_all(cpu, kernel, csr, index_dtype, out_f, in_f, seed=0, activation="no
 @pytest.mark.parametrize("kernel", ["auto", "legacy", "gather", "strips", "xreg", "insert"])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_every_kernel_matches_scipy_on_ragged_rows(cpu, threads, kernel, index_dtype, nthreads):
+def test_every_kernel_matches_scipy_on_ragged_rows(cpu_kernel, threads, kernel, index_dtype, nthreads):
     threads(nthreads)
-    wide = cpu.tuning()["wide_min_in"]
-    cpu.set_tuning(wide_min_in=0)  # strips of up to max_vectors (12) vectors at these small shapes too
+    wide = cpu_kernel.tuning()["wide_min_in"]
+    cpu_kernel.set_tuning(wide_min_in=0)  # strips of up to max_vectors (12) vectors at these small shapes too
     try:
-        check_all(cpu, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)
+        check_all(cpu_kernel, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)  # 3 row, 2+ col blocks
     finally:
-        cpu.set_tuning(wide_min_in=wide)
-    check_all(cpu, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)  # > 2 row blocks, > 2 col blocks
-    check_all(cpu, kernel, ragged_csr(22, 97, seed=2), index_dtype, 22, 97)  # only the ragged rows
+        cpu_kernel.set_tuning(wide_min_in=wide)
+    check_all(cpu_kernel, kernel, ragged_csr(150, 700, seed=1), index_dtype, 150, 700)  # strips of <= 8 vectors
+    check_all(cpu_kernel, kernel, ragged_csr(22, 97, seed=2), index_dtype, 22, 97)  # only the ragged rows
 
 
 @pytest.mark.parametrize("kernel", ["gather", "strips", "xreg", "insert"])
-def test_unsorted_columns_and_gelu(cpu, kernel):
-    check_all(cpu, kernel, ragged_csr(70, 130, seed=3, shuffle=True), torch.int32, 70, 130)
-    check_all(cpu, kernel, ragged_csr(70, 130, seed=4), torch.int16, 70, 130, activation="gelu")
+def test_unsorted_columns_and_gelu(cpu_kernel, kernel):
+    check_all(cpu_kernel, kernel, ragged_csr(70, 130, seed=3, shuffle=True), torch.int32, 70, 130)
+    check_all(cpu_kernel, kernel, ragged_csr(70, 130, seed=4), torch.int16, 70, 130, activation="gelu")
 
 
-def test_kernel_names_and_the_small_token_threshold(cpu):
-    small = cpu.tuning()["small_tokens"]
-    xreg = "xreg" if cpu.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
+def test_kernel_names_and_the_small_token_threshold(cpu_kernel):
+    small = cpu_kernel.tuning()["small_tokens"]
+    xreg = "xreg" if cpu_kernel.simd() == "avx512" and " avx512bw" in open("/proc/cpuinfo").read() else "small_rows"
     assert small >= 1
-    assert cpu.tuning()["insert_tokens"] == 1 and cpu.kernel_path("auto", 1) == "insert"
-    assert cpu.tuning()["max_vectors"] == 12
-    assert cpu.kernel_path("auto", small) == "small_rows" and cpu.kernel_path("insert", 7) == "insert"
-    assert cpu.kernel_path("auto", small + 1) == "strips"
-    assert cpu.kernel_path("legacy", 1) == "small_rows" and cpu.kernel_path("legacy", 3) == "strips"
-    assert cpu.kernel_path("gather", 200) == "gather" and cpu.kernel_path("strips", 1) == "strips"
-    assert cpu.kernel_path("xreg", 1) == xreg and cpu.kernel_path("xreg", 200) == xreg
+    assert cpu_kernel.tuning()["insert_tokens"] == 1 and cpu_kernel.kernel_path("auto", 1) == "insert"
+    assert cpu_kernel.tuning()["max_vectors"] == 12
+    assert cpu_kernel.kernel_path("auto", small) == "small_rows" and cpu_kernel.kernel_path("insert", 7) == "insert"
+    assert cpu_kernel.kernel_path("auto", small + 1) == "strips"
+    assert cpu_kernel.kernel_path("legacy", 1) == "small_rows" and cpu_kernel.kernel_path("legacy", 3) == "strips"
+    assert cpu_kernel.kernel_path("gather", 200) == "gather" and cpu_kernel.kernel_path("strips", 1) == "strips"
+    assert cpu_kernel.kernel_path("xreg", 1) == xreg and cpu_kernel.kernel_path("xreg", 200) == xreg
     try:
-        cpu.set_tuning(small_tokens=7)  # auto's small-token kernel at T = 3 and 7 too (legacy keeps 2)
-        assert cpu.kernel_path("auto", 7) == "small_rows" and cpu.kernel_path("legacy", 7) == "strips"
-        check_all(cpu, "auto", ragged_csr(22, 97, seed=5), torch.int16, 22, 97)
+        cpu_kernel.set_tuning(small_tokens=7)  # auto's small-token kernel at T = 3 and 7 too (legacy keeps 2)
+        assert cpu_kernel.kernel_path("auto", 7) == "small_rows" and cpu_kernel.kernel_path("legacy", 7) == "strips"
+        check_all(cpu_kernel, "auto", ragged_csr(22, 97, seed=5), torch.int16, 22, 97)
     finally:
-        cpu.set_tuning(small_tokens=small)
+        cpu_kernel.set_tuning(small_tokens=small)
     with pytest.raises(ValueError, match="kernel must be one of"):
-        cpu.kernel_path("fastest", 1)
+        cpu_kernel.kernel_path("fastest", 1)
     with pytest.raises(RuntimeError, match="unknown tunable"):
-        cpu.set_tuning(no_such_knob=1)
+        cpu_kernel.set_tuning(no_such_knob=1)
 
 
 @pytest.mark.parametrize("kernel", ["gather", "strips", "legacy", "xreg", "insert"])
-def test_the_check_sees_one_wrong_tail_nonzero(cpu, kernel):
+def test_the_check_sees_one_wrong_tail_nonzero(cpu_kernel, kernel):
     """The comparison can fail: the last nonzero of the 17-long row (the masked tail lane of a 16-wide gather)
     changed by 1 changes that output by 1 with x = 1, and check_all's assertion reports it."""
     crow, col, vals, bias = ragged_csr(22, 97, seed=6)
@@ -150,9 +134,9 @@ def test_the_check_sees_one_wrong_tail_nonzero(cpu, kernel):
     bad[crow[row + 1] - 1] += 1.0
     x = torch.ones(3, 97)
     args = (torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(bad), torch.from_numpy(bias))
-    y = cpu.spmm_cpu(x, *args, out_features=22, kernel=kernel)
+    y = cpu_kernel.spmm_cpu(x, *args, out_features=22, kernel=kernel)
     ref = reference(crow, col, vals, bias, x.numpy())
     assert np.allclose((y.numpy() - ref)[:, row], 1.0, atol=1e-4)
-    check_all(cpu, kernel, (crow, col, bad, bias), torch.int32, 22, 97)  # consistent with itself
+    check_all(cpu_kernel, kernel, (crow, col, bad, bias), torch.int32, 22, 97)  # consistent with itself
     with pytest.raises(AssertionError, match=f"{kernel} row T=1"):
-        check_all(cpu, kernel, (crow, col, bad, bias), torch.int32, 22, 97, ref_vals=vals)
+        check_all(cpu_kernel, kernel, (crow, col, bad, bias), torch.int32, 22, 97, ref_vals=vals)
