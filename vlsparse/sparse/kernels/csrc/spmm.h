@@ -40,7 +40,7 @@
 // vinsertps, four FMA chains), two tokens small_rows below (values in vectors, x[c] by scalar loads into a
 // buffer), both without transposes. Two more T = 1 kernels are selectable (Path): the vgatherdps gather-dot
 // (spmm_gather.h) and the register-x kernel (spmm_xreg.h); on the 2-core Zen 4 both measured slower than
-// small_rows (README, "SpMM kernel"), so Path::Auto does not pick them.
+// small_rows (README, "Kernel paths"), so Path::Auto does not pick them.
 #pragma once
 
 #include <algorithm>
@@ -103,7 +103,7 @@ inline void gelu_erf_inplace(float* __restrict p, int64_t n) {
 }  // namespace detail
 
 // Tunables. The member defaults are the kernel's as at commit 403de79 (Path::Legacy); tuning() (the other
-// paths) changes three, measured on the 2-core AMD EPYC Zen 4 (README, "SpMM kernel"); benchmarks may
+// paths) changes four, measured on the 2-core AMD EPYC Zen 4 (README, "Kernel paths"); benchmarks may
 // change them (the torch extension's set_tuning).
 struct Tuning {
     int64_t row_block = 64;               // output rows per scheduling unit (<= kMaxRowBlock)
@@ -118,7 +118,7 @@ struct Tuning {
 // The tunables of every path but Legacy: one token by the insert-dot kernel (1.3-1.4x small_rows at T = 1),
 // and, for in_features >= 2048, strips of up to 12 vectors (192 tokens) per pass over a row with no L2 cap
 // below 8 MiB of X^T, so that T = 200 at in = 3072 is one strip of 12.5 vectors, not three of 4-4.5 (W,
-// 4.2 MB at 768x3072 and 70%, read from L3 once instead of three times: 1.07-1.18x at T = 129 and 200).
+// 4.2 MB at 768x3072 and 70%, read from L3 once instead of three times: 1.07-1.30x at T = 129 and 200).
 // At in = 768 W fits L2 and 12-vector strips measured 0.94-0.96x (their column blocks get shorter), so
 // there strips stay at 8 vectors.
 inline Tuning& tuning() {
@@ -142,7 +142,7 @@ inline Tuning& legacy_tuning() {
 // Which inner kernel an entry runs (every path computes the same result, to rounding):
 //   Auto    tokens <= tuning().insert_tokens (1): the insert-dot kernel (spmm_gather.h); tokens <=
 //           tuning().small_tokens (2): small_rows (x[c] by scalar loads into a buffer); more: the strips
-//           with tuning(). The fastest measured on the 2-core Zen 4 (README, "SpMM kernel").
+//           with tuning(). The fastest measured on the 2-core Zen 4 (README, "Kernel paths").
 //   Legacy  the kernel as it was at commit 403de79: small_rows for tokens <= 2, the strips with
 //           legacy_tuning() (no insert-dot), so that old and new are timed side by side in one process.
 //   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count.

@@ -4,7 +4,7 @@
 //
 // Part of spmm.h (included by it after its vector abstraction detail::V, hsum and gelu_erf; not a standalone
 // header). Runs for Path::Gather (at every token count); Path::Auto does not pick it: on the 2-core Zen 4
-// it measured 0.6-0.7x the speed of small_rows at T = 1 (README, "SpMM kernel").
+// it measured 0.68-0.76x the speed of small_rows at T = 1 (README, "Kernel paths").
 //
 // Element (t, c) of X at x[t * xs_t + c * xs_c] (row-major X: xs_t = in, xs_c = 1; feature-major X^T:
 // xs_t = 1, xs_c = ldx), float32; output (t, o) at y[t * ys_t + o * ys_o]. Per output row o, the row's

@@ -3,8 +3,8 @@
 //
 // Part of spmm.h (included by it after its vector abstraction; not a standalone header). Runs for
 // Path::Xreg (at every token count); Path::Auto does not pick it: on the 2-core Zen 4 it measured
-// 0.45-0.7x the speed of small_rows at T = 1, about 23 cycles per (row, 64-column block) even when the
-// block holds no nonzero, so it only pays off where rows are long and dense (README, "SpMM kernel").
+// 0.49-0.68x the speed of small_rows at T = 1, about 23 cycles per (row, 64-column block) even when the
+// block holds no nonzero, so it only pays off where rows are long and dense (README, "Kernel paths").
 //
 // Element (t, c) of X at x[t * xs_t + c * xs_c] (a strided x is first copied to a contiguous buffer),
 // float32; output (t, o) at y[t * ys_t + o * ys_o]. Per token, per block of 64 output rows: the columns are
