@@ -3,6 +3,8 @@
     python benchmarks/spmm_table.py                       # 768x768, 3072x768, 768x3072; T 1/40/200;
                                                      # sparsity 50/70/90%; 1 and 2 threads
     python benchmarks/spmm_table.py --threads 2 --sparsity 0.7 --backends cpu cpu-fm
+    python benchmarks/spmm_table.py --threads 1 --sparsity 0.7 --backends cpu@legacy cpu@auto \
+        cpu-fm@legacy cpu-fm@auto          # the kernel before / after the gather-dot path, side by side
 
 Each cell is dense time / backend time (> 1: the backend is faster), from median timings.
 Timings are interleaved: every round times the dense baseline and each backend back to back
@@ -14,6 +16,11 @@ masked weight as a dense fp32 tensor (MKL). Backends:
                   what a chain of sparse layers keeping activations feature-major would pay
     torch-sparse  SparseLinear(backend="torch-sparse"): torch.sparse_csr_tensor @ x (MKL sparse)
     torch_sparse  SparseLinear(backend="torch_sparse") when the torch_sparse package is installed
+    cpu@K, cpu-fm@K   our kernel's row-major (spmm_cpu) / feature-major (spmm_cpu_fm) entry called directly
+                  with kernel=K: auto | legacy | gather | strips (vlsparse.sparse.kernels.cpu.KERNELS);
+                  cpu@legacy is the kernel as it was before the gather-dot path, so @legacy vs @auto
+                  is old vs new in one process
+--tuning NAME=VALUE sets the non-legacy kernels' tunables (cpu.set_tuning) before timing.
 """
 
 from __future__ import annotations
@@ -71,6 +78,14 @@ def make_fns(backend: str, lin, mask, x):
         return None
     if backend == "triton" and not torch.cuda.is_available():
         return None
+    if "@" in backend:  # cpu@K / cpu-fm@K: one entry of our kernel with kernel=K, no SparseLinear around it
+        entry, kernel = backend.split("@", 1)
+        layer = SparseLinear.from_dense(lin, mask, backend="cpu")
+        args = (layer.crow_indices, layer.col_indices, layer.values, layer.bias)
+        if entry == "cpu-fm":
+            xt = x.t().contiguous()
+            return lambda: cpu_kernel.spmm_cpu_fm(xt, *args, out_features=layer.out_features, kernel=kernel)
+        return lambda: cpu_kernel.spmm_cpu(x, *args, out_features=layer.out_features, kernel=kernel)
     if backend == "cpu-fm":
         layer = SparseLinear.from_dense(lin, mask, backend="cpu")
         xt = x.t().contiguous()
@@ -110,22 +125,26 @@ def check(fns: dict, atol: float = 1e-4) -> None:
     ref = fns["dense"]()
     for name, fn in fns.items():
         y = fn()
-        if name == "cpu-fm":
+        if name.startswith("cpu-fm"):
             y = y.t()
         err = (y - ref).abs().max().item() if y.numel() else 0.0
         if err > atol:
             raise AssertionError(f"{name}: max abs error {err:.2e} vs dense")
 
 
-def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="median", out=print):
+def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="median", out=print,
+        clock=time.perf_counter):
     backends = [b for b in backends if make_fns(b, *make_case(8, 8, 2, 0.5)) is not None]
     cpu_kernel.load_extension()
     what = (f"median of {rounds} interleaved rounds" if stat == "median"
             else f"min over single calls, {rounds} x batch interleaved")
+    what += ", CPU time of this thread" if clock is time.thread_time else ", wall time"
     out(f"# SpMM speedup over dense F.linear (dense time / backend time, {what})")
     out(f"# torch {torch.__version__}, kernel simd={cpu_kernel.simd()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus, load avg {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    head = ["threads", "out x in", "T", "sparsity", "dense us"] + backends
+    out(f"# tunables (auto/gather/strips): {cpu_kernel.tuning()}; auto runs "
+        + ", ".join(f"T={t}: {cpu_kernel.kernel_path('auto', t)}" for t in tokens))
+    head = ["threads", "out x in", "T", "sparsity", "dense us"] + backends + ["load 1 min"]
     out("| " + " | ".join(head) + " |")
     out("|" + "|".join("---" for _ in head) + "|")
     old = torch.get_num_threads()
@@ -140,10 +159,11 @@ def run(shapes, tokens, sparsities, threads, backends, rounds, batch_ms, stat="m
                             fns = {"dense": make_fns("dense", lin, mask, x)}
                             fns.update({b: make_fns(b, lin, mask, x) for b in backends})
                             check(fns)
-                            med = measure(fns, rounds, batch_ms, stat)
+                            med = measure(fns, rounds, batch_ms, stat, clock)
                             cells = [str(nt), f"{out_f}x{in_f}", str(t), f"{int(round(sp * 100))}%",
                                      f"{med['dense'] * 1e6:.0f}"]
                             cells += [f"{med['dense'] / med[b]:.2f}" for b in backends]
+                            cells.append(f"{os.getloadavg()[0]:.1f}")
                             out("| " + " | ".join(cells) + " |")
     finally:
         torch.set_num_threads(old)
@@ -159,12 +179,22 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=BACKENDS)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-ms", type=float, default=4.0)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time (default), or the CPU time of this thread (time.thread_time; only with "
+                        "--threads 1, where kernel and MKL run on this thread: robust to other processes' load)")
+    p.add_argument("--tuning", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="tunables of the non-legacy kernels (vlsparse.sparse.kernels.cpu.set_tuning)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
                    help="per-call time of a backend: median over the rounds (default), or min over "
                         "single calls (rounds x calls-per-batch of them; robust to other load)")
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes]
-    run(shapes, a.tokens, a.sparsity, a.threads, a.backends, a.rounds, a.batch_ms, a.stat)
+    if a.tuning:
+        cpu_kernel.set_tuning(**{k: int(v) for k, v in (t.split("=", 1) for t in a.tuning)})
+    if a.clock == "thread" and a.threads != [1]:
+        p.error("--clock thread needs --threads 1")
+    run(shapes, a.tokens, a.sparsity, a.threads, a.backends, a.rounds, a.batch_ms, a.stat,
+        clock=time.thread_time if a.clock == "thread" else time.perf_counter)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,25 @@ refused (:mod:`vlsparse.sparse.kernels.cache`). It links torch's own OpenMP
 runtime, so ``torch.set_num_threads`` sets the kernel's thread count too.
 
 Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
-    spmm_cpu(x, crow_indices, col_indices, values, bias=None, out_features=..., activation=) -> (T, out)
+    spmm_cpu(x, crow_indices, col_indices, values, bias=None, out_features=..., activation=, kernel=)
+        -> (T, out)
     spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=..., activation=,
-                out_layout="feature" | "row", pad=0) -> (out, T) or (T, out)
+                out_layout="feature" | "row", pad=0, kernel=) -> (out, T) or (T, out)
     simd() -> "avx512" | "avx2" | "scalar"
+    kernel_path(kernel, tokens) -> "xreg" | "gather" | "small_rows" | "strips"
+    tuning() -> dict; set_tuning(**values)
+
+``kernel`` (every one gives the same result to rounding; csrc/spmm.h, ``enum class Path``):
+    "auto"    the default: T <= tuning()["insert_tokens"] (1): "insert"; T <= tuning()["small_tokens"] (2):
+              small_rows (x[c] by scalar loads into a buffer); more: the token strips (X transposed to
+              feature-major, up to tuning()["max_vectors"] 16-token vectors in registers per pass over a
+              row, cache-blocked)
+    "legacy"  the kernel as at commit 403de79 (small_rows for T <= 2, no "insert"), for side-by-side timing
+    "insert"  x[c] by scalar loads that vinsertps puts into xmm lanes, 4 FMA chains (csrc/spmm_gather.h)
+    "xreg"    x in zmm registers 64 columns at a time, vpermt2ps lookups (csrc/spmm_xreg.h; AVX-512 BW)
+    "gather"  vgatherdps gather-dot (csrc/spmm_gather.h); both at every T, both slower than small_rows at
+              T = 1 on the Zen 4 this was measured on (README), selectable to measure other CPUs
+    "strips"  the strips at every T (tests, benchmarks)
 """
 
 from __future__ import annotations
@@ -33,15 +48,18 @@ import torch
 import vlsparse._version
 from vlsparse.sparse.kernels.cache import cache_dir, record_digest, secure_dir, verified
 
-__all__ = ["ACTIVATIONS", "spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "cache_dir", "CompilerNotFoundError"]
+__all__ = ["ACTIVATIONS", "KERNELS", "spmm_cpu", "spmm_cpu_fm", "load_extension", "simd", "kernel_path", "tuning",
+           "set_tuning", "cache_dir", "CompilerNotFoundError"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("spmm_torch.cpp",)
-HEADERS = ("spmm.h",)
+HEADERS = ("spmm.h", "spmm_gather.h", "spmm_xreg.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wno-maybe-uninitialized")
 
 #: epilogue name -> the kernel's code (0 none, 1 GELU in its erf form, as torch.nn.functional.gelu)
 ACTIVATIONS = {"none": 0, "gelu": 1}
+#: kernel name -> the kernel's Path code (csrc/spmm.h)
+KERNELS = {"auto": 0, "legacy": 1, "gather": 2, "strips": 3, "xreg": 4, "insert": 5}
 _lock = threading.Lock()
 _module: ModuleType | None = None
 
@@ -169,6 +187,30 @@ def simd() -> str:
     return load_extension().simd()
 
 
+def _kernel(kernel: str) -> int:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return KERNELS[kernel]
+
+
+def kernel_path(kernel: str, tokens: int) -> str:
+    """The inner kernel ``kernel`` runs for ``tokens`` tokens: 'xreg', 'gather', 'small_rows' or 'strips'."""
+    return load_extension().path_name(_kernel(kernel), int(tokens))
+
+
+def tuning() -> dict[str, int]:
+    """The tunables of the auto / gather / strips kernels (csrc/spmm.h ``Tuning``; bytes, rows, columns, tokens)."""
+    return dict(load_extension().get_tuning())
+
+
+def set_tuning(**values: int) -> None:
+    """Set tunables of the auto / gather / strips kernels (names as :func:`tuning`; process-wide, not thread-safe:
+    for benchmarks and autotuning). The legacy kernel keeps its own. Raises RuntimeError for an unknown name."""
+    ext = load_extension()
+    for name, value in values.items():
+        ext.set_tuning(name, int(value))
+
+
 def _csr_args(crow_indices, col_indices, values, bias):
     crow = crow_indices.contiguous()
     col = col_indices.contiguous()
@@ -195,31 +237,31 @@ def _act(activation: str) -> int:
 
 def spmm_cpu(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
              values: torch.Tensor, bias: torch.Tensor | None = None, *,
-             out_features: int, activation: str = "none") -> torch.Tensor:
+             out_features: int, activation: str = "none", kernel: str = "auto") -> torch.Tensor:
     """Y (T, out) float32 = act(x (T, in) @ W.T + bias) with W (out, in) in CSR (crow int32, col int16/int32).
 
-    x must be float32 on the CPU; a non-contiguous x is copied. No autograd. Raises ValueError for another
-    rank, dtype or activation.
+    x must be float32 on the CPU; a non-contiguous x is copied. No autograd. ``kernel``: see the module docstring.
+    Raises ValueError for another rank, dtype, activation or kernel.
     """
     if x.dim() != 2:
         raise ValueError(f"spmm_cpu: x must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
         raise ValueError(f"spmm_cpu: x must be float32, got {x.dtype}")
-    act = _act(activation)
+    act, path = _act(activation), _kernel(kernel)
     crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
-    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features), act)  # (T, out)
+    return load_extension().spmm(x.contiguous(), crow, col, vals, b, int(out_features), act, path)  # (T, out)
 
 
 def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                 values: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out_features: int, activation: str = "none", out_layout: str = "feature",
-                pad: int = 0) -> torch.Tensor:
+                pad: int = 0, kernel: str = "auto") -> torch.Tensor:
     """Feature-major input xt (in, T) float32 (unit stride along T; else copied).
 
     out_layout "feature": Y^T (out, T) = act(W @ xt + bias[:, None]), a view of an (out, max(T, pad)) buffer
     whose columns T.. are zero (pad = T rounded up to 16 lets the next layer read it in place); "row":
     Y (T, out). For chains of sparse layers that keep activations feature-major (no transposes).
-    Raises ValueError for another rank, dtype, activation or layout.
+    ``kernel``: see the module docstring. Raises ValueError for another rank, dtype, activation, layout or kernel.
     """
     if xt.dim() != 2:
         raise ValueError(f"spmm_cpu_fm: xt must be 2-D (in_features, tokens), got shape {tuple(xt.shape)}")
@@ -227,7 +269,7 @@ def spmm_cpu_fm(xt: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch
         raise ValueError(f"spmm_cpu_fm: xt must be float32, got {xt.dtype}")
     if out_layout not in ("feature", "row"):
         raise ValueError(f"out_layout must be 'feature' or 'row', got {out_layout!r}")
-    act = _act(activation)
+    act, path = _act(activation), _kernel(kernel)
     crow, col, vals, b = _csr_args(crow_indices, col_indices, values, bias)  # (out + 1,), (nnz,), (nnz,), (out,)
     return load_extension().spmm_fm(xt, crow, col, vals, b, int(out_features), act,
-                                    1 if out_layout == "row" else 0, int(pad))  # (out, T) or (T, out)
+                                    1 if out_layout == "row" else 0, int(pad), path)  # (out, T) or (T, out)

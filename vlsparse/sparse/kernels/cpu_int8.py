@@ -24,7 +24,7 @@ from vlsparse.sparse.kernels import cpu
 __all__ = ["ISAS", "spmm_int8", "quantize", "isas", "load_extension"]
 
 SOURCES = ("spmm_int8_torch.cpp",)
-HEADERS = ("spmm_int8.h", "spmm.h")
+HEADERS = ("spmm_int8.h", "spmm.h", "spmm_gather.h", "spmm_xreg.h")
 #: vector path name -> the kernel's code
 ISAS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 _lock = threading.Lock()

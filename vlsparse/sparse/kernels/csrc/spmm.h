@@ -10,8 +10,11 @@
 //   spmm_f32_fm_rm  feature-major X^T in, row-major Y out: the last layer of a feature-major chain.
 //   spmm_f32_rm_fm  row-major X in, feature-major Y^T out: the first layer of a chain.
 //   spmv_f32     one token: y (out) = W x + bias.
-// Every entry takes an epilogue (Act: none or GELU) and a parallel-for policy (OmpFor by default).
+// Every entry takes an epilogue (Act: none or GELU), a parallel-for policy (OmpFor by default) and a Path
+// (Auto by default: which inner kernel runs, see enum class Path; Legacy keeps the kernel as it was before
+// the gather-dot path so that benchmarks can time both).
 //   simd_name()  "avx512" | "avx2" | "scalar": the vector path compiled in.
+//   path_name(path, tokens)  "gather" | "small_rows" | "strips": the inner kernel a path runs.
 //
 // CSR contract: crow_indices non-decreasing with crow[0] = 0, column indices in [0, in). Columns
 // sorted within a row are fastest (the cache blocking assumes it) but any order gives the right
@@ -24,8 +27,8 @@
 // passes a policy on onnxruntime's intra-op pool instead.
 //
 // The multi-token kernel: X is transposed to feature-major and padded to a multiple of the
-// vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= 8 vectors, plus a
-// half vector at the end when T mod W is 1..W/2 (T = 40 costs 2.5 vectors, not 3). Output rows
+// vector width W (16 floats on AVX-512). Tokens are cut into strips of NV <= Tuning::max_vectors (<= 12)
+// vectors, plus a half vector at the end when T mod W is 1..W/2 (T = 40 costs 2.5 vectors). Output rows
 // are scheduled in blocks of 64 (dynamic). For a row block, the strip's accumulators live in a
 // small tile (64 rows x strip width); the columns of W are walked in blocks of C (C * strip width
 // * 4 bytes of X^T ~ 44 KiB, about L1) with a per-row cursor into the (sorted) CSR row, so the
@@ -33,8 +36,11 @@
 // Per nonzero w at column c: broadcast w, FMA the NV vectors of X^T[c, strip] into register
 // accumulators (unrolled by two, two accumulator sets). The row-major entry transposes X and the
 // finished tile with 16x16 register transposes, writing straight into Y (Y^T never exists).
-// One or two tokens use a small-token kernel without transposes (one token: values in vectors,
-// x[c] gathered by scalar loads, which on Zen 4 beats the AVX-512 gather instruction).
+// One token uses the insert-dot kernel of spmm_gather.h (x[c] by scalar loads placed into xmm lanes by
+// vinsertps, four FMA chains), two tokens small_rows below (values in vectors, x[c] by scalar loads into a
+// buffer), both without transposes. Two more T = 1 kernels are selectable (Path): the vgatherdps gather-dot
+// (spmm_gather.h) and the register-x kernel (spmm_xreg.h); on the 2-core Zen 4 both measured slower than
+// small_rows (README, "Kernel paths"), so Path::Auto does not pick them.
 #pragma once
 
 #include <algorithm>
@@ -96,25 +102,60 @@ inline void gelu_erf_inplace(float* __restrict p, int64_t n) {
 
 }  // namespace detail
 
-// Tunables (defaults measured on a 2-core AMD EPYC Zen 4; benchmarks may change them).
+// Tunables. The member defaults are the kernel's as at commit 403de79 (Path::Legacy); tuning() (the other
+// paths) changes four, measured on the 2-core AMD EPYC Zen 4 (README, "Kernel paths"); benchmarks may
+// change them (the torch extension's set_tuning).
 struct Tuning {
     int64_t row_block = 64;               // output rows per scheduling unit (<= kMaxRowBlock)
     int64_t l1_block_bytes = 44 * 1024;   // bytes of X^T per column block (C * NV * W * 4)
     int64_t min_block_cols = 32;          // lower bound on C
     int64_t l2_strip_bytes = 1024 * 1024; // a token strip's X^T (in * NV * W * 4) aims below this
-    int64_t small_tokens = 2;             // tokens <= this: scalar kernel, no transposes
+    int64_t small_tokens = 2;             // tokens <= this: the small-token kernel, no transposes
+    int64_t max_vectors = 8;              // token vectors per strip, held in registers per row (<= kMaxNV) ...
+    int64_t wide_min_in = 0;              // ... when in_features >= this; below, at most 8
+    int64_t insert_tokens = 0;            // Path::Auto: tokens <= this: the insert-dot kernel (spmm_gather.h)
 };
+// The tunables of every path but Legacy: one token by the insert-dot kernel (1.3-1.4x small_rows at T = 1),
+// and, for in_features >= 2048, strips of up to 12 vectors (192 tokens) per pass over a row with no L2 cap
+// below 8 MiB of X^T, so that T = 200 at in = 3072 is one strip of 12.5 vectors, not three of 4-4.5 (W,
+// 4.2 MB at 768x3072 and 70%, read from L3 once instead of three times: 1.07-1.30x at T = 129 and 200).
+// At in = 768 W fits L2 and 12-vector strips measured 0.94-0.96x (their column blocks get shorter), so
+// there strips stay at 8 vectors.
 inline Tuning& tuning() {
+    static Tuning t = [] {
+        Tuning u;
+        u.insert_tokens = 1;
+        u.max_vectors = 12;
+        u.wide_min_in = 2048;
+        u.l2_strip_bytes = int64_t{8} << 20;
+        return u;
+    }();
+    return t;
+}
+// Path::Legacy's tunables: those of the kernel as it was at commit 403de79 (no insert-dot kernel, strips of
+// at most 8 vectors under a 1 MiB L2 cap), kept so that benchmarks time old and new in one process.
+inline Tuning& legacy_tuning() {
     static Tuning t;
     return t;
 }
 
+// Which inner kernel an entry runs (every path computes the same result, to rounding):
+//   Auto    tokens <= tuning().insert_tokens (1): the insert-dot kernel (spmm_gather.h); tokens <=
+//           tuning().small_tokens (2): small_rows (x[c] by scalar loads into a buffer); more: the strips
+//           with tuning(). The fastest measured on the 2-core Zen 4 (README, "Kernel paths").
+//   Legacy  the kernel as it was at commit 403de79: small_rows for tokens <= 2, the strips with
+//           legacy_tuning() (no insert-dot), so that old and new are timed side by side in one process.
+//   Gather  the vgatherdps gather-dot kernel (spmm_gather.h) at every token count.
+//   Xreg    the register-x kernel (spmm_xreg.h; AVX-512 BW builds, else small_rows) at every token count.
+//           Gather and Xreg are the two T = 1 alternatives measured slower than small_rows on Zen 4 (kept
+//           selectable so that other CPUs can be measured: benchmarks/spmm_table.py cpu@gather, cpu@xreg).
+//   Strips  the strips (transposed, token-vectorised) at every token count (tests, benchmarks).
+//   Insert  the insert-dot kernel (spmm_gather.h; SSE4.1 builds, else small_rows) at every token count.
+enum class Path : int { Auto = 0, Legacy = 1, Gather = 2, Strips = 3, Xreg = 4, Insert = 5 };
+
 namespace detail {
 
-#ifndef VLS_MAX_NV
-#define VLS_MAX_NV 8
-#endif
-constexpr int kMaxNV = VLS_MAX_NV;  // vectors per token strip (128 tokens on AVX-512)
+constexpr int kMaxNV = 12;  // vectors per token strip at most (192 tokens on AVX-512; Tuning::max_vectors)
 constexpr int64_t kMaxRowBlock = 256;
 
 // ---------------------------------------------------------------------------------------------
@@ -135,6 +176,15 @@ struct V {
     static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
     static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
     static inline M mask(int n) { return static_cast<M>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u)); }
+    // gather-dot (spmm_gather.h): W column indices as int32 lanes, scaled, then x[base + lane index]
+    using I = __m512i;
+    static inline I idx(const int32_t* p) { return _mm512_loadu_si512(p); }
+    static inline I idx(const int16_t* p) {
+        return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static inline I scale(I a, int32_t s) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(s)); }
+    static inline T gather(const float* b, I i) { return _mm512_i32gather_ps(i, b, 4); }
+    static inline T gatherm(const float* b, I i, M m) { return _mm512_mask_i32gather_ps(zero(), m, i, b, 4); }
     // half vector (8 floats) for token counts that end in a half vector (T = 40 = 2.5 x 16)
     static constexpr bool kHasHalf = true;
     static constexpr int kRegs = 32;
@@ -192,6 +242,16 @@ struct V {
     static inline M mask(int n) {
         return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     }
+    using I = __m256i;
+    static inline I idx(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static inline I idx(const int16_t* p) {
+        return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static inline I scale(I a, int32_t s) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(s)); }
+    static inline T gather(const float* b, I i) { return _mm256_i32gather_ps(b, i, 4); }
+    static inline T gatherm(const float* b, I i, M m) {
+        return _mm256_mask_i32gather_ps(zero(), b, i, _mm256_castsi256_ps(m), 4);
+    }
     static constexpr bool kHasHalf = true;
     static constexpr int kRegs = 16;
     using H = __m128;
@@ -240,6 +300,12 @@ struct V {
     static inline T fma(T a, T b, T c) { return a * b + c; }
     static inline T add(T a, T b) { return a + b; }
     static inline M mask(int n) { return n > 0; }
+    using I = int32_t;
+    static inline I idx(const int32_t* p) { return *p; }
+    static inline I idx(const int16_t* p) { return *p; }
+    static inline I scale(I a, int32_t s) { return a * s; }
+    static inline T gather(const float* b, I i) { return b[i]; }
+    static inline T gatherm(const float* b, I i, M m) { return m ? b[i] : 0.0f; }
     static inline void transpose(T*) {}
     static constexpr bool kHasHalf = false;  // W = 1 has no half vector
     static constexpr int kRegs = 16;
@@ -396,7 +462,7 @@ inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* 
             float* d = tile + r * ldd;
             T a0[NA], a1[NA];
             H h0 = V::hzero(), h1 = V::hzero();
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v) {
                 a0[v] = V::load(d + v * W);
                 a1[v] = V::zero();
@@ -408,10 +474,10 @@ inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* 
                 const float v0 = val[k], v1 = val[k + 1];
                 const T w0 = V::set1(v0);
                 const T w1 = V::set1(v1);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
                 for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, V::load(p0 + v * W), a0[v]);
                 if (Half) h0 = V::hfma(V::hset1(v0), V::hload(p0 + NV * W), h0);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
                 for (int v = 0; v < NV; ++v) {
                     if (Dual)
                         a1[v] = V::fma(w1, V::load(p1 + v * W), a1[v]);
@@ -428,13 +494,13 @@ inline void strip_block(const float* __restrict xt, int64_t ldx, const int32_t* 
             if (k < end && static_cast<int64_t>(col[k]) < cend) {
                 const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
                 const T w0 = V::set1(val[k]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
                 for (int v = 0; v < NV; ++v) a0[v] = V::fma(w0, V::load(p0 + v * W), a0[v]);
                 if (Half) h0 = V::hfma(V::hset1(val[k]), V::hload(p0 + NV * W), h0);
                 ++k;
             }
             cur[r] = k;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int v = 0; v < NV; ++v) V::store(d + v * W, Dual ? V::add(a0[v], a1[v]) : a0[v]);
             if (Half) V::hstore(d + NV * W, Dual ? V::hadd(h0, h1) : h0);
         }
@@ -462,6 +528,10 @@ inline void strip_block_dispatch(int nv, bool half, const float* xt, int64_t ldx
         VLS_CASE(6)
         VLS_CASE(7)
         VLS_CASE(8)
+        VLS_CASE(9)
+        VLS_CASE(10)
+        VLS_CASE(11)
+        VLS_CASE(12)
         default: break;
     }
 #undef VLS_CASE
@@ -477,7 +547,7 @@ struct StripPlan {
     int64_t size(int64_t s) const { return base + (s < rem ? 1 : 0); }
     bool has_half(int64_t s) const { return half && s == nstrips - 1; }
 };
-inline StripPlan plan_strips(int64_t tokens, int64_t in_features) {
+inline StripPlan plan_strips(int64_t tokens, int64_t in_features, const Tuning& tu) {
     constexpr int64_t W = V::W;
     int64_t full = tokens / W;
     const int64_t r = tokens % W;
@@ -489,22 +559,22 @@ inline StripPlan plan_strips(int64_t tokens, int64_t in_features) {
             ++full;
     }
     const int64_t per_vec = std::max<int64_t>(1, in_features) * W * 4;
-    int64_t cap = tuning().l2_strip_bytes / per_vec;
-    cap = std::max<int64_t>(2, std::min<int64_t>(kMaxNV, cap));
+    int64_t cap = tu.l2_strip_bytes / per_vec;
+    const int64_t most = in_features >= tu.wide_min_in ? tu.max_vectors : std::min<int64_t>(8, tu.max_vectors);
+    cap = std::max<int64_t>(2, std::min<int64_t>(std::min<int64_t>(kMaxNV, most), cap));
     p.nstrips = std::max<int64_t>(1, (full + cap - 1) / cap);
     p.base = full / p.nstrips;
     p.rem = full % p.nstrips;
     return p;
 }
-inline int64_t block_cols(int64_t nv, bool half) {
-    const Tuning& tu = tuning();
+inline int64_t block_cols(int64_t nv, bool half, const Tuning& tu) {
     const int64_t floats = std::max<int64_t>(1, nv * V::W + (half ? V::W / 2 : 0));
     int64_t c = tu.l1_block_bytes / (floats * 4);
     c = std::max<int64_t>(tu.min_block_cols, (c / 8) * 8);
     return std::max<int64_t>(1, c);
 }
-inline int64_t row_block() {
-    return std::max<int64_t>(1, std::min<int64_t>(kMaxRowBlock, tuning().row_block));
+inline int64_t row_block(const Tuning& tu) {
+    return std::max<int64_t>(1, std::min<int64_t>(kMaxRowBlock, tu.row_block));
 }
 
 // Tile (nr x ldd, tokens along rows) -> Y rows: y[(t) * ldy + r] = tile[r * ldd + t], t < tn.
@@ -621,14 +691,14 @@ inline void small_tokens(const float* x, int64_t tokens, int64_t xs_t, int64_t x
 // The strips of the multi-token kernel over a padded feature-major X^T (in x lds, lanes up to the
 // strip plan's end readable): work item i = (strip s, row block b) with i = s * nblk + b computes
 // rows [b * R, ...) for the strip's tokens into a per-thread tile, applies the epilogue, and hands
-// the tile to write(tile, ldd, r0, nr, t0, tn).
+// the tile to write(tile, ldd, r0, nr, t0, tn). Strip widths, row and column blocks from `tu`.
 template <typename ColT, typename Par, typename Write>
 inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_features, const int32_t* crow,
                    const ColT* col, const float* val, const float* bias, int64_t out_features, Act act,
-                   const Par& par, const Write& write) {
+                   const Par& par, const Write& write, const Tuning& tu) {
     constexpr int64_t W = V::W;
-    const StripPlan plan = plan_strips(tokens, in_features);
-    const int64_t R = row_block();
+    const StripPlan plan = plan_strips(tokens, in_features, tu);
+    const int64_t R = row_block(tu);
     const int64_t nblk = (out_features + R - 1) / R;
     const int64_t tile_len = R * (kMaxNV + 1) * W;
     par(plan.nstrips * nblk, [&](int64_t i) {
@@ -641,7 +711,7 @@ inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_feat
         const int64_t r0 = b * R, r1 = std::min(out_features, r0 + R);
         float* tile = scratch_tile(static_cast<size_t>(tile_len));
         strip_block_dispatch<ColT>(static_cast<int>(nv), half, xs + t0, lds, crow, col, val, bias, r0, r1,
-                                   in_features, block_cols(nv, half), tile, ldd);
+                                   in_features, block_cols(nv, half, tu), tile, ldd);
         if (act == Act::Gelu)
             for (int64_t r = 0; r < r1 - r0; ++r) gelu_erf_inplace(tile + r * ldd, tn);
         write(tile, ldd, r0, r1 - r0, t0, tn);
@@ -649,8 +719,48 @@ inline void strips(const float* xs, int64_t lds, int64_t tokens, int64_t in_feat
 }
 
 }  // namespace detail
+}  // namespace vlsparse
 
-// One token: y (out_features) = W x + bias.
+#include "spmm_gather.h"  // the gather-dot kernel (uses detail::V, hsum, gelu_erf from above)
+#include "spmm_xreg.h"    // the register-x kernel (AVX-512 BW; same)
+
+namespace vlsparse {
+namespace detail {
+// The small-token kernels: runs the layer and returns true when `path` (with `tokens`) picks one of them
+// (Auto: tokens <= tuning().insert_tokens -> insert-dot, <= small_tokens -> small_rows; Legacy: tokens <=
+// legacy_tuning().small_tokens -> small_rows; Xreg / Gather / Insert: that kernel at every token count,
+// small_rows where it cannot run; Strips: never), and whenever there is no input feature. Element (t, c) of X at x[t * xs_t + c * xs_c],
+// output (t, o) at y[t * ys_t + o * ys_o].
+template <typename ColT, typename Par>
+bool small_path(Path path, const float* x, int64_t tokens, int64_t in_features, int64_t xs_t, int64_t xs_c,
+                const int32_t* crow, const ColT* col, const float* val, const float* bias, int64_t out_features,
+                float* y, int64_t ys_t, int64_t ys_o, Act act, const Par& par) {
+    if (in_features > 0 && path == Path::Xreg && kHasXreg) {
+        xreg_tokens<ColT>(x, tokens, in_features, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act,
+                          par);
+        return true;
+    }
+    const bool insert = path == Path::Insert || (path == Path::Auto && tokens <= tuning().insert_tokens);
+    if (in_features > 0 && insert && kHasInsert) {
+        insert_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+        return true;
+    }
+    if (in_features > 0 && path == Path::Gather && gather_fits(in_features, xs_c)) {
+        gather_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+        return true;
+    }
+    const bool small = (path == Path::Auto && tokens <= tuning().small_tokens) ||
+                       (path == Path::Legacy && tokens <= legacy_tuning().small_tokens);
+    if (in_features <= 0 || small || path == Path::Xreg || path == Path::Gather || path == Path::Insert) {
+        small_tokens<ColT>(x, tokens, xs_t, xs_c, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+        return true;
+    }
+    return false;
+}
+inline const Tuning& tuning_for(Path path) { return path == Path::Legacy ? legacy_tuning() : tuning(); }
+}  // namespace detail
+
+// One token: y (out_features) = W x + bias (small_rows: no in_features here for the register-x kernel).
 template <typename ColT, typename Par = OmpFor>
 void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indices, const float* values,
               const float* bias, int64_t out_features, float* y, Act act = Act::None, const Par& par = Par()) {
@@ -659,26 +769,25 @@ void spmv_f32(const float* x, const int32_t* crow_indices, const ColT* col_indic
 }
 
 namespace detail {
-// Both row-major-input entries: 1-2 tokens go to the small-token kernel (output (t, o) at
-// y[t * ys_t + o * ys_o]); more are transposed into a padded feature-major scratch and run as strips,
-// each tile handed to write(tile, ldd, r0, nr, t0, tn).
+// Both row-major-input entries: the small-token kernels (small_path; output (t, o) at y[t * ys_t + o * ys_o]),
+// else X is transposed into a padded feature-major scratch and run as strips, each tile handed to
+// write(tile, ldd, r0, nr, t0, tn).
 template <typename ColT, typename Par, typename Write>
 void rm_entry(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow, const ColT* col,
               const float* val, const float* bias, int64_t out_features, Act act, const Par& par, float* y,
-              int64_t ys_t, int64_t ys_o, const Write& write) {
+              int64_t ys_t, int64_t ys_o, const Write& write, Path path) {
     static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
                   "col indices must be int16_t or int32_t");
     if (tokens <= 0 || out_features <= 0) return;
-    if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(x, tokens, in_features, 1, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+    if (small_path<ColT>(path, x, tokens, in_features, in_features, 1, crow, col, val, bias, out_features, y, ys_t,
+                         ys_o, act, par))
         return;
-    }
     constexpr int64_t W = V::W;
     const int64_t ldt = (tokens + W - 1) / W * W;
     float* xt = scratch_x(static_cast<size_t>(in_features * ldt));
     par((in_features + kTransposeBlock - 1) / kTransposeBlock,
         [&](int64_t ib) { transpose_in(x, tokens, in_features, in_features, xt, ldt, ib); });
-    strips<ColT>(xt, ldt, tokens, in_features, crow, col, val, bias, out_features, act, par, write);
+    strips<ColT>(xt, ldt, tokens, in_features, crow, col, val, bias, out_features, act, par, write, tuning_for(path));
     trim_scratch_x();
 }
 
@@ -692,16 +801,17 @@ inline void tile_to_featuremajor(const float* tile, int64_t ldd, int64_t r0, int
 
 // Y (tokens x out_features, row-major) = act(X (tokens x in_features, row-major) * W^T + bias), W given in CSR
 // by output row. crow_indices: out_features+1 int32; col_indices: nnz of ColT (int16_t or int32_t); values:
-// nnz float; bias may be nullptr. Parallel over output rows (and token strips) with `par`.
+// nnz float; bias may be nullptr. Parallel over output rows (and token strips) with `par`; `path` picks the
+// inner kernel (Auto: by token count).
 template <typename ColT, typename Par = OmpFor>
 void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
               const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
-              Act act = Act::None, const Par& par = Par()) {
+              Act act = Act::None, const Par& par = Par(), Path path = Path::Auto) {
     detail::rm_entry<ColT>(x, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par, y,
                            out_features, 1,
                            [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
                                detail::tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
-                           });
+                           }, path);
 }
 
 // Row-major in, feature-major out: Y^T (out_features x ldy, ldy >= tokens) = act(W X^T + bias) from X
@@ -710,22 +820,22 @@ void spmm_f32(const float* x, int64_t tokens, int64_t in_features, const int32_t
 template <typename ColT, typename Par = OmpFor>
 void spmm_f32_rm_fm(const float* x, int64_t tokens, int64_t in_features, const int32_t* crow_indices,
                     const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
-                    int64_t ldy, Act act = Act::None, const Par& par = Par()) {
+                    int64_t ldy, Act act = Act::None, const Par& par = Par(), Path path = Path::Auto) {
     detail::rm_entry<ColT>(x, tokens, in_features, crow_indices, col_indices, values, bias, out_features, act, par, yt,
                            1, ldy,
                            [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
                                detail::tile_to_featuremajor(tile, ldd, r0, nr, t0, tn, yt, ldy);
-                           });
+                           }, path);
 }
 
 namespace detail {
 // Feature-major input X^T (in x ldx): used in place when 64-byte aligned with ldx a multiple of the
-// vector width, else copied into an aligned, zero-padded buffer; then the strips, each tile handed to
-// write(tile, ldd, r0, nr, t0, tn).
+// vector width, else copied into an aligned, zero-padded buffer; then the strips (tunables `tu`), each
+// tile handed to write(tile, ldd, r0, nr, t0, tn).
 template <typename ColT, typename Par, typename Write>
 void fm_strips(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow,
                const ColT* col, const float* val, const float* bias, int64_t out_features, Act act, const Par& par,
-               const Write& write) {
+               const Write& write, const Tuning& tu) {
     constexpr int64_t W = V::W;
     const int64_t ldt = (tokens + W - 1) / W * W;
     const bool in_place = (reinterpret_cast<uintptr_t>(xt) % (W * sizeof(float)) == 0) && (ldx % W == 0);
@@ -739,26 +849,24 @@ void fm_strips(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx
             }
         });
     strips<ColT>(in_place ? xt : xpad, in_place ? ldx : ldt, tokens, in_features, crow, col, val, bias, out_features,
-                 act, par, write);
+                 act, par, write, tu);
     if (!in_place) trim_scratch_x();
 }
-}  // namespace detail
 
-namespace detail {
-// Both feature-major entries: 1-2 tokens go to the small-token kernel (output (t, o) at
-// y[t * ys_t + o * ys_o]), more to fm_strips with `write`.
+// Both feature-major entries: the small-token kernels (small_path; output (t, o) at y[t * ys_t + o * ys_o]),
+// else fm_strips with `write`.
 template <typename ColT, typename Par, typename Write>
 void fm_entry(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow, const ColT* col,
               const float* val, const float* bias, int64_t out_features, Act act, const Par& par, float* y,
-              int64_t ys_t, int64_t ys_o, const Write& write) {
+              int64_t ys_t, int64_t ys_o, const Write& write, Path path) {
     static_assert(std::is_same<ColT, int16_t>::value || std::is_same<ColT, int32_t>::value,
                   "col indices must be int16_t or int32_t");
     if (tokens <= 0 || out_features <= 0) return;
-    if (tokens <= tuning().small_tokens || in_features <= 0) {
-        small_tokens<ColT>(xt, tokens, 1, ldx, crow, col, val, bias, out_features, y, ys_t, ys_o, act, par);
+    if (small_path<ColT>(path, xt, tokens, in_features, 1, ldx, crow, col, val, bias, out_features, y, ys_t, ys_o, act,
+                         par))
         return;
-    }
-    fm_strips<ColT>(xt, tokens, in_features, ldx, crow, col, val, bias, out_features, act, par, write);
+    fm_strips<ColT>(xt, tokens, in_features, ldx, crow, col, val, bias, out_features, act, par, write,
+                    tuning_for(path));
 }
 }  // namespace detail
 
@@ -770,11 +878,11 @@ void fm_entry(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx,
 template <typename ColT, typename Par = OmpFor>
 void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
                  const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* yt,
-                 int64_t ldy, Act act = Act::None, const Par& par = Par()) {
+                 int64_t ldy, Act act = Act::None, const Par& par = Par(), Path path = Path::Auto) {
     detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
                            yt, 1, ldy, [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
                                detail::tile_to_featuremajor(tile, ldd, r0, nr, t0, tn, yt, ldy);
-                           });
+                           }, path);
 }
 
 // Feature-major in, row-major out: Y (tokens x out_features) = act(X W^T + bias) from X^T (in_features x
@@ -783,16 +891,27 @@ void spmm_f32_fm(const float* xt, int64_t tokens, int64_t in_features, int64_t l
 template <typename ColT, typename Par = OmpFor>
 void spmm_f32_fm_rm(const float* xt, int64_t tokens, int64_t in_features, int64_t ldx, const int32_t* crow_indices,
                     const ColT* col_indices, const float* values, const float* bias, int64_t out_features, float* y,
-                    Act act = Act::None, const Par& par = Par()) {
+                    Act act = Act::None, const Par& par = Par(), Path path = Path::Auto) {
     detail::fm_entry<ColT>(xt, tokens, in_features, ldx, crow_indices, col_indices, values, bias, out_features, act, par,
                            y, out_features, 1,
                            [&](const float* tile, int64_t ldd, int64_t r0, int64_t nr, int64_t t0, int64_t tn) {
                                detail::tile_to_rowmajor(tile, ldd, nr, tn, y + t0 * out_features + r0, out_features);
-                           });
+                           }, path);
 }
 
 // Which vector path this translation unit was compiled with: "avx512", "avx2" or "scalar".
 inline const char* simd_name() { return detail::V::name; }
+
+// The inner kernel `path` runs for `tokens` tokens (with in_features > 0 and indices that fit the gather):
+// "xreg", "gather", "small_rows" or "strips".
+inline const char* path_name(Path path, int64_t tokens) {
+    if (path == Path::Gather) return "gather";
+    if (path == Path::Xreg) return detail::kHasXreg ? "xreg" : "small_rows";
+    if (path == Path::Insert || (path == Path::Auto && tokens <= tuning().insert_tokens))
+        return detail::kHasInsert ? "insert" : "small_rows";
+    const int64_t small = path == Path::Legacy ? legacy_tuning().small_tokens : tuning().small_tokens;
+    return path != Path::Strips && tokens <= small ? "small_rows" : "strips";
+}
 
 }  // namespace vlsparse
 

@@ -1,5 +1,9 @@
 // torch extension binding for the vlsparse CPU SpMM kernels in spmm.h.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
 
 #include "spmm.h"
 
@@ -33,6 +37,12 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t out_feature
     return b.data_ptr<float>();
 }
 
+vlsparse::Path path_of(int64_t path) {
+    TORCH_CHECK(path >= 0 && path <= 5, "vlsparse spmm_cpu: path must be 0 (auto), 1 (legacy), 2 (gather), 3 "
+                "(strips), 4 (xreg) or 5 (insert), got ", path);
+    return static_cast<vlsparse::Path>(path);
+}
+
 vlsparse::Act act_of(int64_t activation) {
     TORCH_CHECK(activation == 0 || activation == 1, "vlsparse spmm_cpu: activation must be 0 (none) or 1 (gelu), got ",
                 activation);
@@ -41,12 +51,13 @@ vlsparse::Act act_of(int64_t activation) {
 
 // x: (tokens, in_features) float32 contiguous -> (tokens, out_features)
 at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t activation) {
+                const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t activation, int64_t path) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
                 "vlsparse spmm_cpu: x must be a contiguous 2-D float32 CPU tensor");
     check_csr(crow, col, values, out_features);
     const float* b = bias_ptr(bias, out_features);
     const vlsparse::Act act = act_of(activation);
+    const vlsparse::Path pa = path_of(path);
     const int64_t tokens = x.size(0), in_features = x.size(1);
     at::Tensor y = at::empty({tokens, out_features}, x.options());
     if (tokens == 0 || out_features == 0) return y;
@@ -55,11 +66,11 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
         if (col.scalar_type() == at::kShort)
             vlsparse::spmm_f32<int16_t>(x.data_ptr<float>(), tokens, in_features, crow.data_ptr<int32_t>(),
                                         col.data_ptr<int16_t>(), values.data_ptr<float>(), b, out_features,
-                                        y.data_ptr<float>(), act);
+                                        y.data_ptr<float>(), act, vlsparse::OmpFor(), pa);
         else
             vlsparse::spmm_f32<int32_t>(x.data_ptr<float>(), tokens, in_features, crow.data_ptr<int32_t>(),
                                         col.data_ptr<int32_t>(), values.data_ptr<float>(), b, out_features,
-                                        y.data_ptr<float>(), act);
+                                        y.data_ptr<float>(), act, vlsparse::OmpFor(), pa);
     }
     return y;
 }
@@ -70,7 +81,7 @@ at::Tensor spmm(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& c
 // out_features) row-major.
 at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                    const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t activation, int64_t out_layout,
-                   int64_t pad) {
+                   int64_t pad, int64_t path) {
     TORCH_CHECK(xt.device().is_cpu() && xt.scalar_type() == at::kFloat && xt.dim() == 2,
                 "vlsparse spmm_cpu_fm: xt must be a 2-D float32 CPU tensor (in_features, tokens)");
     const bool usable = (xt.size(1) <= 1 || xt.stride(1) == 1) &&
@@ -79,6 +90,7 @@ at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tenso
     check_csr(crow, col, values, out_features);
     const float* b = bias_ptr(bias, out_features);
     const vlsparse::Act act = act_of(activation);
+    const vlsparse::Path pa = path_of(path);
     const int64_t in_features = xc.size(0), tokens = xc.size(1);
     const int64_t ldx = xc.size(0) > 1 ? xc.stride(0) : std::max<int64_t>(1, tokens);
     const int64_t ldy = std::max(tokens, pad);
@@ -93,10 +105,10 @@ at::Tensor spmm_fm(const at::Tensor& xt, const at::Tensor& crow, const at::Tenso
         const int32_t* cr = crow.data_ptr<int32_t>();
         if (out_layout == 1)
             vlsparse::spmm_f32_fm_rm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
-                                           out_features, buf.data_ptr<float>(), act);
+                                           out_features, buf.data_ptr<float>(), act, vlsparse::OmpFor(), pa);
         else
             vlsparse::spmm_f32_fm<ColT>(x, tokens, in_features, ldx, cr, c, values.data_ptr<float>(), b,
-                                        out_features, buf.data_ptr<float>(), ldy, act);
+                                        out_features, buf.data_ptr<float>(), ldy, act, vlsparse::OmpFor(), pa);
     };
     {
         pybind11::gil_scoped_release nogil;
@@ -112,17 +124,45 @@ std::string simd() { return vlsparse::simd_name(); }
 
 int64_t omp_threads() { return vlsparse::detail::num_threads(); }
 
+std::string path_name(int64_t path, int64_t tokens) { return vlsparse::path_name(path_of(path), tokens); }
+
+// The tunables of the non-legacy paths (vlsparse::tuning()), by name.
+std::map<std::string, int64_t> get_tuning() {
+    const vlsparse::Tuning& t = vlsparse::tuning();
+    return {{"row_block", t.row_block}, {"l1_block_bytes", t.l1_block_bytes}, {"min_block_cols", t.min_block_cols},
+            {"l2_strip_bytes", t.l2_strip_bytes}, {"small_tokens", t.small_tokens}, {"max_vectors", t.max_vectors},
+            {"insert_tokens", t.insert_tokens}, {"wide_min_in", t.wide_min_in}};
+}
+
+void set_tuning(const std::string& name, int64_t value) {
+    vlsparse::Tuning& t = vlsparse::tuning();
+    TORCH_CHECK(value >= 0, "vlsparse set_tuning: ", name, " must be >= 0, got ", value);
+    if (name == "row_block") t.row_block = value;
+    else if (name == "l1_block_bytes") t.l1_block_bytes = value;
+    else if (name == "min_block_cols") t.min_block_cols = value;
+    else if (name == "l2_strip_bytes") t.l2_strip_bytes = value;
+    else if (name == "small_tokens") t.small_tokens = value;
+    else if (name == "max_vectors") t.max_vectors = value;
+    else if (name == "insert_tokens") t.insert_tokens = value;
+    else if (name == "wide_min_in") t.wide_min_in = value;
+    else TORCH_CHECK(false, "vlsparse set_tuning: unknown tunable ", name);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "vlsparse CPU CSR SpMM kernels";
     m.def("spmm", &spmm, "Y = act(X W^T + b), X (T, in) row-major, W in CSR", pybind11::arg("x"),
           pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("values"),
-          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"), pybind11::arg("activation") = 0);
+          pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"), pybind11::arg("activation") = 0,
+          pybind11::arg("path") = 0);
     m.def("spmm_fm", &spmm_fm, "feature-major X^T (in, T) -> Y^T (out, T) (out_layout 0) or Y (T, out) (1)",
           pybind11::arg("xt"), pybind11::arg("crow_indices"), pybind11::arg("col_indices"), pybind11::arg("values"),
           pybind11::arg("bias") = pybind11::none(), pybind11::arg("out_features"), pybind11::arg("activation") = 0,
-          pybind11::arg("out_layout") = 0, pybind11::arg("pad") = 0);
+          pybind11::arg("out_layout") = 0, pybind11::arg("pad") = 0, pybind11::arg("path") = 0);
     m.def("simd", &simd, "vector instruction set the kernels were compiled for");
     m.def("omp_threads", &omp_threads, "OpenMP thread count the kernels will use from this thread");
+    m.def("path_name", &path_name, "inner kernel a path (0 auto, 1 legacy, 2 gather, 3 strips) runs for T tokens");
+    m.def("get_tuning", &get_tuning, "tunables of the auto / gather / strips paths");
+    m.def("set_tuning", &set_tuning, "set one tunable of the auto / gather / strips paths (not thread-safe)");
 }
