@@ -24,7 +24,8 @@ def load_format(fmt: str, path: str | Path, device: str = "cpu", dtype: str = "f
     """Load a directory written by :func:`vlsparse.bench.levels.export_formats` as a Runner (see
     :func:`vlsparse.runtime.runners.load_runner`), the csr format on :data:`KERNELS` ``[device]``.
 
-    PyTorch formats run under ``torch.inference_mode`` on ``device`` in ``dtype`` ("fp32" | "fp16").
+    PyTorch formats run under ``torch.inference_mode`` on ``device`` in ``dtype`` ("fp32" | "fp16" | "int8": ``path``
+    is then the int8 export for csr, the dense fp32 files for dense, quantised at load; see load_runner).
     ONNX formats run in onnxruntime with ``threads`` intra-op threads (CUDAExecutionProvider on "cuda");
     ``spin=False`` turns off the spin-waiting of onnxruntime's intra-op threads.
     """
@@ -47,22 +48,24 @@ def model_file_bytes(path: str | Path) -> int:
 
 
 def format_sizes(paths: dict[str, Path], mask: dict) -> dict[str, dict[str, int | float]]:
-    """format -> {disk_bytes, linear_disk_bytes, linear_ratio} for the directories of
-    :func:`vlsparse.bench.levels.export_formats` (sizes in bytes, the ratio a fraction of dense fp32).
+    """key -> {disk_bytes, linear_disk_bytes, linear_ratio} for the directories of
+    :func:`vlsparse.bench.levels.export_formats` (its keys; sizes in bytes, the ratio a fraction of dense fp32).
 
-    linear_disk_bytes: the pruned Linears' tensors in model.safetensors (dense, csr); for the ONNX
-    formats the initializer bytes minus those of everything else, i.e. minus (the dense ONNX
-    model's initializer bytes - the dense fp32 Linears).
+    linear_disk_bytes: the pruned Linears' tensors in model.safetensors (dense, csr, csr-int8); for the ONNX
+    exports the initializer bytes minus those of everything else, i.e. minus (the dense ONNX
+    model's initializer bytes - the dense fp32 Linears). onnx-int8: that difference also holds the saving on
+    the other quantised MatMul weights (the region-feature projection, a few percent of an encoder's Linears).
+    Dense int8 has no files of its own (quantised at load): its rows carry the dense files' sizes.
     """
     dense_linear = sum(m.numel() * 4 for m in mask.values())
     out = {}
-    for fmt, d in paths.items():
-        if fmt in ("dense", "csr"):
+    for key, d in paths.items():
+        if (d / "model.safetensors").is_file():
             sizes = safetensors_sizes(d / "model.safetensors")
             linear = sum(b for k, b in sizes.items() if any(k == n or k.startswith(n + ".") for n in mask))
         else:
             other = onnx_initializer_bytes(paths["onnx"] / ONNX_FILE) - dense_linear
             linear = onnx_initializer_bytes(d / ONNX_FILE) - other
-        out[fmt] = {"disk_bytes": model_file_bytes(d), "linear_disk_bytes": int(linear),
+        out[key] = {"disk_bytes": model_file_bytes(d), "linear_disk_bytes": int(linear),
                     "linear_ratio": linear / dense_linear if dense_linear else float("nan")}
     return out
