@@ -53,8 +53,9 @@ def format_sizes(paths: dict[str, Path], mask: dict) -> dict[str, dict[str, int 
 
     linear_disk_bytes: the pruned Linears' tensors in model.safetensors (dense, csr, csr-int8); for the ONNX
     exports the initializer bytes minus those of everything else, i.e. minus (the dense ONNX
-    model's initializer bytes - the dense fp32 Linears). onnx-int8: that difference also holds the saving on
-    the other quantised MatMul weights (the region-feature projection, a few percent of an encoder's Linears).
+    model's initializer bytes - the dense fp32 Linears). onnx-int8 quantises every Linear, so that difference
+    also holds the saving on the Linears outside the pruned ones (region projections, pooler, answer head:
+    8.2M weights, 9.6% of the 84.9M pruned ones, at UNITER-base with 3,129 answers; more on small models).
     Dense int8 has no files of its own (quantised at load): its rows carry the dense files' sizes.
     """
     dense_linear = sum(m.numel() * 4 for m in mask.values())

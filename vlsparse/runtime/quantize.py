@@ -15,14 +15,15 @@ What a user who wants int8 without pruning reaches for, and what ``vlsparse benc
   ``default_weight_observer``, ``default_dynamic_quant_observer``), ``torch/ao/nn/quantized/dynamic/modules/
   linear.py`` (``torch.ops.quantized.linear_dynamic``).
 * :func:`quantize_onnx` = ``onnxruntime.quantization.quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
-  op_types_to_quantize=["MatMul"])``. Every MatMul with a constant weight (the Linears on 3-D inputs; the
-  dynamic quantiser leaves activation x activation MatMuls alone, its ``MatMulConstBOnly`` default) becomes
+  op_types_to_quantize=["MatMul"])``. Every MatMul with a constant weight (every Linear of the export: the
+  TorchScript exporter writes them as MatMul + Add; the dynamic quantiser leaves attention's activation x
+  activation MatMuls alone, its ``MatMulConstBOnly`` default) becomes
   DynamicQuantizeLinear + MatMulInteger + a float rescale: weights int8 symmetric with **one scale per tensor**
   (``per_channel=False``, the default; ``per_channel=True`` would give one per output channel), activations
   uint8 asymmetric with **one scale and zero point per tensor**, computed at every call (ONNX
   DynamicQuantizeLinear). Only MatMul: the default op list also quantises Gather (the word embeddings),
   which neither PyTorch's baseline above nor our export does, so the disk and memory columns compare the
-  same tensors. Linears on 2-D inputs (pooler, answer head: exported as Gemm) stay fp32. Sources: the
+  same tensors. Sources: the
   onnxruntime docs "Quantize ONNX models"; ``onnxruntime/python/tools/quantization/quantize.py``
   (``MatMulConstBOnly`` set for dynamic mode, activations QUInt8) and ``onnx_quantizer.py`` (``WeightSymmetric``
   defaults to True for QInt8).
