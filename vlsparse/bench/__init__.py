@@ -56,9 +56,9 @@ Columns of ``REPORT/bench.csv`` (one row per level x format x dtype x batch size
 
 ``REPORT/bench.json`` holds the same rows and, per session, the machine (CPU model, logical CPUs,
 threads, load average before and after, torch / onnxruntime / onnx versions, GPU name) and the
-settings. Plots (PNG): ``metric_vs_sparsity.png`` (IMP vs random pruning vs dense),
-``metric_vs_latency.png`` (one panel per batch size; the plots show the fp32 rows), ``size_vs_sparsity.png`` (whole model on disk
-and pruned-Linear ratio). ``REPORT/summary.md`` is a Markdown table of the same numbers.
+settings. Plots (PNG, of the fp32 rows): ``metric_vs_sparsity.png`` (IMP vs random pruning vs dense),
+``metric_vs_latency.png`` (one panel per batch size), ``size_vs_sparsity.png`` (whole model on disk
+and pruned-Linear ratio). ``REPORT/summary.md`` is a Markdown table of the same numbers (every dtype).
 
 Interrupting keeps every row already written (the CSV is rewritten atomically after each row,
 bench.json and summary.md after each level, the plots at the end); a re-run with the same ``--out``
