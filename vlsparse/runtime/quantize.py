@@ -37,14 +37,16 @@ install runs ONNX models without torch).
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from vlsparse.runtime.bundle import ONNX_FILE
 
-__all__ = ["INT8_LOGIT_TOLERANCE", "quantize_torch", "quantize_onnx", "int8_logit_error", "is_torch_int8"]
+__all__ = ["INT8_LOGIT_TOLERANCE", "quantize_torch", "quantize_onnx", "int8_logit_error"]
 
 #: int8 logits vs the masked fp32 model's: max |difference| <= this fraction of max |fp32 logit| (see
 #: :func:`int8_logit_error`). Quantisation error, not fp32 rounding (1e-4 is the fp32 formats' bound): each
@@ -60,20 +62,19 @@ def quantize_torch(module):
     in place, in eval mode; returns it. Input and output activations stay float32 (CPU only: the quantised
     kernels are fbgemm / x86 CPU kernels).
 
+    torch 2.13 marks ``torch.ao.quantization`` as deprecated (its successor is the torchao package); it is still
+    the dynamic quantisation PyTorch ships, so its deprecation warnings are silenced here.
+
     Raises:
         RuntimeError: this PyTorch has no quantised engine (``torch.backends.quantized.supported_engines``).
     """
     import torch
     from torch import nn
 
-    return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def is_torch_int8(module) -> bool:
-    """Whether ``module`` holds a dynamically quantised Linear (what :func:`quantize_torch` puts in)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    return any(isinstance(m, DynamicLinear) for m in module.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def quantize_onnx(src: str | Path, out: str | Path) -> Path:
@@ -90,8 +91,13 @@ def quantize_onnx(src: str | Path, out: str | Path) -> Path:
     if not (src / ONNX_FILE).is_file():
         raise FileNotFoundError(f"{src / ONNX_FILE}: missing (the fp32 ONNX export to quantise)")
     out.mkdir(parents=True)
-    quantize_dynamic(str(src / ONNX_FILE), str(out / ONNX_FILE), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=(src / (ONNX_FILE + ".data")).is_file())
+    logging.disable(logging.WARNING)  # its advice to pre-process first (shape inference), logged on every call
+    try:
+        quantize_dynamic(str(src / ONNX_FILE), str(out / ONNX_FILE), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"],
+                         use_external_data_format=(src / (ONNX_FILE + ".data")).is_file())
+    finally:
+        logging.disable(logging.NOTSET)
     if (src / "config.json").is_file():
         shutil.copyfile(src / "config.json", out / "config.json")
     return out
