@@ -295,7 +295,7 @@ def test_int8_models_are_quantised(tiny_run, int8_report):
 
 
 def test_int8_logits_close_to_fp32(int8_report, tiny_task):
-    """Bound: max |int8 logit - fp32 logit| <= INT8_LOGIT_TOLERANCE (5%) of max |fp32 logit| on the test
+    """Bound: max |int8 logit - fp32 logit| <= INT8_LOGIT_TOLERANCE (10%) of max |fp32 logit| on the test
     questions (quantisation error: vlsparse.runtime.quantize), and > 0 (the model really is quantised)."""
     from vlsparse.runtime.quantize import INT8_LOGIT_TOLERANCE, int8_logit_error
 
