@@ -148,7 +148,7 @@ def format_summary(rows: list[dict], skipped: list[str] = ()) -> str:
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["level"], r["format"], r["dtype"], r["device"]), {})[r["batch_size"]] = r
-    head = ["method", "level", "sparsity", "format", "metric"] + [f"b={b} ms (x dense)" for b in sizes] + [
+    head = ["method", "level", "sparsity", "format", "metric"] + [f"b={b} ms (x dense of its dtype)" for b in sizes] + [
         "disk MB", "pruned Linears vs fp32", "model RAM MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {f: i for i, f in enumerate(FORMATS)}
