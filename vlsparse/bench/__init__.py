@@ -43,7 +43,7 @@ Columns of ``REPORT/bench.csv`` (one row per level x format x dtype x batch size
         weight_mem_bytes: weight tensors the runtime holds (PyTorch parameters and buffers, and the packed
         weights of quantize_dynamic's Linears; ONNX initializers); linear_disk_bytes: the pruned Linear weights as
         stored (dense fp32, CSR or bitmask + values, CSR initializers; csr int8: bitmask + int8 values + scales;
-        onnx int8: approximate, see :func:`vlsparse.bench.formats.format_sizes`); linear_ratio: that over their
+        onnx int8: int8 weights, zero points and scales); linear_ratio: that over their
         dense fp32 size;
     peak_mem_bytes, model_mem_bytes, memory: "rss-subprocess": peak RSS of a fresh Python process
         that imports torch and onnxruntime, loads the format and runs the largest batch, and that
