@@ -4,7 +4,8 @@
         --sparsity 0.7 --batch 1 32 --text 20 --regions 6 --threads 2 --repeats 20
 
 Builds the model (random weights for random presets; MiniLM text weights for the minilm presets),
-masks it by global magnitude to ``--sparsity``, writes every format with
+masks it by global magnitude to ``--sparsity`` (``--block 1x4``: whole 1x4 blocks ranked by L2 norm, as
+``find-ticket --block 1x4``), writes every format with
 :func:`vlsparse.bench.levels.export_formats`, loads them with :func:`vlsparse.bench.formats.load_format`,
 checks each format's logits against the masked dense model (max abs difference printed, <= 1e-4 is
 the target) and times all formats interleaved call by call (:func:`vlsparse.bench.timing.time_interleaved`):
@@ -46,7 +47,7 @@ from vlsparse.bench.formats import load_format
 from vlsparse.bench.levels import export_formats, format_key
 from vlsparse.bench.timing import time_interleaved
 from vlsparse.models import load_model
-from vlsparse.pruning.magnitude import global_magnitude_prune
+from vlsparse.pruning.magnitude import global_magnitude_prune, parse_block
 from vlsparse.pruning.mask import apply_mask, ones_mask
 from vlsparse.runtime.quantize import INT8_LOGIT_TOLERANCE, int8_logit_error
 from vlsparse.runtime.runners import FORMATS, UNAVAILABLE
@@ -65,7 +66,8 @@ def build(args, work: Path) -> tuple[torch.nn.Module, dict[str, Path]]:
     model, _ = load_model(args.model, img_dim=args.img_dim, num_answers=args.answers, seed=0)
     scope = model.prune_scope()
     params = dict(model.named_parameters())
-    mask = global_magnitude_prune({n: params[n] for n in scope}, ones_mask(model, scope), args.sparsity)
+    mask = global_magnitude_prune({n: params[n] for n in scope}, ones_mask(model, scope), args.sparsity,
+                                  block=parse_block(args.block))
     with torch.no_grad():
         apply_mask(model, mask)
     return model.eval(), export_formats(model, mask, args.formats, work, args.dtype)
@@ -160,6 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--img-dim", type=int, default=294)
     p.add_argument("--answers", type=int, default=13)
     p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--block", default="1x1", help="1x4: prune whole 1x4 blocks (what find-ticket --block 1x4 gives)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--text", type=int, default=20)
     p.add_argument("--regions", type=int, default=6)
@@ -175,7 +178,7 @@ def main(argv=None) -> None:
     p.add_argument("--rss", action="store_true", help="also the steady RSS of each format in a fresh process")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"{args.model} {args.sparsity:.0%} threads {args.threads} OMP_WAIT_POLICY="
+    print(f"{args.model} {args.sparsity:.0%} block {args.block} threads {args.threads} OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')} load {_loadavg()}")
     for f, d in ((f, d) for d in args.dtype for f in args.formats if (f, d) in UNAVAILABLE):
         print(f"  skipped {f} {d}: {UNAVAILABLE[f, d]}")
