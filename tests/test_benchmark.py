@@ -196,3 +196,152 @@ def test_cli_error_is_one_line(tmp_path):
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert lines[0] == "error: --formats: unknown format 'tflite'; choose from dense, csr, onnx, onnx-sparse"
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- --dtypes fp32,int8 (issue "Sparse and int8 together")
+
+INT8_SKIP = "onnx-sparse int8: our onnxruntime op vlsparse.SparseLinear has no int8 path yet"
+
+
+@pytest.fixture(scope="module")
+def int8_report(tiny_run, tiny_task, tmp_path_factory):
+    """Level 1 (IMP, trained, 50%; and the random ticket) benched with --dtypes fp32,int8 in every format: the
+    report directory, its rows, the runners the bench loaded for IMP level 1 ((format, dtype) -> Runner) and its
+    progress lines."""
+    import onnx
+
+    import vlsparse.bench.run as bench_module
+
+    out, loaded, msgs = tmp_path_factory.mktemp("report-int8"), {}, []
+    real = bench_module.load_format
+
+    def spy(fmt, path, device, dtype, *args, **kwargs):  # keeps the first level's (IMP level 1) runners
+        runner = real(fmt, path, device, dtype, *args, **kwargs)
+        if fmt == "onnx":  # the graph's operators, read while the bench's export still exists
+            runner.op_types = {n.op_type for n in onnx.load(str(runner.file)).graph.node}
+        loaded.setdefault((fmt, dtype), runner)
+        return runner
+
+    settings = Settings(dtypes="fp32,int8", threads=1, batch_sizes=(1, 4), repeats=2, warmup=1, memory="delta")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_module, "load_format", spy)
+        rows = bench_run(tiny_run, out, settings, levels=[1], task=tiny_task, progress=msgs.append)
+    return out, rows, loaded, msgs
+
+
+def test_int8_rows_side_by_side(tiny_run, int8_report, tiny_task):
+    out, rows, _, _ = int8_report
+    pairs = {(r["format"], r["dtype"]) for r in rows}
+    assert pairs == {("dense", "fp32"), ("csr", "fp32"), ("onnx", "fp32"), ("onnx-sparse", "fp32"),
+                     ("dense", "int8"), ("csr", "int8"), ("onnx", "int8")}
+    assert len(rows) == 2 * 7 * 2  # (imp 1, random 1) x 7 models x 2 batch sizes
+    by = {(r["method"], r["format"], r["dtype"], r["batch_size"]): r for r in rows}
+    for fmt in ("dense", "csr", "onnx"):
+        for b in (1, 4):
+            r = by["imp", fmt, "int8", b]
+            assert r["trained"] and r["questions"] == len(tiny_task.test) and 0 <= r["metric"] <= 1, r
+            assert r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 and r["speedup_vs_onnx"] > 0, r
+            assert r["memory"] == "rss-delta" and r["model_mem_bytes"] is not None, r
+    assert all(by["imp", "dense", "int8", b]["speedup_vs_dense"] == 1.0 for b in (1, 4))  # against its own dtype
+    assert all(by["imp", "onnx", "int8", b]["speedup_vs_onnx"] == 1.0 for b in (1, 4))
+    summary = (out / "summary.md").read_text()
+    for cell in ("| dense int8 |", "| csr int8 |", "| onnx int8 |"):
+        assert cell in summary
+
+
+def test_int8_sizes_against_hand_computed(tiny_run, int8_report):
+    from safetensors.torch import load_file
+
+    _, rows, loaded, _ = int8_report
+    by = {(r["format"], r["dtype"]): r for r in rows if r["method"] == "imp" and r["batch_size"] == 1}
+    mask = Ticket.load(tiny_run / "imp" / "level_01" / "ticket.safetensors").mask
+    weights = load_file(str(tiny_run / "imp" / "level_01" / "weights.safetensors"))
+    # csr int8 on disk: per weight the packed bitmask of its nonzero int8 weights, one byte per nonzero, one
+    # fp32 scale per row (max |kept w| / 127, 1 for an empty row) and the int64 (2,) shape
+    expect = 0
+    for name, m in mask.items():
+        w = weights[name] * m
+        amax = w.abs().amax(1)
+        q = torch.round(w / torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))[:, None])
+        expect += (m.numel() + 7) // 8 + int((q != 0).sum()) + 4 * m.shape[0] + 16
+    assert by["csr", "int8"]["linear_disk_bytes"] == expect
+    assert by["csr", "int8"]["linear_ratio"] < by["csr", "fp32"]["linear_ratio"] / 2
+    # onnx int8 (quantize_dynamic, per tensor): per pruned Linear one byte per weight, pruned or not, one int8 zero
+    # point and one fp32 scale
+    assert by["onnx", "int8"]["linear_disk_bytes"] == sum(m.numel() + 1 + 4 for m in mask.values())
+    assert by["onnx", "int8"]["disk_bytes"] < by["onnx", "fp32"]["disk_bytes"]
+    # dense int8 is quantised at load: the dense fp32 files on disk; in memory every nn.Linear weight is one byte
+    # per weight instead of four (biases stay fp32)
+    assert by["dense", "int8"]["disk_bytes"] == by["dense", "fp32"]["disk_bytes"]
+    fp32 = loaded["dense", "fp32"].module
+    linear_weights = sum(m.weight.numel() for m in fp32.modules() if isinstance(m, torch.nn.Linear))
+    assert by["dense", "int8"]["weight_mem_bytes"] == by["dense", "fp32"]["weight_mem_bytes"] - 3 * linear_weights
+
+
+def test_int8_models_are_quantised(tiny_run, int8_report):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from vlsparse.sparse.int8 import Int8SparseLinear
+
+    _, _, loaded, _ = int8_report
+    mask = Ticket.load(tiny_run / "imp" / "level_01" / "ticket.safetensors").mask
+    csr = loaded["csr", "int8"].module
+    int8_layers = {n for n, m in csr.named_modules() if isinstance(m, Int8SparseLinear)}
+    assert int8_layers == {n.removesuffix(".weight") for n in mask}
+    assert all(csr.get_submodule(n).backend == "cpu" for n in int8_layers)  # our int8 kernel, no silent fallback
+    dense = loaded["dense", "int8"].module
+    assert any(isinstance(m, DynamicLinear) for m in dense.modules())
+    assert not any(type(m) is torch.nn.Linear for m in dense.modules())
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= loaded["onnx", "int8"].op_types
+    assert "MatMulInteger" not in loaded["onnx", "fp32"].op_types
+
+
+def test_int8_logits_close_to_fp32(int8_report, tiny_task):
+    """Bound: max |int8 logit - fp32 logit| <= INT8_LOGIT_TOLERANCE (10%) of max |fp32 logit| on the test
+    questions (quantisation error: vlsparse.runtime.quantize), and > 0 (the model really is quantised)."""
+    from vlsparse.runtime.quantize import INT8_LOGIT_TOLERANCE, int8_logit_error
+
+    _, rows, loaded, _ = int8_report
+    test = collate([tiny_task.test[i] for i in range(len(tiny_task.test))])
+    ref = loaded["dense", "fp32"].logits(test)
+    by = {r["format"]: r for r in rows if r["method"] == "imp" and r["dtype"] == "int8" and r["batch_size"] == 1}
+    for fmt in ("dense", "onnx", "csr"):
+        out = loaded[fmt, "int8"].logits(test)
+        assert 0 < int8_logit_error(out, ref) <= INT8_LOGIT_TOLERANCE, fmt
+        assert by[fmt]["max_abs_diff"] == pytest.approx(float(abs(out - ref).max()), rel=1e-5)
+
+
+def test_int8_skipped_combination_is_reported(int8_report, tmp_path):
+    from vlsparse.runtime.runners import load_runner
+
+    out, rows, _, msgs = int8_report
+    assert f"skipped {INT8_SKIP}" in msgs
+    assert not any(r["format"] == "onnx-sparse" and r["dtype"] == "int8" for r in rows)
+    (session,) = json.loads((out / "bench.json").read_text())["sessions"].values()
+    assert session["settings"]["skipped"] == [INT8_SKIP]
+    assert (out / "summary.md").read_text().rstrip().endswith(f"Not measured: {INT8_SKIP}")
+    with pytest.raises(ValueError, match="onnx-sparse has no int8 model: our onnxruntime op"):
+        load_runner("onnx-sparse", tmp_path, dtype="int8")
+
+
+def test_cli_int8_on_cuda_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run([sys.executable, "-m", "vlsparse.cli", "bench", "--run", str(tmp_path / "empty"), "--dtypes",
+                        "int8", "--device", "cuda", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and lines == [
+        "error: --dtypes int8 runs on the CPU only (our int8 kernel and the dynamic quantisation of PyTorch and "
+        "onnxruntime are CPU kernels); use --device cpu, or --dtypes fp32,fp16"], p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_dtypes_name_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the dtype is refused before the device
+    with pytest.raises(BenchError, match="^--dtypes int8 runs on the CPU only"):
+        Settings(dtypes="fp32,int8", device="cuda")
+    with pytest.raises(BenchError, match="^--dtypes fp16 needs --device cuda"):
+        Settings(dtypes="fp32,fp16")
+    with pytest.raises(BenchError, match=r"^--dtypes: unknown dtype 'int4'; choose from fp32, fp16, int8$"):
+        Settings(dtypes="fp32,int4")
+    assert Settings(dtypes="int8,fp32,int8").dtypes == ("int8", "fp32")

@@ -380,7 +380,9 @@ def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out di
           repeats: int = typer.Option(20, help="timed calls per format and batch size"),
           warmup: int = typer.Option(3, help="untimed calls first"),
           max_questions: Optional[int] = typer.Option(None, help="metric on the first N test questions (default all)"),
-          dtypes: Optional[str] = typer.Option(None, help="fp32 (CPU); fp32,fp16 on CUDA (default there)"),
+          dtypes: Optional[str] = typer.Option(None, help="fp32 (default) and/or int8 on the CPU (dense int8: "
+                                               "quantize_dynamic of PyTorch and onnxruntime; ours: csr --dtype "
+                                               "int8); fp32,fp16 on CUDA (default there)"),
           memory: str = typer.Option("subprocess", help="subprocess (fresh process per format) | delta | off"),
           levels: Optional[str] = typer.Option(None, help="only these level numbers, e.g. 0,3"),
           cuda_graphs: bool = typer.Option(True, help="on CUDA, replay CUDA graphs where they can be captured"),

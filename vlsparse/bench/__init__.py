@@ -10,6 +10,14 @@ builds the model in a temporary directory and measures it on one device (each fo
     onnx         export_onnx, stock onnxruntime (dense MatMuls with the zeros)
     onnx-sparse  the same graph with every Linear of >= 50% zeros as vlsparse.SparseLinear (our custom op)
 
+in each dtype of ``--dtypes``: fp32; on CUDA fp16 (the PyTorch formats, cast at load); on the CPU int8 (the
+issue "Sparse and int8 together"), the dense baselines through dynamic quantisation
+(:mod:`vlsparse.runtime.quantize`: dense = PyTorch's ``quantize_dynamic`` at load, onnx = onnxruntime's
+``quantize_dynamic`` of the onnx export) and ours as ``export --format csr --dtype int8`` (Int8SparseLinear on
+our int8 kernel; unstructured or 1x4-block, as the ticket is). A pair that does not exist
+(:data:`vlsparse.runtime.runners.UNAVAILABLE`: onnx-sparse int8, fp16 ONNX) is skipped with one line saying
+why (progress output, ``bench.json`` settings "skipped", the end of ``summary.md``).
+
 Weights: the level's trained subnetwork (``level_XX/weights.safetensors``) where there is one, else
 θ0 (``RUN/theta0.safetensors``) under the level's mask, which is enough for latency, memory and size
 (no metric is reported for it).
@@ -24,15 +32,18 @@ Columns of ``REPORT/bench.csv`` (one row per level x format x dtype x batch size
         process, interleaved call by call (round robin, rotating order), on the same inputs;
     tokens_per_s: tokens / median time;
     speedup_vs_dense, speedup_vs_onnx: median of the dense PyTorch (resp. onnxruntime dense) model of
-        the same level and dtype / this median, both measured in that same process and round robin;
+        the same level and dtype / this median, both measured in that same process and round robin (int8 rows:
+        against the dense int8 baselines; against dense fp32, divide the fp32 dense row's median_ms by theirs);
     metric_name, metric: the task metric on the first ``max_questions`` test questions (trained
         weights only); run_metric: the test metric the run recorded (its metrics.json, whole split);
     questions, same_pred, max_abs_diff: on those questions, the fraction of arg-max answers equal to
         the masked dense PyTorch model's (fp32, same device) and the largest absolute logit difference;
-    disk_bytes: the format's model files (config.json, model.safetensors or model.onnx[.data]);
-        weight_mem_bytes: weight tensors the runtime holds (PyTorch parameters and buffers, ONNX
-        initializers); linear_disk_bytes: the pruned Linear weights as
-        stored (dense fp32, CSR or bitmask + values, CSR initializers); linear_ratio: that over their
+    disk_bytes: the format's model files (config.json, model.safetensors or model.onnx[.data]; dense int8,
+        quantised at load, has no files of its own and shows the dense fp32 files);
+        weight_mem_bytes: weight tensors the runtime holds (PyTorch parameters and buffers, and the packed
+        weights of quantize_dynamic's Linears; ONNX initializers); linear_disk_bytes: the pruned Linear weights as
+        stored (dense fp32, CSR or bitmask + values, CSR initializers; csr int8: bitmask + int8 values + scales;
+        onnx int8: int8 weights, zero points and scales); linear_ratio: that over their
         dense fp32 size;
     peak_mem_bytes, model_mem_bytes, memory: "rss-subprocess": peak RSS of a fresh Python process
         that imports torch and onnxruntime, loads the format and runs the largest batch, and that
@@ -45,9 +56,9 @@ Columns of ``REPORT/bench.csv`` (one row per level x format x dtype x batch size
 
 ``REPORT/bench.json`` holds the same rows and, per session, the machine (CPU model, logical CPUs,
 threads, load average before and after, torch / onnxruntime / onnx versions, GPU name) and the
-settings. Plots (PNG): ``metric_vs_sparsity.png`` (IMP vs random pruning vs dense),
+settings. Plots (PNG, of the fp32 rows): ``metric_vs_sparsity.png`` (IMP vs random pruning vs dense),
 ``metric_vs_latency.png`` (one panel per batch size), ``size_vs_sparsity.png`` (whole model on disk
-and pruned-Linear ratio). ``REPORT/summary.md`` is a Markdown table of the same numbers.
+and pruned-Linear ratio). ``REPORT/summary.md`` is a Markdown table of the same numbers (every dtype).
 
 Interrupting keeps every row already written (the CSV is rewritten atomically after each row,
 bench.json and summary.md after each level, the plots at the end); a re-run with the same ``--out``

@@ -17,8 +17,9 @@ from vlsparse.export.onnx_sparse import sparsify_onnx
 from vlsparse.lottery.runs import Run
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.runtime.bundle import ONNX_FILE
+from vlsparse.runtime.quantize import quantize_onnx
 
-__all__ = ["ONNX_MIN_SPARSITY", "Level", "find_levels", "masked_model", "export_formats"]
+__all__ = ["ONNX_MIN_SPARSITY", "Level", "find_levels", "masked_model", "export_formats", "format_key", "INT8_EXPORTS"]
 
 ONNX_MIN_SPARSITY = 0.5  # onnx-sparse converts Linears with at least this fraction of zeros (export default)
 
@@ -94,12 +95,27 @@ def masked_model(model_name: str, level: Level) -> tuple[nn.Module, dict]:
     return masked_copy(model_from_weights(model_name, level.weights), mask, str(level.ticket)), mask
 
 
-def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir: str | Path) -> dict[str, Path]:
-    """Write ``formats`` of the masked ``model`` under ``workdir`` (one directory each); return format -> dir.
+#: the formats whose int8 model is an export of its own (dense int8 is quantised at load from the dense files)
+INT8_EXPORTS = ("csr", "onnx")
+
+
+def format_key(fmt: str, dtype: str) -> str:
+    """The key in :func:`export_formats`'s result (and directory name) of the files ``fmt`` runs in ``dtype``:
+    "csr-int8" and "onnx-int8" for the int8 exports, else ``fmt`` (fp16 and dense int8 convert at load)."""
+    return f"{fmt}-int8" if dtype == "int8" and fmt in INT8_EXPORTS else fmt
+
+
+def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir: str | Path,
+                   dtypes: Sequence[str] = ("fp32",)) -> dict[str, Path]:
+    """Write ``formats`` of the masked ``model`` under ``workdir`` (one directory each); return
+    :func:`format_key` -> dir.
 
     "dense" (config.json + model.safetensors of the masked state) is always written: it is the
     reference. "onnx-sparse" is made from the "onnx" export by vlsparse.export.onnx_sparse.sparsify_onnx
-    (min_sparsity = :data:`ONNX_MIN_SPARSITY`), so "onnx" is written with it.
+    (min_sparsity = :data:`ONNX_MIN_SPARSITY`), so "onnx" is written with it. With "int8" in ``dtypes``:
+    "csr-int8" (``export_csr(dtype="int8")``: the pruned Linears as per-channel int8, loaded as
+    Int8SparseLinear; 1x4 blocks where the ticket has them) when "csr" is in ``formats``, and "onnx-int8"
+    (the "onnx" export through :func:`vlsparse.runtime.quantize.quantize_onnx`) when "onnx" is.
     """
     work = Path(workdir)
     paths = {"dense": work / "dense"}
@@ -116,4 +132,8 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
         d.mkdir()
         save_onnx(proto, d)
         (d / "config.json").write_text((paths["onnx"] / "config.json").read_text())
+    if "int8" in dtypes and "csr" in formats:
+        paths["csr-int8"] = export_csr(model, mask, work / "csr-int8", dtype="int8")
+    if "int8" in dtypes and "onnx" in formats:
+        paths["onnx-int8"] = quantize_onnx(paths["onnx"], work / "onnx-int8")
     return paths

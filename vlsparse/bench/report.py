@@ -99,7 +99,9 @@ def write_report(out: str | Path, report: dict, session: str | None, rows: list[
     report["rows"] = rows
     write_json(out / "bench.json", report)
     if rows:
-        write_text(out / "summary.md", format_summary(rows))
+        skipped = sorted({line for ses in report["sessions"].values()
+                          for line in ses.get("settings", {}).get("skipped", [])})
+        write_text(out / "summary.md", format_summary(rows, skipped))
     if rows and plots:
         plot_report(rows, out)
 
@@ -138,14 +140,15 @@ def _fmt_mb(b) -> str:
     return "" if b is None else f"{b / 2**20:.1f}"
 
 
-def format_summary(rows: list[dict]) -> str:
+def format_summary(rows: list[dict], skipped: list[str] = ()) -> str:
     """A Markdown table: one line per (method, level, format, dtype) with metric, median ms per
-    batch size with the speedup over dense PyTorch, whole-model and pruned-Linear size, memory."""
+    batch size with the speedup over dense PyTorch in the same dtype, whole-model and pruned-Linear size,
+    memory; then one line per ``skipped`` (format, dtype) pair ("FORMAT DTYPE: why"), the pairs not measured."""
     sizes = sorted({r["batch_size"] for r in rows})
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["level"], r["format"], r["dtype"], r["device"]), {})[r["batch_size"]] = r
-    head = ["method", "level", "sparsity", "format", "metric"] + [f"b={b} ms (x dense)" for b in sizes] + [
+    head = ["method", "level", "sparsity", "format", "metric"] + [f"b={b} ms (x dense of its dtype)" for b in sizes] + [
         "disk MB", "pruned Linears vs fp32", "model RAM MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {f: i for i, f in enumerate(FORMATS)}
@@ -162,6 +165,7 @@ def format_summary(rows: list[dict]) -> str:
         cells += [_fmt_mb(r["disk_bytes"]), "" if r["linear_ratio"] is None else f"{r['linear_ratio']:.3f}",
                   _fmt_mb(r["model_mem_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] * bool(skipped) + [f"Not measured: {line}" for line in skipped]
     return "\n".join(lines) + "\n"
 
 

@@ -20,16 +20,16 @@ import torch
 from vlsparse.atomic import locked
 from vlsparse.bench import BenchError
 from vlsparse.bench.formats import format_sizes, load_format
-from vlsparse.bench.levels import ONNX_MIN_SPARSITY, Level, export_formats, find_levels, masked_model
+from vlsparse.bench.levels import ONNX_MIN_SPARSITY, Level, export_formats, find_levels, format_key, masked_model
 from vlsparse.bench.memory import measure_memory
 from vlsparse.bench.report import machine_info, read_report, read_rows, row_key, write_report, write_rows
 from vlsparse.bench.timing import cuda_graph_call, percentile, time_interleaved
 from vlsparse.data import collate, load_task
 from vlsparse.models.registry import load_tokenizer
 from vlsparse.pruning.mask import sparsity as mask_sparsity
-from vlsparse.runtime.runners import DEVICES, DTYPES, FORMATS, INPUTS, Runner
+from vlsparse.runtime.runners import DEVICES, DTYPES, FORMATS, INPUTS, UNAVAILABLE, Runner
 
-__all__ = ["FORMATS", "MEMORY_MODES", "Settings", "bench_run", "parse_list", "check_device"]
+__all__ = ["FORMATS", "MEMORY_MODES", "Settings", "bench_run", "parse_list", "check_device", "check_dtypes"]
 
 MEMORY_MODES = ("subprocess", "delta", "off")
 EVAL_BATCH = 64  # questions per model call for the metric and agreement columns
@@ -61,6 +61,19 @@ def check_device(device: str, formats: Sequence[str]) -> None:
                              + "; use --formats dense,csr")
 
 
+def check_dtypes(dtypes: Sequence[str], device: str) -> None:
+    """Raise BenchError (naming --dtypes) on an unknown dtype or one ``device`` has not: int8 is CPU only (our
+    int8 kernel and the dynamic quantisation of PyTorch and onnxruntime are CPU kernels), fp16 CUDA only."""
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise BenchError(f"--dtypes: unknown dtype {bad[0]!r}; choose from {', '.join(DTYPES)}")
+    if device == "cuda" and "int8" in dtypes:
+        raise BenchError("--dtypes int8 runs on the CPU only (our int8 kernel and the dynamic quantisation of "
+                         "PyTorch and onnxruntime are CPU kernels); use --device cpu, or --dtypes fp32,fp16")
+    if device == "cpu" and "fp16" in dtypes:
+        raise BenchError("--dtypes fp16 needs --device cuda; on the CPU choose fp32 and/or int8")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one bench session measures. Checked on construction (BenchError, naming the CLI option); the
@@ -81,7 +94,9 @@ class Settings:
     warmup: int = 3
     #: "cpu" or "cuda"
     device: str = "cpu"
-    #: "fp32", and on CUDA also "fp16" (PyTorch formats only); None: fp32 on the CPU, fp32 and fp16 on CUDA
+    #: on the CPU "fp32" and/or "int8" (dense: quantize_dynamic; csr: the int8 export; onnx: onnxruntime's
+    #: quantize_dynamic; no onnx-sparse, see :meth:`skipped`), on CUDA "fp32" and/or "fp16" (PyTorch formats only);
+    #: None: fp32 on the CPU, fp32 and fp16 on CUDA
     dtypes: Sequence[str] | str | None = None
     #: "subprocess" (a fresh process per format: peak RSS in bytes), "delta" (RSS increase in this process) or "off"
     memory: str = "subprocess"
@@ -97,10 +112,10 @@ class Settings:
         bad = [f for f in formats if f not in FORMATS]
         if bad:
             raise BenchError(f"--formats: unknown format {bad[0]!r}; choose from {', '.join(FORMATS)}")
+        default = ("fp32", "fp16") if self.device == "cuda" else ("fp32",)
+        dtypes = list(dict.fromkeys(parse_list(self.dtypes or default, "--dtypes")))
+        check_dtypes(dtypes, self.device)
         check_device(self.device, formats)
-        dtypes = parse_list(self.dtypes or (("fp32", "fp16") if self.device == "cuda" else ("fp32",)), "--dtypes")
-        if any(d not in DTYPES for d in dtypes) or (self.device == "cpu" and dtypes != ["fp32"]):
-            raise BenchError(f"--dtypes must be fp32 on the CPU, fp32 and/or fp16 on CUDA; got {','.join(dtypes)}")
         batch_sizes = parse_list(self.batch_sizes, "--batch-sizes", int)
         if (min(batch_sizes) < 1 or self.repeats < 1 or self.warmup < 0
                 or (self.max_questions is not None and self.max_questions < 1)):
@@ -113,8 +128,13 @@ class Settings:
             object.__setattr__(self, name, tuple(value))
 
     def combos(self) -> list[tuple[str, str]]:
-        """(format, dtype) pairs measured: fp16 only for the PyTorch formats."""
-        return [(f, d) for f in self.formats for d in self.dtypes if d == "fp32" or f in ("dense", "csr")]
+        """(format, dtype) pairs measured: every requested pair but those of :meth:`skipped`."""
+        return [(f, d) for f in self.formats for d in self.dtypes if (f, d) not in UNAVAILABLE]
+
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """(format, dtype, why) of the requested pairs that do not exist
+        (:data:`vlsparse.runtime.runners.UNAVAILABLE`: fp16 ONNX, onnx-sparse int8)."""
+        return [(f, d, UNAVAILABLE[f, d]) for f in self.formats for d in self.dtypes if (f, d) in UNAVAILABLE]
 
 
 @locked("out")
@@ -145,6 +165,9 @@ def bench_run(run_dir: str | Path, out: str | Path, settings: Settings, *, level
     s = replace(settings, threads=torch.get_num_threads())
     if not s.spin and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         say("note: OpenMP threads (torch, our kernels) still spin; set OMP_WAIT_POLICY=PASSIVE before starting")
+    skipped = [f"{f} {d}: {why}" for f, d, why in s.skipped()]
+    for line in skipped:
+        say(f"skipped {line}")
 
     out = Path(out)
     rows = read_rows(out / "bench.csv")
@@ -156,7 +179,7 @@ def bench_run(run_dir: str | Path, out: str | Path, settings: Settings, *, level
         session = datetime.now().strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}"
         report["sessions"][session] = {"machine": machine_info(s.device, s.threads), "settings": {
             **asdict(s), "run": str(run_dir), "model": cfg["model"], "task": cfg.get("task"),
-            "onnx_min_sparsity": ONNX_MIN_SPARSITY}}
+            "onnx_min_sparsity": ONNX_MIN_SPARSITY, "skipped": skipped}}
         if task is None and not cfg.get("task"):
             raise BenchError(f"--run {run_dir}: the run does not record its task (config.json or ticket metadata)")
         if task is None:
@@ -243,22 +266,21 @@ def _measure(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, tas
              say: Callable[[str], None], scratch: Path) -> dict:
     """Export the level's formats into a temporary directory in ``scratch`` (the report directory: a killed
     bench's ``.bench.tmp-*`` is removed by the next run there) and measure them: {"sparsity": fraction,
-    "sizes": format -> size fields, "quality": (format, dtype) -> quality fields, "latency": batch size ->
+    "sizes": format_key -> size fields, "quality": (format, dtype) -> quality fields, "latency": batch size ->
     (format, dtype) -> (median s, p90 s, graphed, tokens), "weight_bytes": (format, dtype) -> bytes,
     "memory": (format, dtype) -> memory fields}. The model is freed once exported (only its files are run)."""
     name = f"{lv.method} level {lv.level}"
     net, mask = _level_model(cfg, lv, task)
     m = {"sparsity": mask_sparsity(mask), "latency": {}, "memory": {}}
     # timed: the wanted (format, dtype) pairs plus the references of the speedup columns
-    refs = [("dense", d) for _, d in want if "dense" in s.formats]
-    refs += [("onnx", "fp32") for f, _ in want if f == "onnx-sparse" and "onnx" in s.formats]
+    refs = [(r, d) for _, d in want for r in ("dense", "onnx") if r in s.formats and (r, d) not in UNAVAILABLE]
     timed = list(dict.fromkeys(want + refs))
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".bench.tmp-") as work:
-        say(f"{name} ({m['sparsity']:.1%}): exporting {', '.join(sorted({f for f, _ in timed}))}")
-        paths = export_formats(net, mask, {f for f, _ in timed}, work)
+        say(f"{name} ({m['sparsity']:.1%}): exporting {', '.join(sorted({format_key(f, d) for f, d in timed}))}")
+        paths = export_formats(net, mask, {f for f, _ in timed}, work, {d for _, d in timed})
         del net
         m["sizes"] = format_sizes(paths, mask)
-        runners = {fd: load_format(fd[0], paths[fd[0]], s.device, fd[1], s.threads, s.spin) for fd in timed}
+        runners = {(f, d): load_format(f, paths[format_key(f, d)], s.device, d, s.threads, s.spin) for f, d in timed}
         m["quality"] = _quality(runners, paths["dense"], want, lv, task, s, say)
         for b in s.batch_sizes:
             say(f"{name}: timing batch {b}, {s.repeats} rounds over {len(timed)} models")
@@ -268,7 +290,8 @@ def _measure(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings, tas
         big = _batch(task.test, max(s.batch_sizes))
         for fd in want:
             say(f"{name}: memory of {fd[0]} {fd[1]} ({s.memory})")
-            m["memory"][fd] = measure_memory(fd[0], paths[fd[0]], big, s.device, fd[1], s.threads, s.memory, s.spin)
+            m["memory"][fd] = measure_memory(fd[0], paths[format_key(*fd)], big, s.device, fd[1], s.threads, s.memory,
+                                             s.spin)
     return m
 
 
@@ -291,6 +314,6 @@ def _bench_level(cfg: dict, lv: Level, want: list[tuple[str, str]], s: Settings,
                 "speedup_vs_onnx": round(onnx_dense[0] / med, 4) if onnx_dense else None,
                 "metric_name": task.metric_name, "metric": None,
                 "run_metric": lv.metrics.get("test", {}).get(task.metric_name),
-                "same_pred": None, "max_abs_diff": None, **m["quality"][fd], **m["sizes"][fd[0]],
+                "same_pred": None, "max_abs_diff": None, **m["quality"][fd], **m["sizes"][format_key(*fd)],
                 "weight_mem_bytes": m["weight_bytes"][fd], **m["memory"][fd], "cuda_graph": graphed})
     return rows

@@ -41,8 +41,9 @@ def load_sparse(path: str | Path, backend: str = "auto", chain: bool = True) -> 
 
     Outputs equal the masked dense model's (fp32 values: <= 1e-4 max abs difference, tested). An int8 export
     (header dtype=int8) loads as :class:`~vlsparse.sparse.int8.Int8SparseLinear` layers, each within its
-    docstring's quantisation error bound of the masked fp32 layer (tested); ``backend`` then is "cpu" or
-    "dense" ("auto" and the fp32 kernels' backends mean the int8 kernel).
+    docstring's quantisation error bound of the masked fp32 layer (tested); ``backend`` then is "cpu" (the int8
+    kernel, an error where it cannot be built), "dense" or, for any other value, "auto" (the int8 kernel where it
+    builds).
     The dense model is never materialised: the model is built with its parameters on the meta device
     (no storage), each pruned Linear becomes a SparseLinear over the file's arrays, and every other
     parameter takes the file's tensor itself (``load_state_dict(assign=True)``, no copy), so the loaded
@@ -150,7 +151,7 @@ def _swap_in_sparse(model: nn.Module, name: str, tensors: dict, dense_state: dic
     bias = dense_state.pop(module_path + ".bias", None) if linear.bias is not None else None
     parent, _, child = module_path.rpartition(".")
     if int8:
-        layer = Int8SparseLinear(matrix, bias, backend="dense" if backend == "dense" else "auto")
+        layer = Int8SparseLinear(matrix, bias, backend=backend if backend in ("cpu", "dense") else "auto")
     else:
         layer = SparseLinear.from_csr(matrix, bias=bias, backend=backend)
     setattr(model.get_submodule(parent), child, layer)

@@ -11,6 +11,12 @@ A runner takes the model inputs as numpy arrays (``input_ids`` (B, L) int64, ``a
 anything ``np.asarray`` reads, e.g. CPU torch tensors, works too) and returns the answer logits as a
 (B, A) float32 numpy array. The ONNX formats import no torch: PyTorch is imported only when a dense or
 csr runner is loaded.
+
+A format runs in a dtype (:data:`DTYPES`): fp32; fp16 (the PyTorch formats, cast at load, for CUDA); int8
+(CPU): dense = the masked model through ``torch.ao.quantization.quantize_dynamic`` at load, csr = an
+``export --dtype int8`` directory (Int8SparseLinear), onnx = a directory written by
+:func:`vlsparse.runtime.quantize.quantize_onnx` (onnxruntime's ``quantize_dynamic``). The pairs that do not
+exist are in :data:`UNAVAILABLE`, with the reason.
 """
 
 from __future__ import annotations
@@ -29,15 +35,22 @@ from vlsparse.runtime.bundle import CSR_FILE, ONNX_FILE
 from vlsparse.runtime.checks import BundleError, check_session_io, read_autotune
 from vlsparse.runtime.ort import ort_session
 
-__all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "INPUTS", "Runner", "TorchRunner",
-           "OrtRunner", "load_runner", "onnx_initializer_bytes"]
+__all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "UNAVAILABLE", "INPUTS", "Runner",
+           "TorchRunner", "OrtRunner", "load_runner", "onnx_initializer_bytes"]
 
 TORCH_FORMATS = ("dense", "csr")
 ONNX_FORMATS = ("onnx", "onnx-sparse")
 FORMATS = TORCH_FORMATS + ONNX_FORMATS
 DEVICES = ("cpu", "cuda")
-#: dtype name -> the torch dtype's attribute name (the PyTorch formats compute in it; ONNX runs fp32)
-DTYPES = {"fp32": "float32", "fp16": "float16"}
+#: dtype name -> the torch dtype's attribute name the PyTorch formats compute their float tensors in (int8: fp32
+#: activations around int8 Linear weights); the ONNX formats run their file's graph (fp32, or int8 once quantised)
+DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+#: (format, dtype) pairs that do not exist -> why (load_runner refuses them; the bench skips them and says so)
+UNAVAILABLE = {
+    ("onnx", "fp16"): "the ONNX exports run in fp32 (no fp16 export)",
+    ("onnx-sparse", "fp16"): "the ONNX exports run in fp32 (no fp16 export)",
+    ("onnx-sparse", "int8"): "our onnxruntime op vlsparse.SparseLinear has no int8 path yet",
+}
 #: the model inputs a runner feeds, in the order of vlsparse.data.collate
 INPUTS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")
 #: what onnxruntime raises for a model file it cannot load (its exception types derive from Exception only)
@@ -50,8 +63,8 @@ class Runner:
     inputs: tensors on the device, or the session's numpy feed), :meth:`call` (inputs -> raw output) and
     :meth:`fetch` (raw output -> (B, A) float32 numpy array).
 
-    Attributes: ``fmt`` (one of :data:`FORMATS`), ``device`` ("cpu" | "cuda"), ``dtype`` ("fp32" | "fp16"),
-    ``module`` (the nn.Module of the PyTorch formats, None for onnxruntime).
+    Attributes: ``fmt`` (one of :data:`FORMATS`), ``device`` ("cpu" | "cuda"), ``dtype`` ("fp32" | "fp16" |
+    "int8"), ``module`` (the nn.Module of the PyTorch formats, None for onnxruntime).
     """
 
     fmt: str
@@ -109,7 +122,13 @@ class TorchRunner(Runner):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.module.parameters(), *self.module.buffers()])
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        for m in self.module.modules():  # quantize_dynamic's Linears keep weight and bias packed, outside both
+            if isinstance(m, DynamicLinear):
+                tensors += [t for t in m._weight_bias() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class OrtRunner(Runner):
@@ -141,8 +160,10 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
         fmt: one of :data:`FORMATS`.
         path: the directory (config.json and model.safetensors, or model.onnx[.data]).
         device: "cpu" or "cuda" (onnxruntime: CUDAExecutionProvider first).
-        dtype: "fp32" | "fp16": what the PyTorch formats compute in (the csr format's values are fp32 in
-            memory); the ONNX formats run fp32.
+        dtype: one of :data:`DTYPES`. "fp32" | "fp16": what the PyTorch formats compute in (the csr format's
+            values are fp32 in memory); the ONNX formats run fp32. "int8" (CPU only): dense is quantised at load
+            (:func:`vlsparse.runtime.quantize.quantize_torch`), csr must be an int8 export, onnx a quantised
+            one (:func:`vlsparse.runtime.quantize.quantize_onnx`; its graph is run as it is).
         threads: CPU threads: torch.set_num_threads for the PyTorch formats; onnxruntime intra-op threads
             (and the OpenMP threads of our custom op for onnx-sparse). None keeps the defaults.
         spin: False turns off the spin-waiting of onnxruntime's intra-op threads
@@ -152,13 +173,14 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
             output with its inputs, :func:`vlsparse.runtime.checks.check_session_io`); None: not checked.
 
     Raises:
-        ValueError: an unknown format.
+        ValueError: an unknown format or dtype, a pair of :data:`UNAVAILABLE` (naming why), int8 off the CPU.
         BundleError (a ValueError): a model file that cannot be loaded (not ONNX, truncated, corrupt CSR
             arrays, a config.json the model classes refuse) or ONNX inputs / outputs that are not a vlsparse
-            model's, naming the file.
+            model's, naming the file; dtype "int8" with a csr export that is not int8.
         ImportError: a PyTorch format where torch is not installed.
     """
     path = Path(path)
+    _check_dtype(fmt, dtype, device)
     if fmt in TORCH_FORMATS:
         try:
             return _load_torch(fmt, path, device, dtype, threads, backend)
@@ -170,6 +192,7 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
     if fmt not in ONNX_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     runner = _load_onnx(fmt, path, device, threads, spin)
+    runner.dtype = dtype
     if answers is not None:
         check_session_io(runner.session, answers, runner.file)
     return runner
@@ -210,15 +233,35 @@ def _load_torch(fmt: str, path: Path, device: str, dtype: str, threads: int | No
         torch.set_num_threads(int(threads))
     if fmt == "csr":
         from vlsparse.runtime.load import load_sparse  # torch (the `train` extra)
+        from vlsparse.sparse.int8 import Int8SparseLinear
 
-        return TorchRunner(fmt, load_sparse(path, backend=backend), device, dtype)
+        model = load_sparse(path, backend=backend)
+        if dtype == "int8" and not any(isinstance(m, Int8SparseLinear) for m in model.modules()):
+            raise BundleError(f"{path / CSR_FILE}: not an int8 export, so it cannot run as dtype int8 "
+                              "(export it with --dtype int8)")
+        return TorchRunner(fmt, model, device, dtype)
     from safetensors.torch import load_file  # the `train` extra
 
     from vlsparse.models.registry import model_from_config  # torch, transformers (the `train` extra)
 
     model = model_from_config(json.loads((path / "config.json").read_text()))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
+    if dtype == "int8":
+        from vlsparse.runtime.quantize import quantize_torch  # torch
+
+        model = quantize_torch(model)
     return TorchRunner(fmt, model, device, dtype)
+
+
+def _check_dtype(fmt: str, dtype: str, device: str) -> None:
+    """Raise ValueError when ``fmt`` cannot run in ``dtype`` on ``device`` (an unknown dtype, a pair of
+    :data:`UNAVAILABLE`, int8 off the CPU)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if (fmt, dtype) in UNAVAILABLE:
+        raise ValueError(f"{fmt} has no {dtype} model: {UNAVAILABLE[fmt, dtype]}")
+    if dtype == "int8" and device != "cpu":
+        raise ValueError(f"int8 runs on the CPU only (quantised CPU kernels), not on {device!r}")
 
 
 def onnx_initializer_bytes(file: str | Path) -> int:
