@@ -47,7 +47,8 @@ from vlsparse.bench.formats import load_format
 from vlsparse.bench.levels import export_formats, format_key
 from vlsparse.bench.timing import time_interleaved
 from vlsparse.models import load_model
-from vlsparse.pruning.magnitude import global_magnitude_prune, parse_block
+from vlsparse.pruning.blocks import parse_block
+from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import apply_mask, ones_mask
 from vlsparse.runtime.quantize import INT8_LOGIT_TOLERANCE, int8_logit_error
 from vlsparse.runtime.runners import FORMATS, UNAVAILABLE

@@ -9,7 +9,8 @@ import torch
 from vlsparse.data import collate
 from vlsparse.lottery.imp import IMPConfig, run_imp
 from vlsparse.models import load_model
-from vlsparse.pruning.magnitude import global_magnitude_prune, parse_block
+from vlsparse.pruning.blocks import parse_block
+from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.ticket import Ticket
 from vlsparse.training.loop import TrainConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from vlsparse.pruning.magnitude import parse_block
+from vlsparse.pruning.blocks import parse_block
 from vlsparse.training.config import TrainConfig
 
 #: the ``--task`` of IMP on the pre-training objectives (task-agnostic tickets, Gan et al. 2022 sec. 3 (ii))

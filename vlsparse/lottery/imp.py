@@ -26,7 +26,8 @@ from vlsparse.data import save_task_info
 from vlsparse.lottery.config import PRETRAIN, IMPConfig, schedule
 from vlsparse.lottery.runs import Run, check_config, load_weights, write_summary
 from vlsparse.lottery.setup import setup
-from vlsparse.pruning.magnitude import check_block, global_magnitude_prune, parse_block
+from vlsparse.pruning.blocks import check_block, parse_block
+from vlsparse.pruning.magnitude import global_magnitude_prune
 from vlsparse.pruning.mask import ones_mask
 from vlsparse.pruning.reinit import INITS, reinitialize
 from vlsparse.pruning.ticket import Ticket
