@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spmm_table import make_case, measure  # noqa: E402
 
+from vlsparse.runtime.bundle import ONNX_FILE  # noqa: E402
+from vlsparse.runtime.quantize import quantize_onnx, quantize_torch  # noqa: E402
 from vlsparse.sparse.int8 import Int8SparseLinear  # noqa: E402
 from vlsparse.sparse.kernels import cpu_int8  # noqa: E402
 from vlsparse.sparse.linear import SparseLinear  # noqa: E402
@@ -46,11 +48,11 @@ CONTENDERS = ["torch-int8", "ort-fp32", "ort-int8", "sparse-fp32", "sparse-int8"
 
 
 def ort_sessions(w: torch.Tensor, b: torch.Tensor, threads: int, tmp: Path):
-    """(fp32, int8) onnxruntime sessions of y = x @ w.T + b, the int8 one by quantize_dynamic (QInt8 weights)."""
+    """(fp32, int8) onnxruntime sessions of y = x @ w.T + b, the int8 one quantised as the bench's onnx int8
+    baseline (:func:`vlsparse.runtime.quantize.quantize_onnx`: quantize_dynamic, QInt8 weights)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_f, in_f = w.shape
     graph = helper.make_graph(
@@ -59,9 +61,10 @@ def ort_sessions(w: torch.Tensor, b: torch.Tensor, threads: int, tmp: Path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", out_f])],
         [numpy_helper.from_array(w.t().contiguous().numpy(), "wt"), numpy_helper.from_array(b.numpy(), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    fp32, int8 = tmp / f"l{out_f}x{in_f}.onnx", tmp / f"l{out_f}x{in_f}.int8.onnx"
-    onnx.save(model, str(fp32))
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    fp32_dir = tmp / f"l{out_f}x{in_f}"
+    fp32_dir.mkdir()
+    onnx.save(model, str(fp32_dir / ONNX_FILE))
+    fp32, int8 = fp32_dir / ONNX_FILE, quantize_onnx(fp32_dir, tmp / f"l{out_f}x{in_f}.int8") / ONNX_FILE
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -75,7 +78,7 @@ def contenders(lin, mask, x, threads: int, tmp: Path) -> dict:
     with torch.no_grad():
         masked.weight.copy_(w)
         masked.bias.copy_(b)
-    tq = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(masked), {torch.nn.Linear}, dtype=torch.qint8)
+    tq = quantize_torch(torch.nn.Sequential(masked))  # the bench's dense int8 baseline
     s32, s8 = ort_sessions(w, b, threads, tmp)
     xn = x.numpy()
     g = torch.Generator().manual_seed(1)  # the same sparsity in whole 1x4 blocks, kept at random
