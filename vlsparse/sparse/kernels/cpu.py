@@ -15,7 +15,7 @@ Public API (activation: "none" | "gelu", applied in the kernel's epilogue):
     spmm_cpu_fm(xt, crow_indices, col_indices, values, bias=None, out_features=..., activation=,
                 out_layout="feature" | "row", pad=0, kernel=) -> (out, T) or (T, out)
     simd() -> "avx512" | "avx2" | "scalar"
-    kernel_path(kernel, tokens) -> "xreg" | "gather" | "small_rows" | "strips"
+    kernel_path(kernel, tokens) -> "insert" | "xreg" | "gather" | "small_rows" | "strips"
     tuning() -> dict; set_tuning(**values)
 
 ``kernel`` (every one gives the same result to rounding; csrc/spmm.h, ``enum class Path``):
@@ -194,7 +194,7 @@ def _kernel(kernel: str) -> int:
 
 
 def kernel_path(kernel: str, tokens: int) -> str:
-    """The inner kernel ``kernel`` runs for ``tokens`` tokens: 'xreg', 'gather', 'small_rows' or 'strips'."""
+    """The inner kernel ``kernel`` runs for ``tokens`` tokens: 'insert', 'xreg', 'gather', 'small_rows' or 'strips'."""
     return load_extension().path_name(_kernel(kernel), int(tokens))
 
 

@@ -162,7 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::arg("out_layout") = 0, pybind11::arg("pad") = 0, pybind11::arg("path") = 0);
     m.def("simd", &simd, "vector instruction set the kernels were compiled for");
     m.def("omp_threads", &omp_threads, "OpenMP thread count the kernels will use from this thread");
-    m.def("path_name", &path_name, "inner kernel a path (0 auto, 1 legacy, 2 gather, 3 strips) runs for T tokens");
+    m.def("path_name", &path_name, "inner kernel a path (0 auto, 1 legacy, 2 gather, 3 strips, 4 xreg, 5 insert) runs for T tokens");
     m.def("get_tuning", &get_tuning, "tunables of the auto / gather / strips paths");
     m.def("set_tuning", &set_tuning, "set one tunable of the auto / gather / strips paths (not thread-safe)");
 }
