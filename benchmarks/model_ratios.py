@@ -20,9 +20,9 @@ before and after. Nothing here is a test: the figures depend on the machine and 
 ``--dtype fp32 int8`` adds the int8 models to the same process and the same round robin (issue "Sparse and
 int8 together"): dense PyTorch through ``torch.ao.quantization.quantize_dynamic``, dense onnxruntime through
 ``onnxruntime.quantization.quantize_dynamic`` (both in :mod:`vlsparse.runtime.quantize`) and our csr export
-with ``--dtype int8`` (Int8SparseLinear); onnx-sparse int8 does not exist (printed as skipped: our ORT op has
-no int8 path). Every model is printed with its speed-up over dense fp32 PyTorch and over dense onnxruntime of
-its own dtype, so the ``csr int8`` line holds both goal ratios. Each int8 model's logits must be within
+with ``--dtype int8`` (Int8SparseLinear), and onnx-sparse int8 (``sparsify_onnx(dtype="int8")``: our int8 kernel
+as the ORT op vlsparse.SparseLinearInt8). Every model is printed with its speed-up over dense fp32 PyTorch and over
+dense onnxruntime of its own dtype, so the ``csr int8`` and ``onnx-sparse int8`` lines hold both goal ratios. Each int8 model's logits must be within
 ``INT8_LOGIT_TOLERANCE`` (10%) of the largest |logit| of the masked fp32 model, or the script stops before
 timing: that is quantisation error (per-tensor or per-channel weights, per-tensor or per-token activations),
 not the fp32 formats' 1e-4. The UNITER-base shape at 70%:
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "int8"],
                    help="fp32 int8: also the int8 models (dense: quantize_dynamic of PyTorch and onnxruntime; "
-                        "csr: our int8 export), each checked against the masked fp32 model")
+                        "csr and onnx-sparse: our int8 exports), each checked against the masked fp32 model")
     p.add_argument("--no-spin", action="store_true", help="onnxruntime threads do not spin-wait")
     p.add_argument("--openmp", action="store_true", help="also time onnx-sparse with the op on an OpenMP pool")
     p.add_argument("--unchained", action="store_true", help="also time onnx-sparse without chained layouts")

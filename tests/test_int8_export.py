@@ -90,3 +90,24 @@ def test_int8_dtype_is_checked_on_load(tmp_path, int8_export):
     save_file(tensors, str(out / "model.safetensors"), metadata=meta)
     with pytest.raises(ExportError, match="is int8 but the header says dtype 'fp32'"):
         load_sparse(out)
+
+
+def test_onnx_sparse_int8_export_runs_our_int8_op_close_to_the_masked_model(tmp_path, tiny_model, int8_export):
+    """``export --format onnx --sparse --dtype int8``: every pruned Linear a SparseLinearInt8 node, the manifest says
+    int8, and the logits stay within the int8 tolerance of the masked fp32 model (and are not exactly them)."""
+    import onnx
+
+    from vlsparse.export.exporters import export_onnx
+    from vlsparse.runtime.quantize import INT8_LOGIT_TOLERANCE, int8_logit_error
+    from vlsparse.runtime.runners import load_runner
+
+    _, mask = int8_export
+    out = export_onnx(tiny_model, mask, tmp_path / "onnx-int8", sparse=True, min_sparsity=0.3, dtype="int8")
+    assert read_bundle(out).manifest["dtype"] == "int8"
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node if n.domain == "vlsparse"]
+    assert ops and set(ops) == {"SparseLinearInt8"}
+    inp = tiny_model.example_inputs(batch=3, text_len=9, regions=5, seed=2)
+    y8 = load_runner("onnx-sparse", out, dtype="int8").logits({k: v.numpy() for k, v in inp.items()})
+    with torch.no_grad():
+        ref = masked_copy(tiny_model, mask)(**inp).numpy()
+    assert 0 < int8_logit_error(y8, ref) <= INT8_LOGIT_TOLERANCE

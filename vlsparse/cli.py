@@ -233,7 +233,8 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
            model: str = _MODEL, format: str = typer.Option("csr", "--format", help="csr | onnx"),
            sparse: bool = typer.Option(False, "--sparse", help="onnx: pruned Linears as the vlsparse custom op"),
            dtype: str = typer.Option("fp32", help="csr: stored values fp32 | fp16 | bf16 | int8 (per-channel "
-                                                           "int8 weights, int8 activations per token)"),
+                                                           "int8 weights, int8 activations per token); onnx --sparse: "
+                                                           "fp32 | int8"),
            layout: str = typer.Option("auto", help="csr: csr | bitmask | auto (smaller per weight)"),
            min_sparsity: float = typer.Option(0.5, help="onnx --sparse: convert weights with at least this sparsity"),
            autotune: bool = typer.Option(False, "--autotune", help="csr, onnx --sparse: time each pruned Linear "

@@ -14,8 +14,9 @@ in each dtype of ``--dtypes``: fp32; on CUDA fp16 (the PyTorch formats, cast at 
 issue "Sparse and int8 together"), the dense baselines through dynamic quantisation
 (:mod:`vlsparse.runtime.quantize`: dense = PyTorch's ``quantize_dynamic`` at load, onnx = onnxruntime's
 ``quantize_dynamic`` of the onnx export) and ours as ``export --format csr --dtype int8`` (Int8SparseLinear on
-our int8 kernel; unstructured or 1x4-block, as the ticket is). A pair that does not exist
-(:data:`vlsparse.runtime.runners.UNAVAILABLE`: onnx-sparse int8, fp16 ONNX) is skipped with one line saying
+our int8 kernel; unstructured or 1x4-block, as the ticket is) and as ``export --format onnx --sparse --dtype int8``
+(vlsparse.SparseLinearInt8 nodes, the same kernel in onnxruntime). A pair that does not exist
+(:data:`vlsparse.runtime.runners.UNAVAILABLE`: fp16 ONNX) is skipped with one line saying
 why (progress output, ``bench.json`` settings "skipped", the end of ``summary.md``).
 
 Weights: the level's trained subnetwork (``level_XX/weights.safetensors``) where there is one, else

@@ -96,12 +96,13 @@ def masked_model(model_name: str, level: Level) -> tuple[nn.Module, dict]:
 
 
 #: the formats whose int8 model is an export of its own (dense int8 is quantised at load from the dense files)
-INT8_EXPORTS = ("csr", "onnx")
+INT8_EXPORTS = ("csr", "onnx", "onnx-sparse")
 
 
 def format_key(fmt: str, dtype: str) -> str:
     """The key in :func:`export_formats`'s result (and directory name) of the files ``fmt`` runs in ``dtype``:
-    "csr-int8" and "onnx-int8" for the int8 exports, else ``fmt`` (fp16 and dense int8 convert at load)."""
+    "csr-int8", "onnx-int8" and "onnx-sparse-int8" for the int8 exports, else ``fmt`` (fp16 and dense int8 convert
+    at load)."""
     return f"{fmt}-int8" if dtype == "int8" and fmt in INT8_EXPORTS else fmt
 
 
@@ -115,7 +116,8 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
     (min_sparsity = :data:`ONNX_MIN_SPARSITY`), so "onnx" is written with it. With "int8" in ``dtypes``:
     "csr-int8" (``export_csr(dtype="int8")``: the pruned Linears as per-channel int8, loaded as
     Int8SparseLinear; 1x4 blocks where the ticket has them) when "csr" is in ``formats``, and "onnx-int8"
-    (the "onnx" export through :func:`vlsparse.runtime.quantize.quantize_onnx`) when "onnx" is.
+    (the "onnx" export through :func:`vlsparse.runtime.quantize.quantize_onnx`) when "onnx" is, and
+    "onnx-sparse-int8" (``sparsify_onnx(dtype="int8")``: vlsparse.SparseLinearInt8 nodes) when "onnx-sparse" is.
     """
     work = Path(workdir)
     paths = {"dense": work / "dense"}
@@ -126,9 +128,9 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
         paths["csr"] = export_csr(model, mask, work / "csr")
     if "onnx" in formats or "onnx-sparse" in formats:
         paths["onnx"] = export_onnx(model, mask, work / "onnx")
-    if "onnx-sparse" in formats:
-        proto = sparsify_onnx(onnx.load(str(paths["onnx"] / ONNX_FILE)), min_sparsity=ONNX_MIN_SPARSITY)
-        d = paths["onnx-sparse"] = work / "onnx-sparse"
+    for dtype in (("fp32", "int8") if "int8" in dtypes else ("fp32",)) if "onnx-sparse" in formats else ():
+        proto = sparsify_onnx(onnx.load(str(paths["onnx"] / ONNX_FILE)), min_sparsity=ONNX_MIN_SPARSITY, dtype=dtype)
+        d = paths[format_key("onnx-sparse", dtype)] = work / format_key("onnx-sparse", dtype)
         d.mkdir()
         save_onnx(proto, d)
         (d / "config.json").write_text((paths["onnx"] / "config.json").read_text())

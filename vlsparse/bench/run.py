@@ -95,7 +95,7 @@ class Settings:
     #: "cpu" or "cuda"
     device: str = "cpu"
     #: on the CPU "fp32" and/or "int8" (dense: quantize_dynamic; csr: the int8 export; onnx: onnxruntime's
-    #: quantize_dynamic; no onnx-sparse, see :meth:`skipped`), on CUDA "fp32" and/or "fp16" (PyTorch formats only);
+    #: quantize_dynamic; onnx-sparse: vlsparse.SparseLinearInt8), on CUDA "fp32" and/or "fp16" (PyTorch formats only);
     #: None: fp32 on the CPU, fp32 and fp16 on CUDA
     dtypes: Sequence[str] | str | None = None
     #: "subprocess" (a fresh process per format: peak RSS in bytes), "delta" (RSS increase in this process) or "off"
@@ -133,7 +133,7 @@ class Settings:
 
     def skipped(self) -> list[tuple[str, str, str]]:
         """(format, dtype, why) of the requested pairs that do not exist
-        (:data:`vlsparse.runtime.runners.UNAVAILABLE`: fp16 ONNX, onnx-sparse int8)."""
+        (:data:`vlsparse.runtime.runners.UNAVAILABLE`: fp16 ONNX)."""
         return [(f, d, UNAVAILABLE[f, d]) for f in self.formats for d in self.dtypes if (f, d) in UNAVAILABLE]
 
 

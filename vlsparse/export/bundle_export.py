@@ -49,7 +49,8 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         model: the model name or path the weights belong to (as ``--model``).
         out: the bundle directory; must not exist.
         format: "csr" (PyTorch + our SpMM kernels) or "onnx"; ``sparse``: ONNX with the custom op.
-        dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16" | "int8") and layout ("auto" | "csr" | "bitmask").
+        dtype, layout: CSR values dtype ("fp32" | "fp16" | "bf16" | "int8") and layout ("auto" | "csr" | "bitmask");
+            ONNX ``sparse``: "fp32" or "int8" (vlsparse.SparseLinearInt8 nodes, the csr int8 quantisation).
         min_sparsity: ONNX ``sparse``: convert the Linears with at least this fraction of zeros.
         task_info: task.json; default: the one beside ``weights`` or one level up.
         autotune_tokens: time each pruned Linear dense and CSR at these token counts on this machine and keep
@@ -65,8 +66,9 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
         raise ValueError(f"--format must be csr or onnx, got {format!r}")
     if sparse and format != "onnx":
         raise ValueError("--sparse applies to --format onnx only (csr is sparse already)")
-    if dtype != "fp32" and format != "csr":
-        raise ValueError(f"--dtype {dtype} applies to --format csr only (ONNX exports are fp32)")
+    if dtype != "fp32" and format != "csr" and not (dtype == "int8" and sparse):
+        raise ValueError(f"--dtype {dtype} applies to --format csr (fp32, fp16, bf16, int8) and to --format onnx "
+                         f"--sparse (fp32, int8); dense ONNX exports are fp32")
     if out.exists():
         raise ExportError(f"{out}: exists; refusing to overwrite an export (choose another --out)")
     if autotune_tokens is not None and format == "onnx" and not sparse:
@@ -86,5 +88,6 @@ def export_bundle(ticket: str | Path, weights: str | Path, model: str, out: str 
     if format == "csr":
         export_csr(net, t.mask, out, dtype=dtype, layout=layout, bundle_extras=extras, tuned=tuned)
     else:
-        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras, tuned=tuned)
+        export_onnx(net, t.mask, out, sparse=sparse, min_sparsity=min_sparsity, bundle_extras=extras, tuned=tuned,
+                    dtype=dtype)
     return t

@@ -179,7 +179,8 @@ def save_onnx(proto, directory: Path) -> Path:
 
 @locked("out", sibling=True)
 def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = False, min_sparsity: float = 0.5,
-                opset: int = 17, bundle_extras: BundleExtras | None = None, tuned: dict | None = None) -> Path:
+                opset: int = 17, bundle_extras: BundleExtras | None = None, tuned: dict | None = None,
+                dtype: str = "fp32") -> Path:
     """Write ``model`` with ``mask`` applied as ONNX (see module docstring); returns ``out``.
 
     The graph has dynamic batch, text and region dimensions (``model.input_axes``). With
@@ -188,6 +189,8 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
     Exported with torch.onnx.export (TorchScript-based exporter, which handles these models).
     ``bundle_extras``: as for :func:`export_csr` (bundle kind "onnx" or "onnx-sparse"). ``tuned`` (with
     ``sparse``): an autotune record; its "dense" layers stay dense MatMuls, and it is written as autotune.json.
+    ``dtype`` (with ``sparse``): "fp32" or "int8" (the sparse nodes hold int8 weights in 1x4 blocks:
+    :func:`vlsparse.export.onnx_sparse.sparsify_onnx`).
 
     Raises:
         ExportError: mask does not fit, ``out`` exists, or the model has another head than the answer
@@ -214,12 +217,12 @@ def export_onnx(model: nn.Module, mask: Mask, out: str | Path, sparse: bool = Fa
         raw.unlink()
         if sparse:
             keep = {n.removesuffix(".weight") for n, e in (tuned or {}).get("layers", {}).items() if e["choice"] == "dense"}
-            proto = sparsify_onnx(proto, min_sparsity=min_sparsity, dense=keep)
+            proto = sparsify_onnx(proto, min_sparsity=min_sparsity, dense=keep, dtype=dtype)
         if sparse and tuned is not None:
             write_json(tmp / AUTOTUNE_FILE, tuned)
         save_onnx(proto, tmp)
         _write_config(net, tmp)
-        write_bundle(tmp, "onnx-sparse" if sparse else "onnx", bundle_extras)
+        write_bundle(tmp, "onnx-sparse" if sparse else "onnx", bundle_extras, dtype=dtype if sparse else "fp32")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from vlsparse.runtime.ort import DOMAIN, OP_TYPE
+from vlsparse.runtime.ort import DOMAIN, OP_TYPE, OP_TYPE_INT8
 
 __all__ = ["chain_sparse_nodes", "GraphLinks", "GELU", "FEATURE_MAJOR"]
 
@@ -56,6 +56,11 @@ def chain_sparse_nodes(model: onnx.ModelProto, shapes: dict[str, onnx.ValueInfoP
 
 def _sparse(n: onnx.NodeProto) -> bool:
     return n.domain == DOMAIN and n.op_type == OP_TYPE
+
+
+def _any_sparse(n: onnx.NodeProto) -> bool:
+    """SparseLinear or SparseLinearInt8: both take the GELU epilogue; only SparseLinear has feature-major layouts."""
+    return n.domain == DOMAIN and n.op_type in (OP_TYPE, OP_TYPE_INT8)
 
 
 def _attr(n: onnx.NodeProto, name: str, default=0):
@@ -145,7 +150,7 @@ def _fuse_gelus(g: onnx.GraphProto, shapes: dict) -> int:
     dead: set[int] = set()
     fused = 0
     for n in g.node:
-        if not _sparse(n) or _attr(n, "activation", 0) != 0:
+        if not _any_sparse(n) or _attr(n, "activation", 0) != 0:
             continue
         m = _match_gelu(n.output[0], gr)
         if m is None:
@@ -246,7 +251,7 @@ def _set_value_info(g: onnx.GraphProto, shapes: dict, fm: set[str]) -> None:
     """value_info of every SparseLinear output and shared transpose: token-major shapes as known, the
     feature-major ones with the last axis first (dropped where unknown)."""
     produced = {o for n in g.node for o in n.output}
-    wanted = {n.output[0] for n in g.node if _sparse(n)} | fm
+    wanted = {n.output[0] for n in g.node if _any_sparse(n)} | fm
     graph_io = {v.name for v in (*g.input, *g.output)}
     keep = [v for v in g.value_info if v.name in produced and v.name not in wanted]
     for name in sorted(wanted - graph_io):

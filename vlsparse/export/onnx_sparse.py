@@ -25,6 +25,10 @@ subgraphs (If/Loop bodies) are left alone.
 Not used, on purpose (measured, see shared/MEASURED.md): ``graph.sparse_initializer`` (onnxruntime
 densifies it at load) and ``com.microsoft.SparseToDenseMatMul`` (10-800x slower than dense MatMul).
 
+With ``dtype="int8"`` each match becomes a ``vlsparse.SparseLinearInt8`` node instead, with the initializers
+``<name>.crow_indices`` (int32, out + 1, over 1x4 blocks), ``<name>.block_cols`` (int16 or int32), ``<name>.qvalues``
+(int8, 4 per block) and ``<name>.scales`` (float32, out): :func:`int8_blocks`, the csr int8 export's quantisation.
+
 The rewritten model needs our custom-op library: open it with :func:`vlsparse.runtime.ort.ort_session`
 (``vlsparse.ort_session``), which also explains the failure of plain onnxruntime.
 """
@@ -42,9 +46,9 @@ from onnx import helper, numpy_helper
 
 from vlsparse._compat import moved
 from vlsparse.export.onnx_chain import GraphLinks, chain_sparse_nodes
-from vlsparse.runtime.ort import DOMAIN, OP_TYPE, REQUIRES_MESSAGE
+from vlsparse.runtime.ort import DOMAIN, OP_TYPE, OP_TYPE_INT8, REQUIRES_MESSAGE
 
-__all__ = ["DOMAIN", "OP_TYPE", "REQUIRES_MESSAGE", "csr_from_dense", "sparsify_onnx"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_INT8", "REQUIRES_MESSAGE", "csr_from_dense", "int8_blocks", "sparsify_onnx"]
 
 DOMAIN_VERSION = 1
 INT16_MAX_IN_FEATURES = 32768  # col index <= 32767
@@ -91,11 +95,29 @@ def csr_from_dense(w: np.ndarray, index_dtype="auto") -> tuple[np.ndarray, np.nd
     return crow, cols.astype(idx), np.ascontiguousarray(w[nz], dtype=np.float32)
 
 
+def int8_blocks(w: np.ndarray, index_dtype="auto") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``vlsparse.SparseLinearInt8`` arrays of a 2-D W (out, in), exact zeros pruned: crow_indices int32
+    (out + 1,) over 1x4 blocks, block_cols int16/int32 (nblocks,) = input // 4, values int8 (nblocks * 4,) and
+    scales float32 (out,), as :meth:`vlsparse.sparse.int8.Int8BlockMatrix.from_dense` (the csr int8 export's
+    quantisation: symmetric per output channel, ``scales[o] = max |w[o]| / 127``)."""
+    import torch  # the export (train) install; running the model needs only onnxruntime
+
+    from vlsparse.sparse.int8 import Int8BlockMatrix
+
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"W must be 2-D, got shape {w.shape}")
+    m = Int8BlockMatrix.from_dense(torch.from_numpy(np.ascontiguousarray(w)))
+    idx = _index_dtype(index_dtype, (w.shape[1] + 3) // 4)
+    return (m.crow_indices.numpy().astype(np.int32), m.block_cols.numpy().astype(idx),
+            np.ascontiguousarray(m.values.numpy().reshape(-1), dtype=np.int8), m.scales.numpy().astype(np.float32))
+
+
 # --------------------------------------------------------------------------------------------------
 # Graph rewrite
 # --------------------------------------------------------------------------------------------------
 def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype="auto",
-                  chain: bool = True, dense: Collection[str] = ()) -> onnx.ModelProto:
+                  chain: bool = True, dense: Collection[str] = (), dtype: str = "fp32") -> onnx.ModelProto:
     """Return a copy of ``model`` whose sparse enough Linears run as ``vlsparse.SparseLinear``.
 
     ``min_sparsity``: the fraction of zeros a weight needs (0.0: convert every candidate, even dense
@@ -104,14 +126,22 @@ def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype
     feature-major (:func:`vlsparse.export.onnx_chain.chain_sparse_nodes`; same values, fewer transposes).
     ``dense``: module paths (``a.b.dense``) whose Linears stay dense, found by the node names torch's exporter
     writes (``/a/b/dense/MatMul``; ``export --autotune``).
-    The input model is not modified. See the module docstring for the patterns handled.
+    ``dtype``: ``"fp32"`` (``vlsparse.SparseLinear`` nodes) or ``"int8"`` (``vlsparse.SparseLinearInt8`` nodes:
+    the weights quantised as :meth:`vlsparse.sparse.int8.Int8BlockMatrix.from_dense` does, symmetric int8 per
+    output channel in 1x4 blocks, activations quantised per token at run time; GELUs are fused, the nodes stay
+    token-major). The input model is not modified. See the module docstring for the patterns handled.
+
+    Raises:
+        ValueError: ``min_sparsity`` outside [0, 1], an unknown ``index_dtype`` or ``dtype``.
     """
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    if dtype not in ("fp32", "int8"):
+        raise ValueError(f"dtype must be 'fp32' or 'int8', got {dtype!r}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = _GraphIndex(out.graph)
-    rewriter = _Rewriter(index, index_dtype)
+    rewriter = _Rewriter(index, index_dtype, dtype)
     new_nodes: list[onnx.NodeProto] = []
     for node in out.graph.node:
         if id(node) in rewriter.fused_adds:
@@ -297,17 +327,18 @@ def _with_fused_add(linear: _Linear, index: _GraphIndex) -> _Linear:
 class _Rewriter:
     """Makes the SparseLinear nodes; collects their new initializers and the tensors that lost a reader."""
 
-    def __init__(self, index: _GraphIndex, index_dtype):
+    def __init__(self, index: _GraphIndex, index_dtype, dtype: str = "fp32"):
         self.index = index
         self.index_dtype = index_dtype
+        self.int8 = dtype == "int8"
         self.new_inits: list[onnx.TensorProto] = []
         self.fused_adds: set[int] = set()  # ids of the Add nodes folded into a SparseLinear
         self.touched: set[str] = set()  # tensors that lost a reader
         self.replaced = 0
-        self._csr: dict[tuple[str, float], tuple[str, str, str]] = {}  # (weight, alpha) -> CSR initializers
+        self._csr: dict[tuple[str, float], tuple[str, ...]] = {}  # (weight, alpha) -> CSR initializers
 
     def rewrite(self, linear: _Linear) -> onnx.NodeProto:
-        """The ``vlsparse.SparseLinear`` node that replaces ``linear`` (and its fused Add)."""
+        """The ``vlsparse.SparseLinear`` (or ``SparseLinearInt8``) node that replaces ``linear`` (and its fused Add)."""
         node = linear.node
         w_src = node.input[1]
         readable = w_src if not w_src.startswith("onnx::") or not node.name else node.name.strip("/").replace("/", ".")
@@ -324,21 +355,26 @@ class _Rewriter:
         self.replaced += 1
         in_features, out_features = linear.b.shape
         name = self.index.names.fresh((node.name or readable) + "_sparse")
-        return helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN, in_features=int(in_features),
-                                out_features=int(out_features))
+        return helper.make_node(OP_TYPE_INT8 if self.int8 else OP_TYPE, inputs, [output], name=name, domain=DOMAIN,
+                                in_features=int(in_features), out_features=int(out_features))
 
-    def _csr_inputs(self, linear: _Linear, readable: str) -> tuple[str, str, str]:
-        """Names of the CSR initializers of W (out, in) = alpha * b^T, made once per (weight, alpha)."""
+    def _csr_inputs(self, linear: _Linear, readable: str) -> tuple[str, ...]:
+        """Names of the CSR initializers of W (out, in) = alpha * b^T, made once per (weight, alpha): crow_indices,
+        col_indices, values (fp32); or crow_indices, block_cols, values (int8), scales (int8: :func:`int8_blocks`)."""
         key = (linear.node.input[1], linear.alpha)
         if key not in self._csr:
             w = linear.b.T  # (out, in)
             if linear.alpha != 1.0:
                 w = w * np.float32(linear.alpha)
-            crow, col, val = csr_from_dense(w, self.index_dtype)
-            parts = ("crow_indices", "col_indices", "values")
-            trio = tuple(self.index.names.fresh(f"{readable}.{part}") for part in parts)
-            self.new_inits += [numpy_helper.from_array(a, n) for a, n in zip((crow, col, val), trio)]
-            self._csr[key] = trio
+            if self.int8:
+                arrays = int8_blocks(w, self.index_dtype)
+                parts = ("crow_indices", "block_cols", "qvalues", "scales")
+            else:
+                arrays = csr_from_dense(w, self.index_dtype)
+                parts = ("crow_indices", "col_indices", "values")
+            names = tuple(self.index.names.fresh(f"{readable}.{part}") for part in parts)
+            self.new_inits += [numpy_helper.from_array(a, n) for a, n in zip(arrays, names)]
+            self._csr[key] = names
         return self._csr[key]
 
     def _bias_input(self, linear: _Linear, readable: str) -> str:

@@ -25,10 +25,12 @@ except ImportError:
 
 from vlsparse.sparse.kernels import ort as ort_library
 
-__all__ = ["DOMAIN", "OP_TYPE", "REQUIRES_MESSAGE", "ort_session", "requires_vlsparse"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_INT8", "REQUIRES_MESSAGE", "ort_session", "requires_vlsparse"]
 
 DOMAIN = "vlsparse"
 OP_TYPE = "SparseLinear"
+#: the int8 op (``csrc/ort_sparse_linear.cc``: int8 weights in 1x4 blocks, activations quantised per token)
+OP_TYPE_INT8 = "SparseLinearInt8"
 REQUIRES_MESSAGE = (
     "This model uses the custom op vlsparse.SparseLinear (sparse Linear layers in CSR form). "
     "Plain onnxruntime cannot run it: it fails with 'vlsparse:SparseLinear(-1) is not a registered "

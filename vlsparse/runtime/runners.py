@@ -49,7 +49,6 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 UNAVAILABLE = {
     ("onnx", "fp16"): "the ONNX exports run in fp32 (no fp16 export)",
     ("onnx-sparse", "fp16"): "the ONNX exports run in fp32 (no fp16 export)",
-    ("onnx-sparse", "int8"): "our onnxruntime op vlsparse.SparseLinear has no int8 path yet",
 }
 #: the model inputs a runner feeds, in the order of vlsparse.data.collate
 INPUTS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")

@@ -1,4 +1,6 @@
-// onnxruntime custom-op library: vlsparse.SparseLinear (CPU, fp32).
+// onnxruntime custom-op library: vlsparse.SparseLinear (CPU, fp32) and vlsparse.SparseLinearInt8 (CPU, int8
+// weights in 1x4 blocks, activations quantised per token: spmm_int8.h; its inputs are documented at its kernel
+// class below). What follows describes SparseLinear; the threads and the ABI notes hold for both.
 //
 //   Y = X @ W^T + bias, with W (out_features x in_features) stored in CSR by output row.
 //
@@ -51,11 +53,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "spmm.h"
+#include "spmm_int8.h"
 
 #define VLS_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -76,6 +81,7 @@ struct OrtShapeInferContext;
 typedef enum ONNXTensorElementDataType {
   ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED = 0,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 = 3,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16 = 5,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6,
 } ONNXTensorElementDataType;
@@ -214,6 +220,7 @@ constexpr uint32_t kOpVersion = 16;  // CreateKernelV2 / KernelComputeV2; needs 
 constexpr uint32_t kParallelForVersion = 17;  // OrtApi::KernelContext_ParallelFor: onnxruntime >= 1.17
 constexpr const char* kDomain = "vlsparse";
 constexpr const char* kOpName = "SparseLinear";
+constexpr const char* kOpNameInt8 = "SparseLinearInt8";
 
 std::atomic<int> g_num_threads{0};  // 0: leave OpenMP's own setting alone
 // Which threads run the op: onnxruntime's intra-op pool (KernelContext_ParallelFor, C API >= 17) when
@@ -289,6 +296,12 @@ class Kernel {
   const OrtApi* api() const { return api_; }
 
  protected:
+  // Calls run(par) with the parallel-for policy the op runs on: onnxruntime's intra-op pool where the runtime
+  // has KernelContext_ParallelFor (and nobody forced OpenMP), else OpenMP with the thread count set by
+  // vlsparse_ort_set_num_threads / VLSPARSE_NUM_THREADS (else OpenMP's own).
+  template <typename Run>
+  void parallel(OrtKernelContext* ctx, const Run& run) const;
+
   // Turns an ORT status into an Error (and frees it).
   void check(OrtStatus* st) const {
     if (st == nullptr) return;
@@ -367,7 +380,25 @@ struct OrtFor {
   }
 };
 
-[[noreturn]] void fail(const std::string& msg) { throw Error{ORT_INVALID_ARGUMENT, "vlsparse.SparseLinear: " + msg}; }
+template <typename Run>
+void Kernel::parallel(OrtKernelContext* ctx, const Run& run) const {
+  if (g_has_parallel_for.load(std::memory_order_relaxed) && !g_force_openmp.load(std::memory_order_relaxed)) {
+    run(OrtFor{api_, ctx});
+    return;
+  }
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  if (n > 0) {
+    omp_set_num_threads(n);
+  } else if (env_threads_ > 0) {
+    omp_set_num_threads(env_threads_);
+  }
+  run(vlsparse::OmpFor{});
+}
+
+[[noreturn]] void fail_op(const char* op, const std::string& msg) {
+  throw Error{ORT_INVALID_ARGUMENT, std::string("vlsparse.") + op + ": " + msg};
+}
+[[noreturn]] void fail(const std::string& msg) { fail_op(kOpName, msg); }
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "(";
@@ -428,17 +459,7 @@ class SparseLinearKernel final : public Kernel {
     const auto* vp = static_cast<const float*>(val.data);
     const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
     auto* y = static_cast<float*>(yp);
-    if (g_has_parallel_for.load(std::memory_order_relaxed) && !g_force_openmp.load(std::memory_order_relaxed)) {
-      run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, OrtFor{api_, ctx});
-      return;
-    }
-    const int n = g_num_threads.load(std::memory_order_relaxed);
-    if (n > 0) {
-      omp_set_num_threads(n);
-    } else if (env_threads_ > 0) {
-      omp_set_num_threads(env_threads_);
-    }
-    run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, vlsparse::OmpFor{});
+    parallel(ctx, [&](const auto& par) { run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, par); });
   }
 
  private:
@@ -491,13 +512,133 @@ class SparseLinearKernel final : public Kernel {
   int64_t seen_out_ = -1, seen_in_ = -1, seen_nnz_ = -1;
 };
 
+// vlsparse.SparseLinearInt8: Y = act(dequant(Xq Wq^T) + bias), the int8 kernel of spmm_int8.h (its header gives
+// the quantisation: weights symmetric int8 per output row, X quantised per token at run time, int32
+// accumulation). Token-major X and Y only.
+//   0  X             float  (..., in_features)
+//   1  crow_indices  int32  (out_features + 1,)  CSR over 1x4 blocks (4 consecutive inputs of one row)
+//   2  block_cols    int16 or int32 (nblocks,)   input // 4 of each block, in [0, ceil(in_features / 4))
+//   3  values        int8   (nblocks * 4,)       the blocks' weights, row-major
+//   4  scales        float  (out_features,)      w ~ scales[o] * values
+//   5  bias          float  (out_features,)      OPTIONAL
+// The row sums of the int8 weights (the zero-point correction) are computed once per weight buffer.
+template <typename ColT>
+class SparseLinearInt8Kernel final : public Kernel {
+ public:
+  SparseLinearInt8Kernel(const OrtApi* api, const Attrs& a) : Kernel(api, a) {
+    if (x_fm_ || y_fm_) fail8("input_layout and output_layout must be 0 (token-major): the int8 op has no feature-major path");
+  }
+
+  void compute(OrtKernelContext* ctx) override {
+    TensorView x, crow, col, val, sc, bias;
+    if (!input(ctx, 0, x) || !input(ctx, 1, crow) || !input(ctx, 2, col) || !input(ctx, 3, val) || !input(ctx, 4, sc))
+      fail8("inputs X, crow_indices, block_cols, values and scales are required");
+    const bool has_bias = input(ctx, 5, bias);
+    if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail8("X must be float32");
+    if (x.shape.empty()) fail8("X must have rank >= 1, got a scalar");
+    if (crow.shape.size() != 1 || crow.shape[0] < 1) fail8("crow_indices must be 1-D with out_features + 1 entries");
+    const int64_t in_features = x.shape.back(), out_features = crow.shape[0] - 1;
+    if (col.shape.size() != 1 || val.shape.size() != 1 || val.shape[0] != 4 * col.shape[0])
+      fail8("values must hold 4 int8 weights per block: block_cols " + shape_str(col.shape) + ", values " +
+            shape_str(val.shape));
+    if (sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || sc.shape.size() != 1 || sc.shape[0] != out_features)
+      fail8("scales must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(sc.shape));
+    if (in_attr_ >= 0 && in_attr_ != in_features)
+      fail8("X has " + std::to_string(in_features) + " features in its last dim, the op expects in_features=" +
+            std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) + ")");
+    if (out_attr_ >= 0 && out_attr_ != out_features)
+      fail8("crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
+            std::to_string(out_attr_));
+    if (has_bias && (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bias.shape.size() != 1 ||
+                     bias.shape[0] != out_features))
+      fail8("bias must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(bias.shape));
+    const std::vector<int64_t> lead(x.shape.begin(), x.shape.end() - 1);
+    int64_t tokens = 1;
+    for (int64_t d : lead) tokens *= d;
+
+    const auto* crow_p = static_cast<const int32_t*>(crow.data);
+    const auto* col_p = static_cast<const ColT*>(col.data);
+    const auto* wq = static_cast<const int8_t*>(val.data);
+    const std::shared_ptr<const std::vector<int32_t>> wsum = validate(crow_p, col_p, wq, out_features, in_features,
+                                                                      col.shape[0]);
+
+    std::vector<int64_t> yshape(lead);
+    yshape.push_back(out_features);
+    OrtValue* yv = nullptr;
+    check(api_->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv));
+    void* yp = nullptr;
+    check(api_->GetTensorMutableData(yv, &yp));
+    if (tokens == 0 || out_features == 0) return;
+    const auto* xp = static_cast<const float*>(x.data);
+    const auto* sw = static_cast<const float*>(sc.data);
+    const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
+    auto* y = static_cast<float*>(yp);
+    parallel(ctx, [&](const auto& par) {
+      vlsparse::int8::spmm_int8<ColT>(xp, tokens, in_features, crow_p, col_p, wq, sw, wsum->data(), bp, out_features, y,
+                                      nullptr, act_, -1, par);
+    });
+  }
+
+ private:
+  [[noreturn]] static void fail8(const std::string& msg) { fail_op(kOpNameInt8, msg); }
+
+  // Full check of the block CSR, O(out + nblocks), and the row sums of the int8 weights; done once per distinct
+  // set of buffers (initializers keep theirs for the session's lifetime). Returns the row sums (shared, so that a
+  // concurrent call with other buffers cannot free them under a running call).
+  std::shared_ptr<const std::vector<int32_t>> validate(const int32_t* crow, const ColT* col, const int8_t* wq, int64_t out_features,
+                          int64_t in_features, int64_t nblocks) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (crow == seen_crow_ && col == seen_col_ && wq == seen_wq_ && out_features == seen_out_ &&
+          in_features == seen_in_ && nblocks == seen_nb_)
+        return wsum_;
+    }
+    if (crow[0] != 0) fail8("crow_indices[0] must be 0, got " + std::to_string(crow[0]));
+    if (static_cast<int64_t>(crow[out_features]) != nblocks)
+      fail8("crow_indices[-1] = " + std::to_string(crow[out_features]) + " but there are " + std::to_string(nblocks) +
+            " blocks");
+    const int64_t kb = (in_features + 3) / 4;
+    auto wsum = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(out_features), 0);
+    for (int64_t o = 0; o < out_features; ++o) {
+      if (crow[o + 1] < crow[o]) fail8("crow_indices must be non-decreasing (row " + std::to_string(o) + ")");
+      for (int64_t b = crow[o]; b < crow[o + 1]; ++b) {
+        const int64_t c = static_cast<int64_t>(col[b]);
+        if (c < 0 || c >= kb)
+          fail8("block_cols[" + std::to_string(b) + "] = " + std::to_string(c) + " is outside [0, " +
+                std::to_string(kb) + ") (in_features " + std::to_string(in_features) + " in blocks of 4)");
+        for (int j = 0; j < 4; ++j) (*wsum)[o] += wq[4 * b + j];
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    wsum_ = wsum;
+    seen_crow_ = crow;
+    seen_col_ = col;
+    seen_wq_ = wq;
+    seen_out_ = out_features;
+    seen_in_ = in_features;
+    seen_nb_ = nblocks;
+    return wsum;
+  }
+
+  std::mutex mu_;
+  std::shared_ptr<const std::vector<int32_t>> wsum_;
+  const int32_t* seen_crow_ = nullptr;
+  const ColT* seen_col_ = nullptr;
+  const int8_t* seen_wq_ = nullptr;
+  int64_t seen_out_ = -1, seen_in_ = -1, seen_nb_ = -1;
+};
+
 // ---- OrtCustomOp callbacks ----------------------------------------------------------------------
 
 struct OpDef {
   OrtCustomOp op;  // first member: ORT hands the OrtCustomOp* back to us
-  ONNXTensorElementDataType col_type;
+  const char* name;
+  size_t n_inputs;  // the last one is the optional bias
+  ONNXTensorElementDataType input_types[8];
   Kernel* (*make)(const OrtApi*, const Attrs&);
 };
+
+const OpDef& def_of(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
 
 int64_t optional_int_attr(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
   int64_t v = -1;
@@ -512,7 +653,7 @@ int64_t optional_int_attr(const OrtApi* api, const OrtKernelInfo* info, const ch
 OrtStatus* create_kernel_v2(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
   *kernel = nullptr;
   try {
-    const OpDef* def = reinterpret_cast<const OpDef*>(op);
+    const OpDef* def = &def_of(op);
     Attrs a;
     a.in_features = optional_int_attr(api, info, "in_features");
     a.out_features = optional_int_attr(api, info, "out_features");
@@ -562,36 +703,29 @@ void compute_v1(void* kernel, OrtKernelContext* ctx) {
 
 void destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
-const char* op_name(const OrtCustomOp*) { return kOpName; }
+const char* op_name(const OrtCustomOp* op) { return def_of(op).name; }
 const char* op_ep(const OrtCustomOp*) { return nullptr; }  // nullptr: CPU execution provider
-size_t op_input_count(const OrtCustomOp*) { return 5; }
+size_t op_input_count(const OrtCustomOp* op) { return def_of(op).n_inputs; }
 size_t op_output_count(const OrtCustomOp*) { return 1; }
-
 ONNXTensorElementDataType op_input_type(const OrtCustomOp* op, size_t index) {
-  switch (index) {
-    case 1:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-    case 2:
-      return reinterpret_cast<const OpDef*>(op)->col_type;
-    default:  // X, values, bias
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
+  return index < def_of(op).n_inputs ? def_of(op).input_types[index] : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 ONNXTensorElementDataType op_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-OrtCustomOpInputOutputCharacteristic op_input_char(const OrtCustomOp*, size_t index) {
-  return index == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic op_input_char(const OrtCustomOp* op, size_t index) {
+  return index + 1 == def_of(op).n_inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;  // the bias
 }
 OrtCustomOpInputOutputCharacteristic op_output_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
 OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int op_one(const OrtCustomOp*) { return 1; }
 
-template <typename ColT>
+template <typename K>
 Kernel* make_kernel(const OrtApi* api, const Attrs& a) {
-  return new SparseLinearKernel<ColT>(api, a);
+  return new K(api, a);
 }
 
-template <typename ColT>
-OpDef make_def() {
+// One registered (op name, column index type) pair: its input types in order (the last is the optional bias).
+template <typename K>
+OpDef make_def(const char* name, std::initializer_list<ONNXTensorElementDataType> inputs) {
   OpDef d{};  // zero: every field not set below (InferOutputShapeFn, versions, in-place maps) is NULL
   OrtCustomOp& op = d.op;
   op.version = kOpVersion;
@@ -613,14 +747,33 @@ OpDef make_def() {
   op.GetVariadicOutputHomogeneity = op_one;
   op.CreateKernelV2 = create_kernel_v2;
   op.KernelComputeV2 = compute_v2;
-  d.col_type = ColTraits<ColT>::kType;
-  d.make = make_kernel<ColT>;
+  d.name = name;
+  d.n_inputs = 0;
+  for (ONNXTensorElementDataType t : inputs) d.input_types[d.n_inputs++] = t;
+  d.make = make_kernel<K>;
   return d;
 }
 
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType kI32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+constexpr ONNXTensorElementDataType kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+
+// X, crow_indices, col_indices, values, bias
+template <typename ColT>
+OpDef fp32_def() {
+  return make_def<SparseLinearKernel<ColT>>(kOpName, {kF32, kI32, ColTraits<ColT>::kType, kF32, kF32});
+}
+// X, crow_indices, block_cols, values (int8), scales, bias
+template <typename ColT>
+OpDef int8_def() {
+  return make_def<SparseLinearInt8Kernel<ColT>>(kOpNameInt8, {kF32, kI32, ColTraits<ColT>::kType, kI8, kF32, kF32});
+}
+
 // Must outlive every session that uses them: static storage, never freed.
-OpDef g_op_i16 = make_def<int16_t>();
-OpDef g_op_i32 = make_def<int32_t>();
+OpDef g_op_i16 = fp32_def<int16_t>();
+OpDef g_op_i32 = fp32_def<int32_t>();
+OpDef g_op_int8_i16 = int8_def<int16_t>();
+OpDef g_op_int8_i32 = int8_def<int32_t>();
 
 }  // namespace
 
@@ -644,6 +797,8 @@ VLS_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApi
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_i16.op)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_i32.op)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_int8_i16.op)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op_int8_i32.op)) return st;
   return api->AddCustomOpDomain(options, domain);
 }
 

@@ -281,11 +281,12 @@ inline void row_dispatch(int isa, const uint8_t* xs, int64_t ld, const ColT* bco
 // integer accumulations acc[t, o] = sum_k (xq - zp[t]) * wq (int32, T x out) and no y.
 // x: T x in fp32 row-major; crow: out+1 int32 over blocks; bcol: nblocks block columns (input // 4);
 // wq: nblocks x 4 int8; sw: out fp32; wsum: out int32 (sum of the row's wq); bias: out fp32 or nullptr.
-// isa: -1 best available, else kScalar / kAvx2 / kVnni512 (must be supported).
-template <typename ColT>
+// isa: -1 best available, else kScalar / kAvx2 / kVnni512 (must be supported). par: the parallel-for policy
+// (spmm.h; OmpFor by default, the onnxruntime op passes one on onnxruntime's intra-op pool).
+template <typename ColT, typename Par = OmpFor>
 void spmm_int8(const float* x, int64_t tokens, int64_t in, const int32_t* crow, const ColT* bcol, const int8_t* wq,
                const float* sw, const int32_t* wsum, const float* bias, int64_t out, float* y, int32_t* acc_out,
-               Act act, int isa) {
+               Act act, int isa, const Par& par = Par()) {
     if (tokens <= 0 || out <= 0) return;
     if (isa < 0) isa = best_isa();
     const int64_t tp = padded_tokens(tokens), kb_n = (in + 3) / 4, ld = tp * 4;
@@ -296,7 +297,7 @@ void spmm_int8(const float* x, int64_t tokens, int64_t in, const int32_t* crow, 
     quantize_tokens(x, tokens, in, in, xq, tp, sx, zp, isa);
     const int64_t groups = tp / kGroup, n_strips = (groups + kMaxGroups - 1) / kMaxGroups;
     const int64_t row_blocks = (out + kRowBlock - 1) / kRowBlock;
-    OmpFor()(n_strips * row_blocks, [&](int64_t unit) {
+    par(n_strips * row_blocks, [&](int64_t unit) {
         const int64_t s = unit / row_blocks, r0 = (unit % row_blocks) * kRowBlock;
         const int64_t g0 = s * groups / n_strips, g1 = (s + 1) * groups / n_strips;  // balanced strips
         const int ng = static_cast<int>(g1 - g0);
