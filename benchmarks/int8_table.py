@@ -61,10 +61,9 @@ def ort_sessions(w: torch.Tensor, b: torch.Tensor, threads: int, tmp: Path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", out_f])],
         [numpy_helper.from_array(w.t().contiguous().numpy(), "wt"), numpy_helper.from_array(b.numpy(), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    fp32_dir = tmp / f"l{out_f}x{in_f}"
-    fp32_dir.mkdir()
+    fp32_dir = Path(tempfile.mkdtemp(prefix=f"l{out_f}x{in_f}-", dir=tmp))  # one per case (shape x tokens)
     onnx.save(model, str(fp32_dir / ONNX_FILE))
-    fp32, int8 = fp32_dir / ONNX_FILE, quantize_onnx(fp32_dir, tmp / f"l{out_f}x{in_f}.int8") / ONNX_FILE
+    fp32, int8 = fp32_dir / ONNX_FILE, quantize_onnx(fp32_dir, fp32_dir / "int8") / ONNX_FILE
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
