@@ -150,7 +150,7 @@ def test_resume_keeps_measured_rows(tiny_run, tiny_task, tmp_path):
     assert bench_run(tiny_run, tmp_path, settings, **kw) == rows
 
 
-def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path):
+def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path, monkeypatch):
     from vlsparse.bench.levels import Level, export_formats, masked_model
     from vlsparse.bench.memory import measure_memory
 
@@ -159,6 +159,10 @@ def test_memory_in_a_fresh_process(tiny_run, tiny_task, tmp_path):
     net, mask = masked_model("uniter-tiny", level)
     paths = export_formats(net, mask, ["csr"], tmp_path)
     batch = collate([tiny_task.test[i] for i in range(4)])
+    shadow = tmp_path / "other-checkout" / "vlsparse"  # another vlsparse in the cwd must not be the one probed
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the shadowing checkout was imported')\n")
+    monkeypatch.chdir(shadow.parent)
     m = measure_memory("csr", paths["csr"], batch, "cpu", "fp32", 1, "subprocess")
     assert m["memory"] == "rss-subprocess"
     # a process with torch and onnxruntime imported holds well over 50 MB; the tiny model adds a little

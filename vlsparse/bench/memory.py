@@ -87,15 +87,21 @@ def probe_memory(fmt: str, path: str | Path, batch: Mapping[str, Any], device: s
     return {"base": base, "peak": peak}
 
 
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds this vlsparse package
+
+
 def _probe_subprocess(fmt: str, path: Path, batch: Mapping[str, Any], dtype: str, threads: int,
                       spin: bool) -> dict[str, int | None]:
     """{"base", "peak", "steady"} in bytes of loading ``fmt`` and running ``batch`` in a fresh Python process."""
     inputs = path.parent / f".probe-inputs-{os.getpid()}.npz"
     np.savez(inputs, **{k: np.asarray(batch[k]) for k in INPUTS})
     try:
-        proc = subprocess.run([sys.executable, "-m", "vlsparse.bench.memory", "--probe", fmt, str(path), str(inputs),
-                               "--dtype", dtype, "--threads", str(threads), *([] if spin else ["--no-spin"])],
-                              capture_output=True, text=True, timeout=1800)
+        # cwd: the directory holding the vlsparse package this process runs, so that ``-m`` (which puts the cwd
+        # first on sys.path) loads the same code, not a checkout of another version in the caller's cwd
+        proc = subprocess.run([sys.executable, "-m", "vlsparse.bench.memory", "--probe", fmt, str(path.resolve()),
+                               str(inputs.resolve()), "--dtype", dtype, "--threads", str(threads),
+                               *([] if spin else ["--no-spin"])],
+                              capture_output=True, text=True, timeout=1800, cwd=_PACKAGE_ROOT)
     finally:
         inputs.unlink(missing_ok=True)
     if proc.returncode != 0:
