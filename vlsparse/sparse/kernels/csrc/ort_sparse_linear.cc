@@ -265,6 +265,18 @@ struct TensorView {
   }
 };
 
+// The weight buffers (and sizes) a kernel last checked: initializers keep their buffers for the session's lifetime,
+// so in steady state the full check is one comparison of these.
+struct Checked {
+  const void* crow = nullptr;
+  const void* col = nullptr;
+  const void* values = nullptr;
+  int64_t out = -1, in = -1, n = -1;
+  bool operator==(const Checked& o) const {
+    return crow == o.crow && col == o.col && values == o.values && out == o.out && in == o.in && n == o.n;
+  }
+};
+
 // The node's int attributes (-1: absent).
 struct Attrs {
   int64_t in_features = -1, out_features = -1, activation = -1, input_layout = -1, output_layout = -1;
@@ -301,6 +313,14 @@ class Kernel {
   // vlsparse_ort_set_num_threads / VLSPARSE_NUM_THREADS (else OpenMP's own).
   template <typename Run>
   void parallel(OrtKernelContext* ctx, const Run& run) const;
+
+  // The checks every op makes against its attributes: X's feature count (in_features), out_features, the bias
+  // (float32 (out_features,) when present); errors name the op ``op``.
+  void check_sizes(const char* op, const TensorView& x, int64_t in_features, int64_t out_features, bool has_bias,
+                   const TensorView& bias) const;
+
+  // Output 0 with ``shape``: its data.
+  float* output(OrtKernelContext* ctx, const std::vector<int64_t>& shape) const;
 
   // Turns an ORT status into an Error (and frees it).
   void check(OrtStatus* st) const {
@@ -400,6 +420,30 @@ void Kernel::parallel(OrtKernelContext* ctx, const Run& run) const {
 }
 [[noreturn]] void fail(const std::string& msg) { fail_op(kOpName, msg); }
 
+std::string shape_str(const std::vector<int64_t>& s);
+
+void Kernel::check_sizes(const char* op, const TensorView& x, int64_t in_features, int64_t out_features,
+                         bool has_bias, const TensorView& bias) const {
+  if (in_attr_ >= 0 && in_attr_ != in_features)
+    fail_op(op, "X has " + std::to_string(in_features) + " features in its " + (x_fm_ ? "first" : "last") +
+                    " dim, the op expects in_features=" + std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) +
+                    ")");
+  if (out_attr_ >= 0 && out_attr_ != out_features)
+    fail_op(op, "crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
+                    std::to_string(out_attr_));
+  if (has_bias && (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bias.shape.size() != 1 ||
+                   bias.shape[0] != out_features))
+    fail_op(op, "bias must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(bias.shape));
+}
+
+float* Kernel::output(OrtKernelContext* ctx, const std::vector<int64_t>& shape) const {
+  OrtValue* yv = nullptr;
+  check(api_->KernelContext_GetOutput(ctx, 0, shape.data(), shape.size(), &yv));
+  void* yp = nullptr;
+  check(api_->GetTensorMutableData(yv, &yp));
+  return static_cast<float*>(yp);
+}
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "(";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
@@ -432,16 +476,7 @@ class SparseLinearKernel final : public Kernel {
     int64_t tokens = 1;
     for (int64_t d : lead) tokens *= d;
 
-    if (in_attr_ >= 0 && in_attr_ != in_features)
-      fail("X has " + std::to_string(in_features) + " features in its " + (x_fm_ ? "first" : "last") +
-           " dim, the op expects in_features=" +
-           std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) + ")");
-    if (out_attr_ >= 0 && out_attr_ != out_features)
-      fail("crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
-           std::to_string(out_attr_));
-    if (has_bias && (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bias.shape.size() != 1 ||
-                     bias.shape[0] != out_features))
-      fail("bias must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(bias.shape));
+    check_sizes(kOpName, x, in_features, out_features, has_bias, bias);
 
     const auto* crow_p = static_cast<const int32_t*>(crow.data);
     const auto* col_p = static_cast<const ColT*>(col.data);
@@ -449,16 +484,12 @@ class SparseLinearKernel final : public Kernel {
 
     std::vector<int64_t> yshape(lead);
     yshape.insert(y_fm_ ? yshape.begin() : yshape.end(), out_features);
-    OrtValue* yv = nullptr;
-    check(api_->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv));
-    void* yp = nullptr;
-    check(api_->GetTensorMutableData(yv, &yp));
+    float* y = output(ctx, yshape);
     if (tokens == 0 || out_features == 0) return;
 
     const auto* xp = static_cast<const float*>(x.data);
     const auto* vp = static_cast<const float*>(val.data);
     const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
-    auto* y = static_cast<float*>(yp);
     parallel(ctx, [&](const auto& par) { run(xp, tokens, in_features, crow_p, col_p, vp, bp, out_features, y, par); });
   }
 
@@ -482,9 +513,7 @@ class SparseLinearKernel final : public Kernel {
   void validate(const int32_t* crow, const ColT* col, int64_t out_features, int64_t in_features, int64_t nnz) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (crow == seen_crow_ && col == seen_col_ && out_features == seen_out_ && in_features == seen_in_ &&
-          nnz == seen_nnz_)
-        return;
+      if (checked_ == Checked{crow, col, nullptr, out_features, in_features, nnz}) return;
     }
     if (crow[0] != 0) fail("crow_indices[0] must be 0, got " + std::to_string(crow[0]));
     if (static_cast<int64_t>(crow[out_features]) != nnz)
@@ -499,17 +528,11 @@ class SparseLinearKernel final : public Kernel {
              std::to_string(in_features) + ")");
     }
     std::lock_guard<std::mutex> lock(mu_);
-    seen_crow_ = crow;
-    seen_col_ = col;
-    seen_out_ = out_features;
-    seen_in_ = in_features;
-    seen_nnz_ = nnz;
+    checked_ = Checked{crow, col, nullptr, out_features, in_features, nnz};
   }
 
   std::mutex mu_;
-  const int32_t* seen_crow_ = nullptr;
-  const ColT* seen_col_ = nullptr;
-  int64_t seen_out_ = -1, seen_in_ = -1, seen_nnz_ = -1;
+  Checked checked_;
 };
 
 // vlsparse.SparseLinearInt8: Y = act(dequant(Xq Wq^T) + bias), the int8 kernel of spmm_int8.h (its header gives
@@ -543,15 +566,7 @@ class SparseLinearInt8Kernel final : public Kernel {
             shape_str(val.shape));
     if (sc.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || sc.shape.size() != 1 || sc.shape[0] != out_features)
       fail8("scales must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(sc.shape));
-    if (in_attr_ >= 0 && in_attr_ != in_features)
-      fail8("X has " + std::to_string(in_features) + " features in its last dim, the op expects in_features=" +
-            std::to_string(in_attr_) + " (X shape " + shape_str(x.shape) + ")");
-    if (out_attr_ >= 0 && out_attr_ != out_features)
-      fail8("crow_indices gives out_features=" + std::to_string(out_features) + ", attribute says " +
-            std::to_string(out_attr_));
-    if (has_bias && (bias.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bias.shape.size() != 1 ||
-                     bias.shape[0] != out_features))
-      fail8("bias must be float32 of shape (" + std::to_string(out_features) + ",), got " + shape_str(bias.shape));
+    check_sizes(kOpNameInt8, x, in_features, out_features, has_bias, bias);
     const std::vector<int64_t> lead(x.shape.begin(), x.shape.end() - 1);
     int64_t tokens = 1;
     for (int64_t d : lead) tokens *= d;
@@ -564,15 +579,11 @@ class SparseLinearInt8Kernel final : public Kernel {
 
     std::vector<int64_t> yshape(lead);
     yshape.push_back(out_features);
-    OrtValue* yv = nullptr;
-    check(api_->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &yv));
-    void* yp = nullptr;
-    check(api_->GetTensorMutableData(yv, &yp));
+    float* y = output(ctx, yshape);
     if (tokens == 0 || out_features == 0) return;
     const auto* xp = static_cast<const float*>(x.data);
     const auto* sw = static_cast<const float*>(sc.data);
     const float* bp = has_bias ? static_cast<const float*>(bias.data) : nullptr;
-    auto* y = static_cast<float*>(yp);
     parallel(ctx, [&](const auto& par) {
       vlsparse::int8::spmm_int8<ColT>(xp, tokens, in_features, crow_p, col_p, wq, sw, wsum->data(), bp, out_features, y,
                                       nullptr, act_, -1, par);
@@ -589,9 +600,7 @@ class SparseLinearInt8Kernel final : public Kernel {
                           int64_t in_features, int64_t nblocks) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (crow == seen_crow_ && col == seen_col_ && wq == seen_wq_ && out_features == seen_out_ &&
-          in_features == seen_in_ && nblocks == seen_nb_)
-        return wsum_;
+      if (checked_ == Checked{crow, col, wq, out_features, in_features, nblocks}) return wsum_;
     }
     if (crow[0] != 0) fail8("crow_indices[0] must be 0, got " + std::to_string(crow[0]));
     if (static_cast<int64_t>(crow[out_features]) != nblocks)
@@ -611,21 +620,13 @@ class SparseLinearInt8Kernel final : public Kernel {
     }
     std::lock_guard<std::mutex> lock(mu_);
     wsum_ = wsum;
-    seen_crow_ = crow;
-    seen_col_ = col;
-    seen_wq_ = wq;
-    seen_out_ = out_features;
-    seen_in_ = in_features;
-    seen_nb_ = nblocks;
+    checked_ = Checked{crow, col, wq, out_features, in_features, nblocks};
     return wsum;
   }
 
   std::mutex mu_;
   std::shared_ptr<const std::vector<int32_t>> wsum_;
-  const int32_t* seen_crow_ = nullptr;
-  const ColT* seen_col_ = nullptr;
-  const int8_t* seen_wq_ = nullptr;
-  int64_t seen_out_ = -1, seen_in_ = -1, seen_nb_ = -1;
+  Checked checked_;
 };
 
 // ---- OrtCustomOp callbacks ----------------------------------------------------------------------
