@@ -79,12 +79,12 @@ inline float round_even(float v) {
     return (v + magic) - magic;
 }
 
-// One token's quantisation (formula above): returns its scale and zero point, writes its bytes into the packed
-// xq (dst = the token's first byte; a block row is ld bytes). Plain C++ that the compiler vectorises (exact
-// operations, so the numbers are the same on every path); all sizes are parameters so that the byte
-// stores cannot alias them.
-inline void quantize_token(const float* __restrict row, int64_t in, int64_t ld, uint8_t* __restrict dst,
-                           uint8_t* __restrict q, float* s_out, int32_t* z_out) {
+// One token's quantisation (formula above): returns its scale and zero point, writes its bytes into q (in bytes,
+// then zeros up to a whole number of 16-byte chunks: q holds at least that many). Plain C++ that the compiler
+// vectorises (exact operations, so the numbers are the same on every path); all sizes are parameters so that
+// the byte stores cannot alias them.
+inline void quantize_token(const float* __restrict row, int64_t in, uint8_t* __restrict q, float* s_out,
+                           int32_t* z_out) {
     constexpr int L = 16;
     float mn[L] = {}, mx[L] = {};  // start at 0: lo = min(0, min x), hi = max(0, max x)
     int64_t k = 0;
@@ -114,16 +114,14 @@ inline void quantize_token(const float* __restrict row, int64_t in, int64_t ld, 
         v = v > 255.0f ? 255.0f : v;
         q[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
     }
-    const int64_t kb_n = (in + 3) / 4;
-    for (int64_t i = in; i < kb_n * 4; ++i) q[i] = 0;
-    for (int64_t kb = 0; kb < kb_n; ++kb) std::memcpy(dst + kb * ld, q + 4 * kb, 4);
+    for (int64_t i = in; i < (in + 15) / 16 * 16; ++i) q[i] = 0;
 }
 
 #if VLS_I8_X86
 // quantize_token with AVX-512 (the same operations: min/max, true division, round half to even, clamp).
 VLS_I8_TARGET("avx512f,avx512bw")
-inline void quantize_token_avx512(const float* __restrict row, int64_t in, int64_t ld, uint8_t* __restrict dst,
-                                  uint8_t* __restrict q, float* s_out, int32_t* z_out) {
+inline void quantize_token_avx512(const float* __restrict row, int64_t in, uint8_t* __restrict q, float* s_out,
+                                  int32_t* z_out) {
     __m512 mn = _mm512_setzero_ps(), mx = _mm512_setzero_ps();  // lo = min(0, min x), hi = max(0, max x)
     for (int64_t k = 0; k < in; k += 16) {
         const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1u);
@@ -138,8 +136,7 @@ inline void quantize_token_avx512(const float* __restrict row, int64_t in, int64
     *s_out = s;
     *z_out = static_cast<int32_t>(z);
     const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.0f);
-    const int64_t kb_n = (in + 3) / 4;
-    for (int64_t k = 0; k < kb_n * 4; k += 16) {
+    for (int64_t k = 0; k < in; k += 16) {
         const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : in > k ? __mmask16((1u << (in - k)) - 1u) : __mmask16(0);
         __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, row + k), vs);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -147,29 +144,38 @@ inline void quantize_token_avx512(const float* __restrict row, int64_t in, int64
         const __m128i b = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, _mm512_cvtps_epi32(v)));  // 0 past the end
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), b);
     }
-    for (int64_t kb = 0; kb < kb_n; ++kb) std::memcpy(dst + kb * ld, q + 4 * kb, 4);
 }
 #endif
 
 // Per-token quantisation of x (T x in, row stride ldx) into the packed xq (KB x Tp x 4 bytes, KB = ceil(in / 4);
-// padded tokens zero), sx (T) and zp (T). AVX-512 when the CPU has it (the same numbers as the plain C++).
-// par: the parallel-for policy over tokens (spmm.h).
+// padded tokens and inputs zero), sx (T) and zp (T). AVX-512 when the CPU has it (the same numbers as the plain
+// C++). Work items of 16 tokens: each token is quantised into a row of a small buffer, then every block row of xq
+// gets the group's 64 bytes in one piece (one cache line written whole, not 16 scattered 4-byte writes).
+// par: the parallel-for policy over the groups (spmm.h).
 template <typename Par = OmpFor>
 inline void quantize_tokens(const float* x, int64_t tokens, int64_t in, int64_t ldx, uint8_t* xq, int64_t tp,
                             float* sx, int32_t* zp, int isa = -1, const Par& par = Par()) {
-    const int64_t kb_n = (in + 3) / 4;
+    const int64_t kb_n = (in + 3) / 4, rs = (in + 15) / 16 * 16, ld = tp * 4;  // rs: a token's row in the buffer
     if (isa < 0) isa = best_isa();
-    std::memset(xq, 0, static_cast<size_t>(kb_n * tp * 4));
-    par(tokens, [&](int64_t t) {
+    par(tp / kGroup, [&](int64_t g) {
         static thread_local vlsparse::detail::Scratch buf;
-        uint8_t* q = reinterpret_cast<uint8_t*>(buf.get(static_cast<size_t>(kb_n + 4)));
+        uint8_t* q = reinterpret_cast<uint8_t*>(buf.get(static_cast<size_t>(kGroup * rs / 4)));
+        const int64_t t0 = g * kGroup, n = std::min<int64_t>(kGroup, tokens - t0);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = t0 + i;
 #if VLS_I8_X86
-        if (isa == kVnni512) {
-            quantize_token_avx512(x + t * ldx, in, tp * 4, xq + t * 4, q, sx + t, zp + t);
-            return;
-        }
+            if (isa == kVnni512) {
+                quantize_token_avx512(x + t * ldx, in, q + i * rs, sx + t, zp + t);
+                continue;
+            }
 #endif
-        quantize_token(x + t * ldx, in, tp * 4, xq + t * 4, q, sx + t, zp + t);
+            quantize_token(x + t * ldx, in, q + i * rs, sx + t, zp + t);
+        }
+        if (n < kGroup) std::memset(q + n * rs, 0, static_cast<size_t>((kGroup - n) * rs));  // padded tokens
+        for (int64_t kb = 0; kb < kb_n; ++kb) {
+            uint8_t* d = xq + kb * ld + t0 * 4;
+            for (int i = 0; i < kGroup; ++i) std::memcpy(d + 4 * i, q + i * rs + 4 * kb, 4);
+        }
     });
 }
 
