@@ -320,7 +320,11 @@ def run_main(app: Callable[[], None], error_line: Callable[[BaseException], str 
     ``error_line(exc)`` (one line, e.g. ``error: ...``; a traceback for unexpected errors), prefixed with its
     rank on ranks > 0 (errors relayed from rank 0 or raised alike everywhere are printed by rank 0 only), and
     exits at once with ``os._exit`` (2 for user errors, else 1), which brings the group down: torchrun stops
-    the remaining ranks. On success the process group is destroyed after a barrier.
+    the remaining ranks. On success the process group is destroyed after a barrier and the process leaves with
+    ``os._exit(0)`` once stdout and stderr are flushed: everything it writes is already on disk (atomic writes),
+    and skipping the interpreter's finalisation avoids gloo's worker threads being torn down with it, which
+    aborts a rank now and then ("terminate called without an active exception", exit -6: seen once in the test
+    suite under load; pytorch/pytorch#179291 describes the race).
     """
     init_from_env()
     r, w = rank(), world_size()
@@ -345,7 +349,6 @@ def run_main(app: Callable[[], None], error_line: Callable[[BaseException], str 
 
         dist.barrier()
         dist.destroy_process_group()
-        raise SystemExit(0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
