@@ -13,6 +13,12 @@
 
 Every stage resumes (finished levels and re-trainings are skipped). Prints and writes ``OUT/table.md``: test
 VQA score (%) of each kind of ticket trained each way at every level, and the measured training seconds per round.
+``--mean DIR [DIR ...]`` trains nothing: the same table over finished runs of several seeds (one ``OUT`` each),
+each cell mean ± sample std (and every seed's value), written to ``OUT/table.md``:
+
+    python benchmarks/adversarial_tickets.py --levels 0.5,0.7,0.8 --out runs/adv3 \
+        --mean runs/adv3/seed_0 runs/adv3/seed_1 runs/adv3/seed_2
+
 Nothing here is a test: the figures depend on the machine, its load and the step budget.
 """
 
@@ -23,6 +29,7 @@ import copy
 import dataclasses
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -118,6 +125,34 @@ def table(results: dict, levels: list[float]) -> str:
     return head + "\n".join(lines) + f"\n\nMeasured: {'; '.join(timing)}.\n"
 
 
+def mean_table(runs: list[dict], levels: list[float]) -> str:
+    """Markdown: :func:`table`'s cells over several seeds' results (:func:`run_all` dicts), each "mean ± std (a, b,
+    ...)" in % (std: the sample standard deviation; "not run" where a seed lacks the run), then the mean training
+    seconds per round of each kind over every round of every seed."""
+    def cell(key, k: int) -> str:
+        v = [100 * r[key][k]["test"]["vqa_score"] if r[key][k] else None for r in runs]
+        if None in v:
+            return "not run"
+        sd = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
+        return f"{statistics.fmean(v):.2f}{sd} ({', '.join(f'{x:.2f}' for x in v)})"
+    head = ("| sparsity | standard ticket, standard training | standard ticket, adversarial training "
+            "| adversarial ticket, standard training | adversarial ticket, adversarial training |\n"
+            "|---:|---:|---:|---:|---:|\n")
+    std, adv = ("standard", "standard"), ("adversarial", "adversarial")
+    lines = [f"| 0% (dense) | {cell(std, 0)} | | | {cell(adv, 0)} |"]
+    for k, s in enumerate(levels, 1):
+        lines.append(f"| {s:.0%} | {cell(std, k)} | {cell(('standard', 'adversarial'), k - 1)} "
+                     f"| {cell(('adversarial', 'standard'), k - 1)} | {cell(adv, k)} |")
+    timing = []
+    for kind in KINDS:
+        v = [m["train_seconds"] for r in runs for key, rows in r.items() if key[1] == kind for m in rows if m]
+        if v:
+            timing.append(f"{kind} training {statistics.fmean(v):.0f} s per round over {len(v)} rounds "
+                          f"({min(v):.0f}-{max(v):.0f})")
+    return (f"{len(runs)} seeds, test VQA score (%): mean ± std (each seed)\n\n" + head + "\n".join(lines)
+            + f"\n\nMeasured: {'; '.join(timing)}.\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/adv-tickets"))
@@ -128,8 +163,17 @@ def main() -> None:
     ap.add_argument("--eval-questions", type=int, default=None,
                     help="evaluate on the first N val and test questions only (default: all)")
     ap.add_argument("--table-only", action="store_true", help="train nothing: the table of what is finished")
+    ap.add_argument("--mean", type=Path, nargs="+", metavar="DIR",
+                    help="train nothing: mean ± std over these finished runs (one --out per seed)")
     args = ap.parse_args()
     levels = parse_levels(args.levels, float(args.levels.split(",")[-1]))
+    if args.mean:
+        text = mean_table([run_all(d, args.model, levels, args.steps, 0, None, table_only=True) for d in args.mean],
+                          levels)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.md").write_text(text)
+        print(text)
+        return
     t0 = time.time()
     results = run_all(args.out, args.model, levels, args.steps, args.seed, args.eval_questions, args.table_only)
     text = table(results, levels) + f"Total {time.time() - t0:.0f} s; load {os.getloadavg()}.\n"
