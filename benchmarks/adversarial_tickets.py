@@ -35,6 +35,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from vlsparse.data import save_task_info
 from vlsparse.lottery.config import IMPConfig, parse_levels, train_config
 from vlsparse.lottery.imp import run_imp
 from vlsparse.lottery.retrain import retrain_ticket
@@ -86,6 +87,8 @@ def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, e
             results[kind, kind] = [run.metrics(k) if run.finished(k) else None for k in range(len(levels) + 1)]
             continue
         net, data, collate = _task(model, seed, eval_questions)
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_task_info(data, run.task_info)  # as find-ticket does: `vlsparse export` reads it
         results[kind, kind] = run_imp(run.path, net, data, collate,
                                       IMPConfig(model=model, task="easy-vqa", levels=levels, train=cfg),
                                       progress=_progress(kind))

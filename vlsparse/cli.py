@@ -252,7 +252,8 @@ def export(ticket: Path = typer.Option(..., help="ticket .safetensors (its mask 
     t = export_bundle(ticket, weights, model, out, format=format, sparse=sparse, dtype=dtype, layout=layout,
                       min_sparsity=min_sparsity, task_info=task_info,
                       autotune_tokens=parse_tokens(tokens) if autotune else None)
-    typer.echo(f"{format}{' (sparse)' if sparse else ''} export of {ticket} (sparsity {t.sparsity:.1%}) -> {out}")
+    typer.echo(f"{format}{' (sparse)' if sparse else ''}{'' if dtype == 'fp32' else ' ' + dtype} export of {ticket} "
+               f"(sparsity {t.sparsity:.1%}) -> {out}")
 
 
 @app.command("main-job")
