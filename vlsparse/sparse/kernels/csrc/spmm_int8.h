@@ -21,8 +21,10 @@
 //   1 "avx2"        exact emulation: bytes widened to int16 pairs and vpmaddwd (no vpmaddubsw, which saturates)
 //   0 "scalar"      plain C++
 // Every path is compiled with its own target attribute (GCC/Clang), so one build runs on any x86-64 CPU.
-// Threads: OpenMP over (token strip, block of 64 output rows) units, like spmm.h; inputs walked in column blocks
-// whose slice of the packed xq stays in L1 (per-row cursors into the sorted blocks), as spmm.h does.
+// Threads: the caller's parallel-for policy (spmm.h: OmpFor, OpenMP, by default; the onnxruntime op passes
+// onnxruntime's intra-op pool) over groups of 16 tokens (quantisation), then over (token strip of up to 12 groups,
+// block of 64 output rows) units, like spmm.h; inputs walked in column blocks whose slice of the packed xq stays
+// close to the core (per-row cursors into the sorted blocks), as spmm.h does.
 #pragma once
 
 #include <cmath>
