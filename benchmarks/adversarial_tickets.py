@@ -108,24 +108,31 @@ def run_all(out: Path, model: str, levels: list[float], steps: int, seed: int, e
     return results
 
 
+def _grid(cell, levels: list[float]) -> str:
+    """The table's header and rows; ``cell(key, i)`` formats run ``key`` (ticket kind, training kind) at index ``i``
+    (IMP runs: level i, 0 = dense; cross re-trainings: level i + 1)."""
+    std, adv = ("standard", "standard"), ("adversarial", "adversarial")
+    lines = ["| sparsity | standard ticket, standard training | standard ticket, adversarial training "
+             "| adversarial ticket, standard training | adversarial ticket, adversarial training |",
+             "|---:|---:|---:|---:|---:|", f"| 0% (dense) | {cell(std, 0)} | | | {cell(adv, 0)} |"]
+    for k, s in enumerate(levels, 1):
+        lines.append(f"| {s:.0%} | {cell(std, k)} | {cell(('standard', 'adversarial'), k - 1)} "
+                     f"| {cell(('adversarial', 'standard'), k - 1)} | {cell(adv, k)} |")
+    return "\n".join(lines)
+
+
 def table(results: dict, levels: list[float]) -> str:
     """Markdown: one row per sparsity, test VQA score (%) of {standard, adversarial} tickets x training
     ("not run" where a run is missing), then the mean training seconds per round of each kind."""
-    std, adv = results["standard", "standard"], results["adversarial", "adversarial"]
-    head = ("| sparsity | standard ticket, standard training | standard ticket, adversarial training "
-            "| adversarial ticket, standard training | adversarial ticket, adversarial training |\n"
-            "|---:|---:|---:|---:|---:|\n")
-    score = lambda m: f"{100 * m['test']['vqa_score']:.2f}%" if m else "not run"  # noqa: E731
-    lines = [f"| 0% (dense) | {score(std[0])} | | | {score(adv[0])} |"]
-    for k, s in enumerate(levels, 1):
-        lines.append(f"| {s:.0%} | {score(std[k])} | {score(results['standard', 'adversarial'][k - 1])} "
-                     f"| {score(results['adversarial', 'standard'][k - 1])} | {score(adv[k])} |")
+    def cell(key, i: int) -> str:
+        m = results[key][i]
+        return f"{100 * m['test']['vqa_score']:.2f}%" if m else "not run"
     timing = []
     for kind in KINDS:
         v = [m["train_seconds"] for m in results[kind, kind] if m]
         if v:
             timing.append(f"{kind} training {sum(v) / len(v):.0f} s per round (rounds: {', '.join(f'{x:.0f}' for x in v)})")
-    return head + "\n".join(lines) + f"\n\nMeasured: {'; '.join(timing)}.\n"
+    return _grid(cell, levels) + f"\n\nMeasured: {'; '.join(timing)}.\n"
 
 
 def mean_table(runs: list[dict], levels: list[float]) -> str:
@@ -138,21 +145,13 @@ def mean_table(runs: list[dict], levels: list[float]) -> str:
             return "not run"
         sd = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
         return f"{statistics.fmean(v):.2f}{sd} ({', '.join(f'{x:.2f}' for x in v)})"
-    head = ("| sparsity | standard ticket, standard training | standard ticket, adversarial training "
-            "| adversarial ticket, standard training | adversarial ticket, adversarial training |\n"
-            "|---:|---:|---:|---:|---:|\n")
-    std, adv = ("standard", "standard"), ("adversarial", "adversarial")
-    lines = [f"| 0% (dense) | {cell(std, 0)} | | | {cell(adv, 0)} |"]
-    for k, s in enumerate(levels, 1):
-        lines.append(f"| {s:.0%} | {cell(std, k)} | {cell(('standard', 'adversarial'), k - 1)} "
-                     f"| {cell(('adversarial', 'standard'), k - 1)} | {cell(adv, k)} |")
     timing = []
     for kind in KINDS:
         v = [m["train_seconds"] for r in runs for key, rows in r.items() if key[1] == kind for m in rows if m]
         if v:
             timing.append(f"{kind} training {statistics.fmean(v):.0f} s per round over {len(v)} rounds "
                           f"({min(v):.0f}-{max(v):.0f})")
-    return (f"{len(runs)} seeds, test VQA score (%): mean ± std (each seed)\n\n" + head + "\n".join(lines)
+    return (f"{len(runs)} seeds, test VQA score (%): mean ± std (each seed)\n\n" + _grid(cell, levels)
             + f"\n\nMeasured: {'; '.join(timing)}.\n")
 
 
