@@ -128,7 +128,8 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
         paths["csr"] = export_csr(model, mask, work / "csr")
     if "onnx" in formats or "onnx-sparse" in formats:
         paths["onnx"] = export_onnx(model, mask, work / "onnx")
-    for dtype in (("fp32", "int8") if "int8" in dtypes else ("fp32",)) if "onnx-sparse" in formats else ():
+    sparse_dtypes = ("fp32", "int8") if "int8" in dtypes else ("fp32",)
+    for dtype in sparse_dtypes if "onnx-sparse" in formats else ():
         proto = sparsify_onnx(onnx.load(str(paths["onnx"] / ONNX_FILE)), min_sparsity=ONNX_MIN_SPARSITY, dtype=dtype)
         d = paths[format_key("onnx-sparse", dtype)] = work / format_key("onnx-sparse", dtype)
         d.mkdir()
