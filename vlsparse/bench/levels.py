@@ -128,13 +128,14 @@ def export_formats(model: nn.Module, mask: dict, formats: Sequence[str], workdir
         paths["csr"] = export_csr(model, mask, work / "csr")
     if "onnx" in formats or "onnx-sparse" in formats:
         paths["onnx"] = export_onnx(model, mask, work / "onnx")
-    sparse_dtypes = ("fp32", "int8") if "int8" in dtypes else ("fp32",)
-    for dtype in sparse_dtypes if "onnx-sparse" in formats else ():
-        proto = sparsify_onnx(onnx.load(str(paths["onnx"] / ONNX_FILE)), min_sparsity=ONNX_MIN_SPARSITY, dtype=dtype)
-        d = paths[format_key("onnx-sparse", dtype)] = work / format_key("onnx-sparse", dtype)
-        d.mkdir()
-        save_onnx(proto, d)
-        (d / "config.json").write_text((paths["onnx"] / "config.json").read_text())
+    if "onnx-sparse" in formats:
+        dense_onnx = onnx.load(str(paths["onnx"] / ONNX_FILE))  # loaded once; sparsify_onnx returns a copy
+        for dtype in ("fp32", "int8") if "int8" in dtypes else ("fp32",):
+            proto = sparsify_onnx(dense_onnx, min_sparsity=ONNX_MIN_SPARSITY, dtype=dtype)
+            d = paths[format_key("onnx-sparse", dtype)] = work / format_key("onnx-sparse", dtype)
+            d.mkdir()
+            save_onnx(proto, d)
+            (d / "config.json").write_text((paths["onnx"] / "config.json").read_text())
     if "int8" in dtypes and "csr" in formats:
         paths["csr-int8"] = export_csr(model, mask, work / "csr-int8", dtype="int8")
     if "int8" in dtypes and "onnx" in formats:
