@@ -61,7 +61,7 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path, tiny_model, mask, e
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert {"config.json", "task.json", "ticket.json", "tokenizer.json",
-            "model.safetensors" if kind == "csr" else "model.onnx"} <= on_disk
+            *(["model.safetensors"] if kind == "csr" else ["model.onnx", "model.onnx.data"])} <= on_disk
     for name, entry in manifest["files"].items():
         data = (out / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -83,6 +83,18 @@ def test_altered_file(csr_bundle, name):
     data[len(data) // 2] ^= 1  # one bit, same size
     f.write_bytes(bytes(data))
     one_line_error(lambda: read_bundle(csr_bundle), name, "checksum mismatch")
+
+
+def test_onnx_weights_are_external_data_and_checked(tmp_path, tiny_model, mask, extras):
+    out = export_onnx(tiny_model, mask, tmp_path / "onnx", sparse=True, bundle_extras=extras)
+    graph, data = out / "model.onnx", out / "model.onnx.data"
+    # the weights live in the data file (onnxruntime maps it), the graph file holds none of them
+    assert data.stat().st_size > 20 * graph.stat().st_size
+    read_bundle(out)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    one_line_error(lambda: read_bundle(out), "model.onnx.data", "checksum mismatch")
 
 
 def test_manifest_from_a_newer_version_or_another_format(csr_bundle):

@@ -16,6 +16,10 @@ ONNX (``--format onnx``)::
     DIR/config.json, DIR/model.onnx   dense MatMuls with the pruned zeros (stock onnxruntime), or
                                       with ``sparse=True`` the pruned Linears as the custom op
                                       vlsparse.SparseLinear (open with vlsparse.ort_session)
+    DIR/model.onnx.data               the initializers of >= 1 KiB (ONNX external data, one file):
+                                      onnxruntime maps it into memory instead of copying it, so
+                                      untouched pages (embedding rows no input uses) stay on disk
+                                      and processes that open one bundle share its pages
 
 Both also hold the bundle files (task.json, ticket.json, tokenizer, manifest.json with checksums;
 see vlsparse.runtime.bundle) that ``vlsparse.Pipeline`` needs.
@@ -49,7 +53,7 @@ from vlsparse.sparse.int8 import Int8BlockMatrix
 
 LAYOUTS = ("auto", "csr", "bitmask")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
-EXTERNAL_DATA_BYTES = 512 * 2**20  # larger ONNX models keep their weights in model.onnx.data
+EXTERNAL_DATA_MIN_BYTES = 1024  # initializers of this size and more go to model.onnx.data (onnx's default)
 
 
 def masked_copy(model: nn.Module, mask: Mask, source: str = "ticket") -> nn.Module:
@@ -169,11 +173,21 @@ def model_from_weights(model: str, weights: str | Path, objective: dict | None =
 
 
 def save_onnx(proto, directory: Path) -> Path:
-    """Write ``proto`` as DIRECTORY/model.onnx, with the weights in model.onnx.data when the model
-    is larger than EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB); returns the file's path."""
-    big = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    """Write ``proto`` (an onnx.ModelProto, left unchanged) as DIRECTORY/model.onnx (the graph) and
+    DIRECTORY/model.onnx.data (every initializer of at least EXTERNAL_DATA_MIN_BYTES, as ONNX external
+    data); returns model.onnx's path.
+
+    Why external data: onnxruntime (1.32, CPU) maps the data file instead of reading it into its own
+    buffers, so the loaded model keeps only the pages it touches (measured on the UNITER-base shape at 70%,
+    steady RSS in a fresh process after three batch-1 calls: onnx-sparse 287 MB in one file, 200 MB with
+    external data; dense onnx 464 vs 377 MB: most of the 94 MB word-embedding table is never read), and
+    processes that open the same bundle share those pages. It also lifts protobuf's 2 GB limit.
+    """
     path = Path(directory) / ONNX_FILE
-    onnx.save_model(proto, str(path), save_as_external_data=big, location=ONNX_FILE + ".data" if big else None)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it is given to the data file
+    onnx.save_model(out, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_FILE + ".data", size_threshold=EXTERNAL_DATA_MIN_BYTES)
     return path
 
 

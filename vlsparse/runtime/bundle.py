@@ -4,8 +4,9 @@ Every export directory (``vlsparse export``, :func:`vlsparse.export.exporters.ex
 :func:`~vlsparse.export.exporters.export_onnx`) is a bundle::
 
     DIR/config.json                          the model configuration
-    DIR/model.safetensors | DIR/model.onnx   the weights (kind csr | onnx, onnx-sparse); large ONNX
-                                             models also have model.onnx.data
+    DIR/model.safetensors | DIR/model.onnx   the weights (kind csr | onnx, onnx-sparse); ONNX models
+                                             keep their initializers in model.onnx.data (earlier
+                                             exports may have model.onnx alone)
     DIR/task.json                            answers (index = logit position), metric, region feature
                                              settings: extractor version, size D, train-split
                                              feature_mean / feature_std (D floats each), max_text_len
