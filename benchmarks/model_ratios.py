@@ -14,7 +14,10 @@ over dense onnxruntime. ``--openmp`` also times the onnx-sparse session with the
 OpenMP pool (the threading before onnxruntime's pool was used). ``--unchained`` also times the
 same model sparsified without chaining (``sparsify_onnx(chain=False)``: no GELU epilogue, every node
 token-major, as before the chained layouts). ``--rss`` adds the steady RSS (MB) of each format loaded alone in a fresh
-process after a few calls (:func:`vlsparse.bench.memory.steady_rss`). The load average is printed
+process after a few calls (:func:`vlsparse.bench.memory.steady_rss`). ``--profile`` adds onnxruntime's own
+profile of each ONNX format per batch size: ms per call and share of the node time per kind of node (our sparse
+ops, the dense Linears' MatMuls, attention's activation MatMuls, then op types), where the time goes that the
+ratios do not show. The load average is printed
 before and after. Nothing here is a test: the figures depend on the machine and its load.
 
 ``--dtype fp32 int8`` adds the int8 models to the same process and the same round robin (issue "Sparse and
@@ -157,6 +160,72 @@ def measure(args, model, paths: dict[str, Path]) -> None:
                   f"  {checks[k]}")
 
 
+def _profile_session(file: Path, fmt: str, threads: int, spin: bool, prefix: Path):
+    """An onnxruntime session on ``file`` with the profiler on and the optimised graph written beside it."""
+    import onnxruntime as ort
+
+    from vlsparse.runtime.ort import ort_session
+
+    so = ort.SessionOptions()
+    so.enable_profiling, so.profile_file_prefix = True, str(prefix)
+    so.optimized_model_filepath = str(prefix) + ".optimized.onnx"
+    so.log_severity_level = 3  # not the warning that an optimised graph is machine-specific (it is only read here)
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if fmt.startswith("onnx-sparse"):
+        return ort_session(file, threads=threads, sess_options=so)
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+
+
+def node_kinds(optimized: Path) -> dict[str, str]:
+    """Node name -> what it computes, from onnxruntime's optimised graph: "sparse Linear" (our ops), "Linear"
+    (a MatMul-like node whose second input is a weight initializer), "MatMul (activations)" (attention's
+    Q K^T and A V), else the op type."""
+    import onnx
+
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    kinds = {}
+    for n in graph.node:
+        if n.domain == "vlsparse":
+            kinds[n.name] = "sparse Linear"
+        elif "MatMul" in n.op_type or n.op_type == "Gemm":
+            kinds[n.name] = "Linear" if len(n.input) > 1 and n.input[1] in weights else "MatMul (activations)"
+        else:
+            kinds[n.name] = n.op_type
+    return kinds
+
+
+def profile(args, paths: dict[str, Path], inputs: dict, work: Path) -> None:
+    """``--profile``: onnxruntime's own profiler on each ONNX format at ``inputs``: ``--repeats`` calls after 3
+    warm-up calls; per kind of node (:func:`node_kinds`) its ms per call (the node events' ``dur``, us, summed
+    over the timed calls and divided by their number) and its share of the node time."""
+    import json
+
+    for f, d in pairs(args):
+        if not f.startswith("onnx"):
+            continue
+        key = format_key(f, d)
+        session = _profile_session(paths[key] / "model.onnx", f, args.threads, not args.no_spin, work / f"prof-{key}")
+        feed = {i.name: np.asarray(inputs[i.name]) for i in session.get_inputs()}
+        for _ in range(3 + args.repeats):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+        cut = runs[2][1]  # the end of the third (last warm-up) call
+        kinds = node_kinds(Path(str(work / f"prof-{key}") + ".optimized.onnx"))
+        per_kind: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["ts"] >= cut and e["name"].endswith("_kernel_time"):
+                k = kinds.get(e["name"].removesuffix("_kernel_time"), "other")
+                per_kind[k] = per_kind.get(k, 0.0) + e["dur"] / 1e3 / (len(runs) - 3)
+        total = sum(per_kind.values())
+        top = sorted(per_kind.items(), key=lambda kv: -kv[1])
+        print(f"  profile {label(f, d):18s} {total:8.2f} ms of nodes per call: "
+              + ", ".join(f"{k} {v:.2f} ({v / total:.0%})" for k, v in top[:6]))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="uniter-minilm-l2")
@@ -177,6 +246,8 @@ def main(argv=None) -> None:
     p.add_argument("--openmp", action="store_true", help="also time onnx-sparse with the op on an OpenMP pool")
     p.add_argument("--unchained", action="store_true", help="also time onnx-sparse without chained layouts")
     p.add_argument("--rss", action="store_true", help="also the steady RSS of each format in a fresh process")
+    p.add_argument("--profile", action="store_true",
+                   help="also onnxruntime's profile of each ONNX format: ms and share per kind of node")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.model} {args.sparsity:.0%} block {args.block} threads {args.threads} OMP_WAIT_POLICY="
@@ -186,6 +257,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="vlsparse-ratios-") as tmp:
         model, paths = build(args, Path(tmp))
         measure(args, model, paths)
+        if args.profile:
+            for batch in args.batch:
+                print(f"batch {batch}: onnxruntime profiles, {args.repeats} calls")
+                profile(args, paths, model.example_inputs(batch=batch, text_len=args.text, regions=args.regions),
+                        Path(tmp))
         if args.rss:
             from vlsparse.bench.memory import steady_rss
 
