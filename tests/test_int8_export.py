@@ -111,3 +111,7 @@ def test_onnx_sparse_int8_export_runs_our_int8_op_close_to_the_masked_model(tmp_
     with torch.no_grad():
         ref = masked_copy(tiny_model, mask)(**inp).numpy()
     assert 0 < int8_logit_error(y8, ref) <= INT8_LOGIT_TOLERANCE
+    # an fp32 sparse export asked to run as int8 is refused by its file, not run as fp32 under an int8 label
+    fp32 = export_onnx(tiny_model, mask, tmp_path / "onnx-fp32", sparse=True, min_sparsity=0.3)
+    with pytest.raises(BundleError, match=r"onnx-fp32/model.onnx: holds a fp32 model, so it cannot run as dtype int8"):
+        load_runner("onnx-sparse", fp32, dtype="int8")

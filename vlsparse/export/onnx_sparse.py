@@ -47,7 +47,7 @@ from onnx import helper, numpy_helper
 from vlsparse._compat import moved
 from vlsparse.export.onnx_arrays import INT16_MAX_IN_FEATURES, csr_from_dense, int8_blocks
 from vlsparse.export.onnx_chain import GraphLinks, chain_sparse_nodes
-from vlsparse.runtime.ort import DOMAIN, OP_TYPE, OP_TYPE_INT8, REQUIRES_MESSAGE
+from vlsparse.runtime.ort import DOMAIN, DTYPE_KEY, OP_TYPE, OP_TYPE_INT8, REQUIRES_MESSAGE, set_metadata
 
 __all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_INT8", "REQUIRES_MESSAGE", "INT16_MAX_IN_FEATURES", "csr_from_dense",
            "int8_blocks", "sparsify_onnx"]
@@ -101,6 +101,7 @@ def sparsify_onnx(model: onnx.ModelProto, min_sparsity: float = 0.0, index_dtype
     if chain:
         chain_sparse_nodes(out, {v.name: v for v in inferred})
     _mark_requires(out)
+    set_metadata(out, DTYPE_KEY, dtype)  # what an int8 runner checks (vlsparse.runtime.runners)
     return out
 
 
@@ -398,7 +399,7 @@ def _mark_requires(model: onnx.ModelProto) -> None:
     """Declare the custom domain and say, in metadata and doc_string, what opening the model needs."""
     if not any(op.domain == DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    _set_metadata(model, "vlsparse.requires", REQUIRES_MESSAGE)
+    set_metadata(model, "vlsparse.requires", REQUIRES_MESSAGE)
     model.doc_string = (REQUIRES_MESSAGE + ("\n\n" + model.doc_string if model.doc_string else ""))[:4096]
 
 

@@ -25,12 +25,16 @@ except ImportError:
 
 from vlsparse.sparse.kernels import ort as ort_library
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_INT8", "REQUIRES_MESSAGE", "ort_session", "requires_vlsparse"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_INT8", "REQUIRES_MESSAGE", "DTYPE_KEY", "ort_session", "requires_vlsparse",
+           "set_metadata"]
 
 DOMAIN = "vlsparse"
 OP_TYPE = "SparseLinear"
 #: the int8 op (``csrc/ort_sparse_linear.cc``: int8 weights in 1x4 blocks, activations quantised per token)
 OP_TYPE_INT8 = "SparseLinearInt8"
+#: metadata entry naming the dtype of the weights a vlsparse ONNX model computes with ("fp32" or "int8"), written by
+#: sparsify_onnx and quantize_onnx; a model without it is fp32 (what an int8 runner checks before it loads one)
+DTYPE_KEY = "vlsparse.dtype"
 REQUIRES_MESSAGE = (
     "This model uses the custom op vlsparse.SparseLinear (sparse Linear layers in CSR form). "
     "Plain onnxruntime cannot run it: it fails with 'vlsparse:SparseLinear(-1) is not a registered "
@@ -46,6 +50,15 @@ def requires_vlsparse(model: "onnx.ModelProto | str | os.PathLike | bytes") -> b
     if not isinstance(model, onnx.ModelProto):
         model = _load(model)
     return any(n.domain == DOMAIN for n in model.graph.node)
+
+
+def set_metadata(model: "onnx.ModelProto", key: str, value: str) -> None:
+    """Set the model's metadata entry ``key`` to ``value`` (replacing one already there)."""
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
 def _load(src) -> "onnx.ModelProto":

@@ -100,6 +100,13 @@ def quantize_onnx(src: str | Path, out: str | Path) -> Path:
                          use_external_data_format=(src / (ONNX_FILE + ".data")).is_file())
     finally:
         logging.disable(logging.NOTSET)
+    import onnx
+
+    from vlsparse.runtime.ort import DTYPE_KEY, set_metadata
+
+    graph = onnx.load(str(out / ONNX_FILE), load_external_data=False)  # the weights stay where they are
+    set_metadata(graph, DTYPE_KEY, "int8")  # what an int8 runner checks (vlsparse.runtime.runners)
+    onnx.save(graph, str(out / ONNX_FILE))
     if (src / "config.json").is_file():
         shutil.copyfile(src / "config.json", out / "config.json")
     return out

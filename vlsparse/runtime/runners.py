@@ -33,7 +33,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from vlsparse.runtime.bundle import CSR_FILE, ONNX_FILE
 from vlsparse.runtime.checks import BundleError, check_session_io, read_autotune
-from vlsparse.runtime.ort import ort_session
+from vlsparse.runtime.ort import DTYPE_KEY, ort_session
 
 __all__ = ["FORMATS", "TORCH_FORMATS", "ONNX_FORMATS", "DEVICES", "DTYPES", "UNAVAILABLE", "INPUTS", "Runner",
            "TorchRunner", "OrtRunner", "load_runner", "onnx_initializer_bytes"]
@@ -175,7 +175,8 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
         ValueError: an unknown format or dtype, a pair of :data:`UNAVAILABLE` (naming why), int8 off the CPU.
         BundleError (a ValueError): a model file that cannot be loaded (not ONNX, truncated, corrupt CSR
             arrays, a config.json the model classes refuse) or ONNX inputs / outputs that are not a vlsparse
-            model's, naming the file; dtype "int8" with a csr export that is not int8.
+            model's, naming the file; dtype "int8" with a csr export that is not int8, or with an ONNX file
+            whose metadata does not say int8 (``vlsparse.dtype``, written by quantize_onnx and sparsify_onnx).
         ImportError: a PyTorch format where torch is not installed.
     """
     path = Path(path)
@@ -191,6 +192,10 @@ def load_runner(fmt: str, path: str | Path, *, device: str = "cpu", dtype: str =
     if fmt not in ONNX_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     runner = _load_onnx(fmt, path, device, threads, spin)
+    stored = runner.session.get_modelmeta().custom_metadata_map.get(DTYPE_KEY, "fp32")
+    if dtype == "int8" and stored != "int8":
+        raise BundleError(f"{runner.file}: holds a {stored} model, so it cannot run as dtype int8 (onnx: "
+                          "vlsparse.runtime.quantize.quantize_onnx; onnx-sparse: export --sparse --dtype int8)")
     runner.dtype = dtype
     if answers is not None:
         check_session_io(runner.session, answers, runner.file)
