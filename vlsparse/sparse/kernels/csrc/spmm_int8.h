@@ -25,6 +25,13 @@
 // onnxruntime's intra-op pool) over groups of 16 tokens (quantisation), then over (token strip of up to 12 groups,
 // block of 64 output rows) units, like spmm.h; inputs walked in column blocks whose slice of the packed xq stays
 // close to the core (per-row cursors into the sorted blocks), as spmm.h does.
+//
+// Few tokens (T <= kGemvTokens, AVX512-VNNI): a 16-token group would leave 15 of 16 lanes idle at T = 1 and read
+// one 64-byte line of the packed xq per block, so instead each token is quantised into a plain row (one int32 per
+// 4 inputs, L1-resident) and each row's blocks are taken 16 at a time: their block columns loaded as one vector,
+// the 16 activation words fetched by vpgatherdd, the 16 blocks' weights (64 contiguous bytes) multiplied with
+// them by one vpdpbusd; a masked step for the last 1-15 blocks; one horizontal sum per (row, token). The same
+// integers as the group path (exact), then the same epilogue.
 #pragma once
 
 #include <cmath>
@@ -52,6 +59,9 @@ constexpr int64_t kRowBlock = 64;
 // bytes of packed xq per column block: more than Zen 4's 32 KiB L1 on purpose (48 KiB measured 7-15% faster than 24
 // KiB with 12-group strips, at 1 thread on the UNITER-base shapes; the part not in L1 comes from L2)
 constexpr int64_t kL1Bytes = 48 * 1024;
+// tokens <= this on the AVX512-VNNI path: the gather-dot path (gemv_tokens below) instead of 16-token groups (at
+// 1 thread on the UNITER-base shapes, 70% 1x4 blocks: 2.0-2.6x the group path at T = 1, 1.2x at T = 2, slower at 4)
+constexpr int64_t kGemvTokens = 2;
 
 inline const char* isa_name(int isa) {
     return isa == kVnni512 ? "avx512vnni" : isa == kAvx2 ? "avx2" : "scalar";
@@ -61,7 +71,7 @@ inline bool isa_supported(int isa) {
 #if VLS_I8_X86
     if (isa == kVnni512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vnni");
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     if (isa == kAvx2) return __builtin_cpu_supports("avx2");
 #endif
     return isa == kScalar;
@@ -293,6 +303,73 @@ inline void row_dispatch(int isa, const uint8_t* xs, int64_t ld, const ColT* bco
 
 }  // namespace detail8
 
+#if VLS_I8_X86
+namespace detail8 {
+// Rows [r0, r1) for TT tokens: acc[t * out + o] = sum over the row's blocks of dot4(xg[t][bcol], wq block), xg the
+// tokens' quantised rows as int32 words (stride kw words), exact int32.
+template <int TT, typename ColT>
+VLS_I8_TARGET("avx512f,avx512bw,avx512vl,avx512vnni")
+void gemv_rows(const int32_t* xg, int64_t kw, const int32_t* crow, const ColT* bcol, const int8_t* wq, int64_t r0,
+               int64_t r1, int64_t out, int32_t* acc) {
+    for (int64_t o = r0; o < r1; ++o) {
+        __m512i a[TT];
+        for (int t = 0; t < TT; ++t) a[t] = _mm512_setzero_si512();
+        const int64_t end = crow[o + 1];
+        for (int64_t k = crow[o]; k < end; k += 16) {
+            const __mmask16 m = end - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (end - k)) - 1u);
+            __m512i idx;
+            if (sizeof(ColT) == 2)
+                idx = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, bcol + k));
+            else
+                idx = _mm512_maskz_loadu_epi32(m, bcol + k);
+            const __m512i w = _mm512_maskz_loadu_epi32(m, wq + 4 * k);  // 16 blocks of 4 int8 weights
+            for (int t = 0; t < TT; ++t) {
+                const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, xg + t * kw, 4);
+                a[t] = _mm512_dpbusd_epi32(a[t], xv, w);
+            }
+        }
+        for (int t = 0; t < TT; ++t) acc[t * out + o] = _mm512_reduce_add_epi32(a[t]);
+    }
+}
+}  // namespace detail8
+#endif
+
+// The few-token path (header comment), AVX512-VNNI only: same arguments and results as spmm_int8.
+template <typename ColT, typename Par>
+void gemv_tokens(const float* x, int64_t tokens, int64_t in, const int32_t* crow, const ColT* bcol, const int8_t* wq,
+                 const float* sw, const int32_t* wsum, const float* bias, int64_t out, float* y, int32_t* acc_out,
+                 Act act, const Par& par) {
+#if VLS_I8_X86
+    const int64_t rs = (in + 15) / 16 * 16;  // bytes of one token's row (quantize_token zero-fills up to it)
+    static thread_local vlsparse::detail::Scratch qbuf, abuf;
+    float* qf = qbuf.get(static_cast<size_t>(tokens * rs / 4 + 2 * tokens));
+    uint8_t* q = reinterpret_cast<uint8_t*>(qf);
+    float* sx = qf + tokens * rs / 4;
+    int32_t* zp = reinterpret_cast<int32_t*>(sx + tokens);
+    for (int64_t t = 0; t < tokens; ++t) quantize_token_avx512(x + t * in, in, q + t * rs, sx + t, zp + t);
+    int32_t* acc = acc_out ? acc_out : reinterpret_cast<int32_t*>(abuf.get(static_cast<size_t>(tokens * out)));
+    using Fn = void (*)(const int32_t*, int64_t, const int32_t*, const ColT*, const int8_t*, int64_t, int64_t, int64_t,
+                        int32_t*);
+    static constexpr Fn kFns[kGemvTokens] = {&detail8::gemv_rows<1, ColT>, &detail8::gemv_rows<2, ColT>};
+    const int64_t nblk = (out + kRowBlock - 1) / kRowBlock;
+    par(nblk, [&](int64_t b) {
+        const int64_t r0 = b * kRowBlock, r1 = std::min(out, r0 + kRowBlock);
+        kFns[tokens - 1](reinterpret_cast<const int32_t*>(q), rs / 4, crow, bcol, wq, r0, r1, out, acc);
+        for (int64_t t = 0; t < tokens; ++t) {
+            int32_t* a = acc + t * out;
+            for (int64_t o = r0; o < r1; ++o) a[o] -= zp[t] * wsum[o];
+            if (acc_out != nullptr) continue;
+            float* yt = y + t * out;
+            for (int64_t o = r0; o < r1; ++o) yt[o] = static_cast<float>(a[o]) * (sx[t] * sw[o]) + (bias ? bias[o] : 0.0f);
+            if (act == Act::Gelu) vlsparse::detail::gelu_erf_inplace(yt + r0, r1 - r0);
+        }
+    });
+#else
+    (void)x, (void)tokens, (void)in, (void)crow, (void)bcol, (void)wq, (void)sw, (void)wsum, (void)bias, (void)out;
+    (void)y, (void)acc_out, (void)act, (void)par;
+#endif
+}
+
 // Y = act(dequant(Xq Wq^T) + bias) (row-major T x out fp32), or, with acc_out != nullptr, the exact
 // integer accumulations acc[t, o] = sum_k (xq - zp[t]) * wq (int32, T x out) and no y.
 // x: T x in fp32 row-major; crow: out+1 int32 over blocks; bcol: nblocks block columns (input // 4);
@@ -305,6 +382,10 @@ void spmm_int8(const float* x, int64_t tokens, int64_t in, const int32_t* crow, 
                Act act, int isa, const Par& par = Par()) {
     if (tokens <= 0 || out <= 0) return;
     if (isa < 0) isa = best_isa();
+    if (isa == kVnni512 && tokens <= kGemvTokens) {
+        gemv_tokens<ColT>(x, tokens, in, crow, bcol, wq, sw, wsum, bias, out, y, acc_out, act, par);
+        return;
+    }
     const int64_t tp = padded_tokens(tokens), kb_n = (in + 3) / 4, ld = tp * 4;
     static thread_local vlsparse::detail::Scratch xbuf, sbuf;
     uint8_t* xq = reinterpret_cast<uint8_t*>(xbuf.get(static_cast<size_t>(kb_n * tp + tp)));
