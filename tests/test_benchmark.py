@@ -202,6 +202,43 @@ def test_cli_error_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+
+def test_main_job_bench_is_vlsparse_bench_without_spinning_in_a_fresh_process(tmp_path, monkeypatch):
+    """main-job's closing bench runs `python -m vlsparse bench ...` as a child; its arguments, given to the real
+    `vlsparse bench` command, mean: levels 0 and K of the job's first seed, the questions asked for, 10 rounds,
+    RSS delta, this process's threads, and no spinning thread pools."""
+    from typer.testing import CliRunner
+
+    import vlsparse.bench.report as report_module
+    import vlsparse.bench.run as bench_module
+    from vlsparse import cli
+
+    calls, seen = [], {}
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    cli._bench_main_job(tmp_path / "job", tmp_path / "out", 2, 1000, t0=0.0)
+    (cmd,) = calls
+    assert cmd[:3] == [sys.executable, "-m", "vlsparse"]
+
+    def fake_bench_run(run, out, settings, levels=None, progress=None):
+        seen.update(run=run, out=out, settings=settings, levels=levels)
+        return []
+
+    monkeypatch.setattr(bench_module, "bench_run", fake_bench_run)
+    monkeypatch.setattr(report_module, "format_summary", lambda rows: "")
+    res = CliRunner().invoke(cli.app, cmd[3:])
+    assert res.exit_code == 0, res.output
+    s = seen["settings"]
+    assert (seen["run"], seen["out"], seen["levels"]) == (tmp_path / "job", tmp_path / "out" / "bench", [0, 2])
+    assert (s.spin, s.repeats, s.memory, s.max_questions, s.threads) == (False, 10, "delta", 1000, torch.get_num_threads())
+
+
+def test_main_job_bench_failure_names_the_command_to_rerun(tmp_path):
+    from vlsparse import cli
+
+    with pytest.raises(ValueError, match=r"the table stands; rerun it: vlsparse bench --run \S*nope .* --no-spin$"):
+        cli._bench_main_job(tmp_path / "nope", tmp_path, 2, 10, t0=0.0)  # the child exits 2: no such run
+    assert not (tmp_path / "bench").exists()
+
 # ---------------------------------------------------------------- --dtypes fp32,int8 (issue "Sparse and int8 together")
 
 @pytest.fixture(scope="module")
