@@ -214,10 +214,12 @@ def test_main_job_bench_is_vlsparse_bench_without_spinning_in_a_fresh_process(tm
     from vlsparse import cli
 
     calls, seen = [], {}
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 under torchrun: the child must not join the group
     cli._bench_main_job(tmp_path / "job", tmp_path / "out", 2, 1000, t0=0.0)
-    (cmd,) = calls
+    ((cmd, env),) = calls
     assert cmd[:3] == [sys.executable, "-m", "vlsparse"]
+    assert env["WORLD_SIZE"] == "1" and env["PATH"] == os.environ["PATH"]
 
     def fake_bench_run(run, out, settings, levels=None, progress=None):
         seen.update(run=run, out=out, settings=settings, levels=levels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -323,7 +324,8 @@ def _bench_main_job(first: Path, out: Path, bench_idx: int, bench_questions: int
             "--threads", str(torch.get_num_threads()), "--no-spin"]
     t1 = time.time()
     sys.stdout.flush()  # the table before the child's output
-    if subprocess.run([sys.executable, "-m", "vlsparse", *args]).returncode:  # inherits our stdout / stderr
+    env = {**os.environ, "WORLD_SIZE": "1"}  # under torchrun (rank 0): the child is a process of its own
+    if subprocess.run([sys.executable, "-m", "vlsparse", *args], env=env).returncode:  # our stdout / stderr
         raise ValueError(f"the closing bench failed (above); the table stands; rerun it: vlsparse {shlex.join(args)}")
     typer.echo(f"bench report: {out / 'bench'} (bench.csv, summary.md, plots); took {time.time() - t1:.0f} s; "
                f"main job total {time.time() - t0:.0f} s")
@@ -396,8 +398,6 @@ def bench(run: Path = typer.Option(..., help="find-ticket run, main-job --out di
                                                 "(OMP_WAIT_POLICY=PASSIVE, onnxruntime allow_spinning=0); "
                                                 "steadier on a machine shared with other work")):
     """Benchmark every level of a run in every format: metric, latency, memory, size -> csv, json, plots."""
-    import os
-
     if not spin and "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP starts
     from vlsparse.bench.report import format_summary
