@@ -202,7 +202,6 @@ def test_cli_error_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-
 def test_main_job_bench_is_vlsparse_bench_without_spinning_in_a_fresh_process(tmp_path, monkeypatch):
     """main-job's closing bench runs `python -m vlsparse bench ...` as a child; its arguments, given to the real
     `vlsparse bench` command, mean: levels 0 and K of the job's first seed, the questions asked for, 10 rounds,
@@ -240,6 +239,7 @@ def test_main_job_bench_failure_names_the_command_to_rerun(tmp_path):
     with pytest.raises(ValueError, match=r"the table stands; rerun it: vlsparse bench --run \S*nope .* --no-spin$"):
         cli._bench_main_job(tmp_path / "nope", tmp_path, 2, 10, t0=0.0)  # the child exits 2: no such run
     assert not (tmp_path / "bench").exists()
+
 
 # ---------------------------------------------------------------- --dtypes fp32,int8 (issue "Sparse and int8 together")
 

@@ -316,7 +316,7 @@ def _bench_main_job(first: Path, out: Path, bench_idx: int, bench_questions: int
     """The closing bench of the dense model and the tickets at level ``bench_idx``: ``vlsparse bench --no-spin`` on
     ``first`` in a fresh process (its output goes to ours), where OpenMP's threads sleep (OMP_WAIT_POLICY=PASSIVE,
     read when torch starts; training runs faster with them spinning) and no pool spins against another (in this
-    process dense PyTorch took 15-20 ms at batch 1, alone 7-8 ms). ValueError naming the command to rerun it."""
+    process dense PyTorch took 15-20 ms at batch 1, alone 6-8 ms). ValueError naming the command to rerun it."""
     import torch
 
     args = ["bench", "--run", str(first), "--out", str(out / "bench"), "--levels", f"0,{bench_idx}",
